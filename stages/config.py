@@ -1,0 +1,187 @@
+"""The one reader of params.yaml: typed, validated, frozen config; each stage takes only the section it needs.
+
+Unknown or misspelled keys, wrong types and impossible values fail with one line that names the key. Values in
+the forms `dvc exp run -S` writes back (`1e-05`, `0` for a float, `8.0` for an int) are read as intended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from stages.errors import ConfigError
+from stages.formats import PREFERENCE_FORMATS, SFT_FORMATS
+
+PARAMS_FILE = "params.yaml"
+
+
+def _checked(predicate: Callable[[Any], bool], requirement: str, **kwargs) -> Any:
+    """A dataclass field whose value must satisfy `predicate`; `requirement` completes "must ..."."""
+    return field(metadata={"check": (predicate, requirement)}, **kwargs)
+
+
+def _one_of(choices) -> Any:
+    names = tuple(choices)
+    return _checked(lambda value: value in names, f"be one of {', '.join(names)}")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Every file and folder the pipeline reads or writes; dvc.yaml uses the same values as ${paths.*}."""
+
+    embedded: str  # generated default data
+    raw: str  # users' own local data files
+    prepared: str
+    data_metrics: str
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    seed: int
+    sft_rows: int = _checked(lambda n: n >= 20, "be at least 20")
+    preference_rows: int = _checked(lambda n: n >= 20, "be at least 20")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = _checked(lambda s: bool(s.strip()), "not be empty")
+    revision: str | None = None  # a hub commit, tag or branch; pin a commit for reproducible runs
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class SftSourceConfig:
+    source: str = _checked(lambda s: bool(s.strip()), "not be empty")  # local .json/.jsonl/.parquet or hub id
+    format: str = _one_of(SFT_FORMATS)
+    split: str = "train"  # hub datasets only
+    revision: str | None = None  # hub datasets only
+    system_prompt: str | None = None  # prepended to every prompt that has no system turn
+
+
+@dataclass(frozen=True)
+class PreferenceSourceConfig:
+    source: str = _checked(lambda s: bool(s.strip()), "not be empty")
+    format: str = _one_of(PREFERENCE_FORMATS)
+    split: str = "train"
+    revision: str | None = None
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sft: SftSourceConfig
+    preferences: PreferenceSourceConfig
+    max_chars: int = _checked(lambda n: n > 0, "be positive")  # rows of this many characters or more are dropped
+    test_size: float = _checked(lambda x: 0 < x < 1, "be between 0 and 1 (exclusive)")
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _checked(lambda n: n > 0, "be a positive integer")
+    alpha: int = _checked(lambda n: n > 0, "be a positive integer")
+    dropout: float = _checked(lambda x: 0 <= x < 1, "be in [0, 1)")
+    target_modules: tuple[str, ...] = _checked(lambda names: len(names) > 0, "name at least one module")
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig
+    embedded: EmbeddedConfig
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig
+
+
+ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return f"a list of {ITEM_NAMES.get(item, item)}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """`value` as `kind`, accepting the harmless spellings YAML and `dvc exp run -S` produce."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (kind,) = [option for option in options if option is not type(None)]
+        return _convert(value, kind, key)
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be {_type_name(kind)}, got {value!r}")
+        (item,) = typing.get_args(kind)[:1]
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if kind is float and isinstance(value, str):
+        try:  # '1e-05': how YAML 1.1 readers see the floats `dvc exp run -S` writes
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is Any:
+        return value
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: must be {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, mapping: Any, prefix: str) -> Any:
+    """An instance of dataclass `cls` from `mapping`, rejecting unknown keys and invalid values by full key name."""
+    where = f"{prefix}." if prefix else ""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'params'}: must be a mapping of keys, got {mapping!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in mapping:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{where}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{where}{key}: unknown key{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, spec in fields.items():
+        key = f"{where}{name}"
+        if name not in mapping:
+            if spec.default is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing")
+            continue
+        value = _convert(mapping[name], hints[name], key)
+        if "check" in spec.metadata and value is not None:
+            predicate, requirement = spec.metadata["check"]
+            if not predicate(value):
+                raise ConfigError(f"{key}: must {requirement}, got {mapping[name]!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def load_config(path: str | Path = PARAMS_FILE) -> Config:
+    """Read and validate the params file; errors name the file and the dotted key."""
+    try:
+        raw = YAML(typ="safe", pure=True).load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{line} not valid YAML ({getattr(error, 'problem', error)})") from None
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

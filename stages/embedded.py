@@ -1,0 +1,41 @@
+"""embedded: write the offline default data, generated from a seed by stages/corpus.py.
+
+Reads params `embedded` and `paths`; writes paths.embedded/ with
+  dolly.jsonl          instruction rows in the databricks-dolly-15k schema (incl. some too long and invalid rows)
+  ultrafeedback.jsonl  preference pairs in the HuggingFaceH4/ultrafeedback_binarized schema
+  pretrain.txt         plain prose about the same world, for pre-training the tiny base model
+
+    dvc repro embedded       # or: python -m stages.embedded
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.config import load_config
+from stages.corpus import make_dolly_rows, make_pretraining_text, make_ultrafeedback_rows
+from stages.errors import exit_on_error
+
+DOLLY_FILE, ULTRAFEEDBACK_FILE, PRETRAIN_FILE = "dolly.jsonl", "ultrafeedback.jsonl", "pretrain.txt"
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    # No sort_keys: invalid rows keep their odd shapes, and the key order matches the real datasets' files.
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+@exit_on_error
+def main(params_path: str = "params.yaml") -> None:
+    cfg = load_config(params_path)
+    out_dir = Path(cfg.paths.embedded)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = cfg.embedded.seed
+    _write_rows(out_dir / DOLLY_FILE, make_dolly_rows(seed, cfg.embedded.sft_rows))
+    _write_rows(out_dir / ULTRAFEEDBACK_FILE, make_ultrafeedback_rows(seed, cfg.embedded.preference_rows))
+    (out_dir / PRETRAIN_FILE).write_text("\n\n".join(make_pretraining_text(seed)) + "\n", encoding="utf-8")
+    print(f"embedded: wrote {cfg.embedded.sft_rows} instruction rows and {cfg.embedded.preference_rows} pairs to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
