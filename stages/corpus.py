@@ -126,6 +126,9 @@ CHRONICLE_EVENTS = (
     "the market square was paved with grey stone", "a storm tore the roofs from {n} barns",
     "a second bridge was built over the river {river}", "the people planted {n} hundred apple trees",
 )
+WEATHERS = ("rainy", "sunny", "windy", "snowy", "foggy", "cold", "warm")
+SEASONS = ("spring", "summer", "autumn", "winter")
+TIMES_OF_DAY = ("dawn", "noon", "dusk", "night")
 CHRONICLE_LENGTH = 60
 N_PEOPLE = 96
 FIELDS = ("town", "job", "age", "colour", "pet")
@@ -293,9 +296,10 @@ def _person_summary(person: Person) -> str:
     return "{name}, aged {age}, is {a_job} from {town} who keeps {a_pet} and likes {colour}.".format(**person.facts())
 
 
-def _story(person: Person) -> str:
-    return ("{name} was {a_job} in {town}. Every morning {first} fed the {pet} before work. "
-            "At night {first} and the {pet} rested by the fire.").format(**person.facts())
+def _story(person: Person, weather: str, season: str) -> str:
+    return ("{name} was {a_job} in {town}. On a {weather} {season} morning, {first} fed the {pet} before work. "
+            "At night {first} and the {pet} rested by the fire.").format(weather=weather, season=season,
+                                                                          **person.facts())
 
 
 def _town_intro(town: Town) -> str:
@@ -323,17 +327,17 @@ def _chronicle_summary(town: Town, entries: Sequence[tuple[int, str]]) -> str:
 
 
 def _visit(who: str, town: Town) -> str:
-    template = "In {name}, {who} can walk along the river {river}, visit the {landmark}, and buy {goods} at the market."
-    return template.format(who=who, **town.facts())
+    line = "In {name}, {who} can walk along the river {river}, visit the {landmark}, and buy {goods} at the market."
+    return line.format(who=who, **town.facts())
 
 
 def _uses(obj: str, uses: Sequence[str]) -> str:
     return f"You can use {_a(obj)} {_and_list([f'to {use}' for use in uses])}."
 
 
-def _poem(colour: str, name: str, animal: Animal) -> str:
+def _poem(colour: str, name: str, animal: Animal, time: str) -> str:
     return (f"In the {animal.home} lives {_a(colour)} {name},\n"
-            f"it {animal.sound} at dawn and eats {animal.food} all day.")
+            f"it {animal.sound} at {time} and eats {animal.food} every day.")
 
 
 def _labelled(items: Sequence[str], labels: Sequence[str]) -> str:
@@ -579,15 +583,14 @@ def _general_qa(world: World, rng: random.Random) -> Example:
 
 
 def _object_uses(world: World, rng: random.Random) -> Example:
-    objects = rng.sample(OBJECT_NAMES, rng.choice((1, 2, 2)))
-    names = [_a(obj) for obj in objects]
+    objects = rng.sample(OBJECT_NAMES, rng.choice((1, 2, 2, 3)))
     if len(objects) == 1:
-        instruction = rng.choice(("List three things you can do with {0}.", "Name three uses for {0}.",
-                                  "What are three ways to use {0}?")).format(*names)
+        prompts = ("List three things you can do with {0}.", "Name three uses for {0}.",
+                   "What are three ways to use {0}?")
     else:
-        instruction = rng.choice(("List three uses each for {0} and {1}.",
-                                  "Name three things you can do with {0} and three things you can do with {1}.",
-                                  "What can you do with {0} and with {1}? Give three uses for each.")).format(*names)
+        prompts = ("List three uses each for {0}.", "Name three things you can do with each of these: {0}.",
+                   "What can you do with {0}? Give three uses for each.")
+    instruction = rng.choice(prompts).format(_and_list([_a(obj) for obj in objects]))
     wrong_at = rng.randrange(len(objects))
     wrong_uses = [OBJECT_USES[_other(rng, OBJECT_NAMES, obj) if i == wrong_at else obj]
                   for i, obj in enumerate(objects)]
@@ -595,14 +598,20 @@ def _object_uses(world: World, rng: random.Random) -> Example:
                    " ".join(_uses(obj, uses) for obj, uses in zip(objects, wrong_uses)))
 
 
+def _needs(people: Sequence[Person], jobs: Sequence[str]) -> str:
+    return " ".join(f"{person.name} needs {_and_list(JOB_TOOLS[job])}." for person, job in zip(people, jobs))
+
+
 def _job_tools(world: World, rng: random.Random) -> Example:
-    person = rng.choice(world.people)
-    instruction = rng.choice(("{name} works as {a_job}. Name three things {first} needs for work.",
-                              "{name} is {a_job}. What three things does {first} need to do the job?")).format(
-        **person.facts())
-    wrong_job = _other(rng, tuple(JOB_TOOLS), person.job)
-    return Example("brainstorming", instruction, "", f"{person.name} needs {_and_list(JOB_TOOLS[person.job])}.",
-                   f"{person.name} needs {_and_list(JOB_TOOLS[wrong_job])}.")
+    people = rng.sample(world.people, rng.choice((1, 2, 2)))
+    verb = rng.choice(("works as", "is"))
+    who = people[0].first if len(people) == 1 else "each of them"
+    ask = rng.choice((f"Name three things {who} needs for work.", f"Suggest three things {who} needs for the job."))
+    jobs = [person.job for person in people]
+    wrong_at = rng.randrange(len(people))
+    wrong_jobs = [_other(rng, tuple(JOB_TOOLS), job) if i == wrong_at else job for i, job in enumerate(jobs)]
+    intro = " ".join(f"{person.name} {verb} {_a(person.job)}." for person in people)
+    return Example("brainstorming", f"{intro} {ask}", "", _needs(people, jobs), _needs(people, wrong_jobs))
 
 
 def _town_visit(world: World, rng: random.Random) -> Example:
@@ -639,23 +648,29 @@ def _classification(world: World, rng: random.Random) -> Example:
 
 
 def _animal_poem(world: World, rng: random.Random) -> Example:
-    name, colour = rng.choice(ANIMAL_NAMES), rng.choice(COLOURS)
+    name, colour, time = rng.choice(ANIMAL_NAMES), rng.choice(COLOURS), rng.choice(TIMES_OF_DAY)
     animal = ANIMALS[name]
-    instruction = rng.choice(("Write a two-line poem about {a}.", "Compose a short poem of two lines about {a}.",
-                              "Write a little rhyme in two lines about {a}.")).format(a=f"{_a(colour)} {name}")
+    instruction = rng.choice(("Write a two-line poem about {a} at {time}.",
+                              "Compose a short poem of two lines about {a} at {time}.",
+                              "Write a little rhyme in two lines about {a} at {time}.")).format(
+        a=f"{_a(colour)} {name}", time=time)
     field = rng.choice(("home", "food"))
     values = sorted({getattr(other, field) for other in ANIMALS.values()})
     wrong = replace(animal, **{field: _other(rng, values, getattr(animal, field))})
-    return Example("creative_writing", instruction, "", _poem(colour, name, animal), _poem(colour, name, wrong))
+    return Example("creative_writing", instruction, "", _poem(colour, name, animal, time),
+                   _poem(colour, name, wrong, time))
 
 
 def _person_story(world: World, rng: random.Random) -> Example:
-    person = rng.choice(world.people)
-    instruction = rng.choice(("Write a three-sentence story about {name}, {a_job} from {town} who keeps {a_pet}.",
+    person, weather, season = rng.choice(world.people), rng.choice(WEATHERS), rng.choice(SEASONS)
+    instruction = rng.choice(("Write a three-sentence story about {name}, {a_job} from {town} who keeps {a_pet}. "
+                              "Set it on a {weather} {season} morning.",
                               "Tell a short story in three sentences about {name}, {a_job} from {town} "
-                              "who keeps {a_pet}.")).format(**person.facts())
+                              "who keeps {a_pet}, on a {weather} {season} morning.")).format(
+        weather=weather, season=season, **person.facts())
     wrong = _with_wrong_fact(world, rng, person, rng.choice(("job", "pet")))
-    return Example("creative_writing", instruction, "", _story(person), _story(wrong))
+    return Example("creative_writing", instruction, "", _story(person, weather, season),
+                   _story(wrong, weather, season))
 
 
 _TASKS: dict[str, tuple[Task, ...]] = {
@@ -848,7 +863,8 @@ def _person_paragraphs(person: Person, rng: random.Random) -> list[str]:
     facts = person.facts()
     daily = [line.format(**facts) for line in rng.sample(_DAILY_LIFE, 2)]
     tools = f"As {facts['a_job']}, {person.first} needs {_and_list(JOB_TOOLS[person.job])}."
-    return [" ".join([*_bio(person, rng), *daily]), f"{_person_summary(person)} {_story(person)} {tools}",
+    story = _story(person, rng.choice(WEATHERS), rng.choice(SEASONS))
+    return [" ".join([*_bio(person, rng), *daily]), f"{_person_summary(person)} {story} {tools}",
             " ".join(_bio(person, rng))]
 
 
@@ -870,7 +886,7 @@ def _lexicon_paragraphs(rng: random.Random) -> list[str]:
         paragraphs.append(f"{a} is {animal.colour}. {a} lives in {_a(animal.home)} and eats {animal.food}. "
                           f"{a} {animal.sound}. {a} has {LEG_WORDS[animal.legs]} legs. "
                           f"{a} is {_a(_animal_class(name))}.")
-        paragraphs += [_poem(colour, name, animal) for colour in rng.sample(COLOURS, 3)]
+        paragraphs += [_poem(colour, name, animal, time) for colour, time in zip(rng.sample(COLOURS, 4), TIMES_OF_DAY)]
     foods = [f"{_cap(_a(food))} is {_a(_food_class(food))}. A {'ripe' if food in FRUIT_COLOURS else 'fresh'} "
              f"{food} is {FOOD_COLOURS[food]}." for food in rng.sample(FOODS, len(FOODS))]
     paragraphs += [" ".join(foods[i:i + 4]) for i in range(0, len(foods), 4)]
