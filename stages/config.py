@@ -41,6 +41,13 @@ class PathsConfig:
     raw: str  # users' own local data files
     prepared: str
     data_metrics: str
+    base_model: str  # the embedded tiny model
+    base_metrics: str
+    sft_adapter: str
+    sft_metrics: str
+    dpo_adapter: str
+    dpo_metrics: str
+    checkpoints: str  # trainer checkpoints for resuming; scratch, not a DVC output
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,28 @@ class ModelConfig:
     name_or_path: str = _checked(lambda s: bool(s.strip()), "not be empty")
     revision: str | None = None  # a hub commit, tag or branch; pin a commit for reproducible runs
     trust_remote_code: bool = False
+    load_in_4bit: bool = True  # QLoRA; needs CUDA, so CPU runs load in float32 and say so
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """The shape of the embedded MistralForCausalLM."""
+
+    vocab_size: int = _checked(lambda n: n >= 300, "be at least 300 (the byte alphabet and special tokens)")
+    hidden_size: int = _checked(lambda n: n > 0, "be positive")
+    intermediate_size: int = _checked(lambda n: n > 0, "be positive")
+    num_hidden_layers: int = _checked(lambda n: n > 0, "be positive")
+    num_attention_heads: int = _checked(lambda n: n > 0, "be positive")
+    num_key_value_heads: int = _checked(lambda n: n > 0, "be positive")
+    max_position_embeddings: int = _checked(lambda n: n > 0, "be positive")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    architecture: TinyModelConfig
+    block_size: int = _checked(lambda n: n > 1, "be at least 2")  # tokens per pre-training sequence
+    seed: int = 0
+    trainer: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments keywords
 
 
 @dataclass(frozen=True)
@@ -93,12 +122,26 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class SftConfig:
+    trainer: dict[str, Any]  # trl.SFTConfig keywords, validated by TRL
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    max_prompt_length: int = _checked(lambda n: n > 0, "be positive")  # prompt tokens kept (the end of the prompt)
+    trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig
     embedded: EmbeddedConfig
     model: ModelConfig
+    base: BaseConfig
     data: DataConfig
     lora: LoraConfig
+    sft: SftConfig
+    dpo: DpoConfig
 
 
 ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}
@@ -122,6 +165,10 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         return _convert(value, kind, key)
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping of keys, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: must be {_type_name(kind)}, got {value!r}")

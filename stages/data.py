@@ -188,3 +188,10 @@ def write_jsonl(path: Path, examples: Iterable[Example], drop: tuple[str, ...] =
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a JSONL file written by this project (a corrupt line names the file and line)."""
     return list(_read_jsonl(Path(path)))
+
+
+def load_split(prepared_dir: str, name: str, columns: tuple[str, ...]):
+    """A prepared split as a `datasets.Dataset` with just the columns a trainer reads."""
+    from datasets import Dataset
+
+    return Dataset.from_list(read_jsonl(Path(prepared_dir) / name)).select_columns(list(columns))

@@ -1,0 +1,76 @@
+"""base: build the embedded default model, a tiny Mistral pre-trained on the embedded world's plain prose.
+
+Reads params `base` and `paths`; trains a BPE tokenizer on every text of paths.embedded, pre-trains a
+MistralForCausalLM on pretrain.txt (no instructions, no [INST] format), and writes paths.base_model (safetensors +
+tokenizer with the Mistral chat template) and curves under paths.base_metrics.
+
+    dvc repro base           # or: python -m stages.base
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.config import load_config
+from stages.embedded import PRETRAIN_FILE
+from stages.errors import exit_on_error
+from stages.tiny_model import build_model, pack_blocks, train_tokenizer
+from stages.training import checkpoint_to_resume, finish_run, live_callbacks, save_atomically, trainer_args
+
+
+def _strings(value) -> list[str]:
+    """Every string inside a JSON value, for tokenizer training."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [text for item in items for text in _strings(item)]
+
+
+def read_corpus(folder: Path) -> tuple[list[str], list[str]]:
+    """(all texts of the embedded data, the pre-training paragraphs)."""
+    paragraphs = [p for p in (folder / PRETRAIN_FILE).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    texts = list(paragraphs)
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            texts += _strings(json.loads(line))
+    return texts, paragraphs
+
+
+@exit_on_error
+def main(params_path: str = "params.yaml") -> None:
+    from dataclasses import asdict
+
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    cfg = load_config(params_path)
+    texts, paragraphs = read_corpus(Path(cfg.paths.embedded))
+    tokenizer = train_tokenizer(texts, cfg.base.architecture.vocab_size)
+    model = build_model(cfg.base.architecture, tokenizer, cfg.base.seed)
+    documents = [[tokenizer.bos_token_id, *tokenizer(p)["input_ids"], tokenizer.eos_token_id] for p in paragraphs]
+    blocks = pack_blocks(documents, cfg.base.block_size)
+    print(f"base: {model.num_parameters():,} parameters, {len(blocks)} blocks of {cfg.base.block_size} tokens")
+
+    output_dir = str(Path(cfg.paths.checkpoints) / "base")
+    args = trainer_args(TrainingArguments, "base", cfg.base.trainer, output_dir)
+    resume_from = checkpoint_to_resume(output_dir, asdict(cfg.base))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": blocks}),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=live_callbacks(cfg.paths.base_metrics, resume=resume_from is not None),
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    def save(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    save_atomically(save, cfg.paths.base_model)
+    finish_run(output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""What base, sft and dpo share around a Trainer: device fallbacks, live curves, the NaN guard, resume, safe saves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from stages.errors import ConfigError, ProjectError
+from stages.modeling import has_cuda
+
+log = logging.getLogger(__name__)
+
+CUDA_ONLY_OPTIMIZERS = ("paged_", "8bit", "bnb")
+
+
+def adapt_to_device(trainer_kwargs: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], list[str]]:
+    """Trainer kwargs that can run on this device, and a note for every value changed.
+
+    Paged and 8-bit optimizers and bf16/fp16 autocast need CUDA; on a CPU the run falls back to AdamW in float32.
+    """
+    kwargs, notes = dict(trainer_kwargs), []
+    if kwargs.get("fp16"):
+        notes.append("fp16 is known to give NaN losses with Mistral and in DPO; bf16 is the safer choice on GPUs")
+    if cuda:
+        return kwargs, notes
+    optim = str(kwargs.get("optim", ""))
+    if any(marker in optim for marker in CUDA_ONLY_OPTIMIZERS):
+        kwargs["optim"] = "adamw_torch"
+        notes.append(f"optim {optim} needs CUDA; using adamw_torch on the CPU")
+    for precision in ("bf16", "fp16"):
+        if kwargs.get(precision):
+            kwargs[precision] = False
+            notes.append(f"{precision} mixed precision needs a GPU; training in float32 on the CPU")
+    return kwargs, notes
+
+
+def build_args(config_cls: type, section: str, trainer_kwargs: dict[str, Any], **owned: Any):
+    """`config_cls(**trainer_kwargs, **owned)`; a key it rejects becomes a ConfigError naming `section.trainer.KEY`.
+
+    `owned` are the fields the pipeline sets itself (output_dir, seed, report_to); setting them in params is an error.
+    """
+    clash = sorted(set(trainer_kwargs) & set(owned))
+    if clash:
+        raise ConfigError(f"{section}.trainer.{clash[0]}: set by the pipeline, remove it from params.yaml")
+    try:
+        return config_cls(**trainer_kwargs, **owned)
+    except TypeError as error:
+        message = str(error)
+        key = message.split("'")[1] if "unexpected keyword argument" in message else None
+        where = f"{section}.trainer.{key}" if key else f"{section}.trainer"
+        raise ConfigError(f"{where}: not accepted by {config_cls.__name__} ({message.split(': ')[-1]})") from None
+    except ValueError as error:
+        raise ConfigError(f"{section}.trainer: {str(error).splitlines()[0]}") from None
+
+
+def trainer_args(config_cls: type, section: str, trainer_kwargs: dict[str, Any], output_dir: str):
+    """The stage's TrainingArguments/SFTConfig/DPOConfig: params' `trainer` keywords, adapted to the device.
+
+    The NaN filter is off because it reports a NaN step loss as 0.0, which would hide the divergence from our guard.
+    """
+    cuda = has_cuda()
+    kwargs, notes = adapt_to_device(trainer_kwargs, cuda)
+    for note in notes:
+        print(f"{section}: {note}")
+    owned = {"output_dir": output_dir, "report_to": "none", "logging_nan_inf_filter": False}
+    if not cuda:
+        owned["use_cpu"] = True
+    return build_args(config_cls, section, kwargs, **owned)
+
+
+class NonFiniteLossError(ProjectError):
+    pass
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Fail the run at the first NaN or infinite loss, so a broken adapter is never saved or cached as a result."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for name in ("loss", "grad_norm"):
+            value = (logs or {}).get(name)
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{name} became {value} at step {state.global_step}; "
+                    "lower the learning rate, or use bf16 instead of fp16"
+                )
+
+
+class LogEveryStepToDvcLive(TrainerCallback):
+    """Align DVCLive's step with the optimizer step; its callback otherwise counts log events."""
+
+    def __init__(self, live):
+        self.live = live
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.live.step = state.global_step
+
+
+def live_callbacks(metrics_dir: str, resume: bool) -> list[TrainerCallback]:
+    """Curves under metrics_dir/ (metrics.json + plots/metrics/*.tsv), kept out of dvc.yaml (dvcyaml=False).
+
+    A resumed run appends to the curves of the interrupted one instead of starting them over.
+    """
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    live = Live(metrics_dir, dvcyaml=False, save_dvc_exp=False, resume=resume)
+    # Ours runs first: transformers' callback logs at live.step, then advances it.
+    return [LogEveryStepToDvcLive(live), DVCLiveCallback(live=live), StopOnNonFiniteLoss()]
+
+
+RUN_FILE = "run.json"
+
+
+def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | None:
+    """The newest checkpoint of an interrupted run with the same settings; checkpoints of other settings are removed.
+
+    Without this, `dvc exp run -S lora.r=8` after a killed r=16 run would resume the r=16 run.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(output_dir)
+    fingerprint = json.dumps(settings, sort_keys=True, default=str)
+    run_file = folder / RUN_FILE
+    if folder.is_dir() and (not run_file.is_file() or run_file.read_text() != fingerprint):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(fingerprint)
+    checkpoint = get_last_checkpoint(str(folder))
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def finish_run(output_dir: str) -> None:
+    """Drop the checkpoints of a finished run: the next run must start afresh, and the adapter is saved."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) -> list[dict[str, str]]:
+    """The prompt cut to `max_tokens` rendered tokens by dropping the start of its last turn.
+
+    TRL removed DPO's max_prompt_length; its own truncation cuts the end of prompt + answer, which would cut the
+    answers the preference is about. The end of the prompt is kept, as TRL's old prompt truncation did.
+    """
+
+    def length(messages):
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return len(rendered["input_ids"])
+
+    messages = [dict(message) for message in prompt]
+    for _ in range(4):  # decoding and re-encoding can shift a token or two; a few passes settle it
+        excess = length(messages) - max_tokens
+        if excess <= 0:
+            break
+        ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        messages[-1]["content"] = tokenizer.decode(ids[excess:], skip_special_tokens=True).strip()
+    return messages
+
+
+def save_atomically(save, destination: str) -> None:
+    """Write with `save(tmp_dir)` then rename over `destination`: a crash never leaves a half-written model."""
+    final = Path(destination)
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(str(partial))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
