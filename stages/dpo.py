@@ -11,6 +11,8 @@ adapter to paths.dpo_adapter and curves (loss, rewards, margins, accuracies) to 
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,4 +64,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])  # optional: another params file

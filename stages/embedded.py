@@ -10,6 +10,8 @@ Reads params `embedded` and `paths`; writes paths.embedded/ with
 
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 
@@ -38,4 +40,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])  # optional: another params file

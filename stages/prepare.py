@@ -8,6 +8,8 @@ conversational formats, and paths.data_metrics (rows read, kept, dropped per rea
 
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 
@@ -59,4 +61,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])  # optional: another params file

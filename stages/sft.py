@@ -8,6 +8,8 @@ tokenizer to paths.sft_adapter and curves to paths.sft_metrics. An interrupted r
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,4 +46,4 @@ def main(params_path: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])  # optional: another params file
