@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.config import load_config
+from stages.config import Config, load_config
 from stages.data import PREFERENCES_TRAIN, load_split
 from stages.errors import exit_on_error
 from stages.modeling import load_model, load_tokenizer
@@ -30,34 +30,44 @@ from stages.training import (
 )
 
 
-@exit_on_error
-def main(params_path: str = "params.yaml") -> None:
-    from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer
+def build_trainer(cfg: Config, args, resume: bool):
+    """DPOTrainer over the SFT adapter (trainable), with no separate reference model.
 
-    cfg = load_config(params_path)
-    output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
-    args = trainer_args(DPOConfig, "dpo", cfg.dpo.trainer, output_dir)
-    resume_from = checkpoint_to_resume(output_dir, {"model": asdict(cfg.model), "dpo": asdict(cfg.dpo)})
+    Given a PeftModel and ref_model=None, TRL 1.16 freezes a copy of the loaded adapter as the "ref" adapter, so
+    the reference is the SFT model. (A fresh peft_config would instead make the adapter-free base the reference.)
+    """
+    from peft import PeftModel
+    from trl import DPOTrainer
 
     tokenizer = load_tokenizer(cfg.model)
     base = load_model(cfg.model, for_training=True, gradient_checkpointing=args.activation_checkpointing)
     model = PeftModel.from_pretrained(base, cfg.paths.sft_adapter, is_trainable=True)
     train = load_split(cfg.paths.prepared, PREFERENCES_TRAIN, columns=("prompt", "chosen", "rejected"))
     train = train.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, cfg.dpo.max_prompt_length)})
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=model,
         ref_model=None,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        callbacks=live_callbacks(cfg.paths.dpo_metrics, resume=resume_from is not None),
+        callbacks=live_callbacks(cfg.paths.dpo_metrics, resume=resume),
     )
+
+
+@exit_on_error
+def main(params_path: str = "params.yaml") -> None:
+    from trl import DPOConfig
+
+    cfg = load_config(params_path)
+    output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
+    args = trainer_args(DPOConfig, "dpo", cfg.dpo.trainer, output_dir)
+    resume_from = checkpoint_to_resume(output_dir, {"model": asdict(cfg.model), "dpo": asdict(cfg.dpo)})
+    trainer = build_trainer(cfg, args, resume=resume_from is not None)
     trainer.train(resume_from_checkpoint=resume_from)
 
     def save(folder: str) -> None:
-        model.save_pretrained(folder, selected_adapters=["default"])  # not the frozen "ref" copy
-        tokenizer.save_pretrained(folder)
+        trainer.model.save_pretrained(folder, selected_adapters=["default"])  # not the frozen "ref" copy
+        trainer.processing_class.save_pretrained(folder)
 
     save_atomically(save, cfg.paths.dpo_adapter)
     finish_run(output_dir)

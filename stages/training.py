@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -13,8 +12,6 @@ from transformers import TrainerCallback
 
 from stages.errors import ConfigError, ProjectError
 from stages.modeling import has_cuda
-
-log = logging.getLogger(__name__)
 
 CUDA_ONLY_OPTIMIZERS = ("paged_", "8bit", "bnb")
 
@@ -101,6 +98,16 @@ class LogEveryStepToDvcLive(TrainerCallback):
         self.live.step = state.global_step
 
 
+class LogPeakMemory(TrainerCallback):
+    """Add the peak GPU memory so far to every log line: memory is what decides which GPU a recipe needs."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import torch
+
+        if logs is not None and torch.cuda.is_available():
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
 def live_callbacks(metrics_dir: str, resume: bool) -> list[TrainerCallback]:
     """Curves under metrics_dir/ (metrics.json + plots/metrics/*.tsv), kept out of dvc.yaml (dvcyaml=False).
 
@@ -111,7 +118,7 @@ def live_callbacks(metrics_dir: str, resume: bool) -> list[TrainerCallback]:
 
     live = Live(metrics_dir, dvcyaml=False, save_dvc_exp=False, resume=resume)
     # Ours runs first: transformers' callback logs at live.step, then advances it.
-    return [LogEveryStepToDvcLive(live), DVCLiveCallback(live=live), StopOnNonFiniteLoss()]
+    return [LogPeakMemory(), LogEveryStepToDvcLive(live), DVCLiveCallback(live=live), StopOnNonFiniteLoss()]
 
 
 RUN_FILE = "run.json"
