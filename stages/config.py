@@ -48,6 +48,10 @@ class PathsConfig:
     dpo_adapter: str
     dpo_metrics: str
     checkpoints: str  # trainer checkpoints for resuming; scratch, not a DVC output
+    probe_prompts: str  # the fixed prompts by category (seed 002's six)
+    generations: str  # answers and log-probs of each variant
+    eval_metrics: str
+    reports: str
 
 
 @dataclass(frozen=True)

@@ -195,3 +195,36 @@ def load_split(prepared_dir: str, name: str, columns: tuple[str, ...]):
     from datasets import Dataset
 
     return Dataset.from_list(read_jsonl(Path(prepared_dir) / name)).select_columns(list(columns))
+
+
+def _probe_prompt(row: Any, where: str) -> Example:
+    """A fixed evaluation prompt: {"id", "category", "instruction", "reference"}, all strings."""
+    for key in ("id", "category", "instruction", "reference"):
+        if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
+            raise DataError(f"{where}: needs a non-empty string '{key}'")
+    return {
+        "id": row["id"],
+        "source": "probe",
+        "category": row["category"],
+        "instruction": row["instruction"].strip(),
+        "prompt": [{"role": "user", "content": row["instruction"].strip()}],
+        "reference": row["reference"].strip(),
+    }
+
+
+def evaluation_prompts(prepared_dir: str, probe_path: str) -> list[Example]:
+    """The held-out SFT test split and the fixed probe prompts: {"id", "source", "category", "instruction", "prompt",
+    "reference"}, where instruction is the last user turn, as a person reading the comparison wants it."""
+    test = [
+        {
+            "id": row["id"],
+            "source": "test",
+            "category": row["category"],
+            "instruction": row["prompt"][-1]["content"],
+            "prompt": row["prompt"],
+            "reference": row["completion"][-1]["content"],
+        }
+        for row in read_jsonl(Path(prepared_dir) / SFT_TEST)
+    ]
+    probes = [_probe_prompt(row, f"{probe_path}:{n}") for n, row in enumerate(read_jsonl(probe_path), start=1)]
+    return test + probes

@@ -1,0 +1,78 @@
+"""The base / sft / dpo comparison: scores per variant, paired deltas with intervals, categories, lengths, rewards.
+
+Pure functions over per-row scores; stages/evaluate.py does the reading and writing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from stages.metrics import mean_scores, paired_bootstrap
+
+METRICS = ("f1", "rougeL", "bertscore_f1")
+# (name, earlier variant, later variant): what each training step bought.
+DELTAS = (("sft_vs_base", "base", "sft"), ("dpo_vs_sft", "sft", "dpo"), ("dpo_vs_base", "base", "dpo"))
+
+
+def deltas(scores: dict[str, list[dict[str, float]]], samples: int, seed: int) -> dict[str, Any]:
+    """For each step and metric, the mean paired difference and its 95% bootstrap interval."""
+    return {
+        name: {
+            metric: paired_bootstrap(
+                [row[metric] for row in scores[before]], [row[metric] for row in scores[after]], samples, seed
+            )
+            for metric in METRICS
+        }
+        for name, before, after in DELTAS
+    }
+
+
+def answer_lengths(answers: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean length in words, and the shares of empty answers and of answers cut off at max_new_tokens."""
+    n = len(answers)
+    return {
+        "mean_words": sum(len(a["prediction"].split()) for a in answers) / n,
+        "empty_rate": sum(not a["prediction"].strip() for a in answers) / n,
+        "truncated_rate": sum(bool(a["hit_max_new_tokens"]) for a in answers) / n,
+    }
+
+
+def compare(
+    scores: dict[str, list[dict[str, float]]], answers: dict[str, list[dict[str, Any]]], samples: int, seed: int
+) -> dict[str, Any]:
+    """Means, lengths and deltas; every variant answered the same prompts in the same order."""
+    summary: dict[str, Any] = {"n": len(next(iter(answers.values())))}
+    for variant in scores:
+        summary[variant] = mean_scores(scores[variant]) | answer_lengths(answers[variant])
+    summary["delta"] = deltas(scores, samples, seed)
+    return summary
+
+
+def by_category(
+    scores: dict[str, list[dict[str, float]]], answers: dict[str, list[dict[str, Any]]], samples: int, seed: int
+) -> dict[str, Any]:
+    """`compare` within each category."""
+    categories = [answer["category"] for answer in next(iter(answers.values()))]
+    result = {}
+    for category in sorted(set(categories)):
+        index = [i for i, name in enumerate(categories) if name == category]
+        result[category] = compare(
+            {v: [rows[i] for i in index] for v, rows in scores.items()},
+            {v: [rows[i] for i in index] for v, rows in answers.items()},
+            samples,
+            seed,
+        )
+    return result
+
+
+def preference_accuracy(
+    policy: Sequence[dict[str, float]], reference: Sequence[dict[str, float]], beta: float
+) -> dict[str, float]:
+    """DPO's implicit reward on held-out pairs, r = beta * (log pi(y|x) - log pi_ref(y|x)): how often the chosen
+    answer out-rewards the rejected one, and the mean margin r(chosen) - r(rejected)."""
+    margins = [
+        beta * ((p["chosen_logp"] - r["chosen_logp"]) - (p["rejected_logp"] - r["rejected_logp"]))
+        for p, r in zip(policy, reference, strict=True)
+    ]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}

@@ -1,0 +1,93 @@
+"""Shared fixtures: a complete tiny project (embedded data, prepared splits, a pre-trained tiny base model)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A base model small enough to pre-train in seconds on 2 CPU cores, with the real architecture (GQA: 4 heads, 2 KV).
+TINY_ARCHITECTURE = {
+    "vocab_size": 600,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+# Few steps with a checkpoint every 2 steps: enough to see training, saving, rotation and resuming happen.
+TINY_FINE_TUNING = {
+    "max_steps": 4,
+    "per_device_train_batch_size": 4,
+    "max_length": 512,  # = max_position_embeddings; the embedded rows are shorter except a few deliberately long ones
+    "logging_steps": 1,
+    "save_steps": 2,
+    "save_total_limit": 2,
+}
+
+
+def tiny_params(root: Path) -> dict:
+    """params.yaml with every path inside `root`, small data, a tiny base model and a few training steps."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["paths"] = {key: str(root / value) for key, value in params["paths"].items()}
+    params["embedded"].update(sft_rows=120, preference_rows=80)
+    params["base"]["architecture"] = dict(TINY_ARCHITECTURE)
+    params["base"]["trainer"].update(
+        max_steps=10, per_device_train_batch_size=8, warmup_steps=2, logging_steps=5, save_steps=100
+    )
+    params["model"]["name_or_path"] = params["paths"]["base_model"]
+    # The sources are relative to the repository in params.yaml; here they are the tmp project's embedded files.
+    embedded = Path(params["paths"]["embedded"])
+    params["data"]["sft"]["source"] = str(embedded / Path(params["data"]["sft"]["source"]).name)
+    params["data"]["preferences"]["source"] = str(embedded / Path(params["data"]["preferences"]["source"]).name)
+    for section in ("sft", "dpo"):
+        trainer = params[section]["trainer"]
+        trainer.pop("num_train_epochs", None)  # max_steps decides
+        trainer.update(TINY_FINE_TUNING)
+    return params
+
+
+@dataclass
+class TinyProject:
+    root: Path
+    params: dict  # what params_path holds; edit a deep copy through `variant`
+    params_path: Path
+
+    def variant(self, name: str, edit=None) -> Path:
+        """Another params file whose fine-tuning outputs go to root/name/ (the data and base model are shared).
+
+        Tests that train with other settings use one, so they neither see nor spoil the main run's outputs.
+        """
+        params = copy.deepcopy(self.params)
+        folder = self.root / name
+        for key in ("sft_adapter", "sft_metrics", "dpo_adapter", "dpo_metrics", "checkpoints"):
+            params["paths"][key] = str(folder / key)
+        if edit is not None:
+            edit(params)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(params))
+        return path
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory) -> TinyProject:
+    """embedded -> prepare -> base run for real on tiny settings, once per test module (about 10 s on a CPU)."""
+    from stages import base, embedded, prepare
+
+    root = tmp_path_factory.mktemp("project")
+    params = tiny_params(root)
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    # Run outside the repository: the stages must write only where params say, and DVCLive marks steps in the
+    # .dvc/tmp of the DVC repository around the working directory.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for stage in (embedded, prepare, base):
+            stage.main(str(params_path))
+    return TinyProject(root=root, params=params, params_path=params_path)
