@@ -148,8 +148,10 @@ def write_params(args, work: Path, model_dir: Path):
     params["dpo"]["trainer"] = dpo
     path = work / "params.gpu_proof.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
+    writer = YAML(typ="safe", pure=True)
+    writer.default_flow_style = False
     with path.open("w", encoding="utf-8") as out:
-        YAML(typ="safe", pure=True).dump(params, out)
+        writer.dump(params, out)
     return path, load_config(path)  # fail here, not in a stage, if a key is off
 
 
@@ -214,11 +216,16 @@ def build_random_model(arch: dict, embedded: Path, model_dir: Path, seed: int) -
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def run_stage(stage: str, params_path: Path, env: dict) -> float:
-    """`python -m stages.STAGE PARAMS` from the repository root; its wall time in seconds. Fails loudly."""
+def run_stage(stage: str, params_path: Path, env: dict, cwd: Path) -> float:
+    """`python -m stages.STAGE PARAMS` (the repository on PYTHONPATH); its wall time in seconds. Fails loudly.
+
+    The stages run in the scratch folder, not in the repository: every path in the params file is absolute, and
+    DVCLive then finds no DVC repository to attach to. Inside one, Live() asks git for the current commit, which
+    fails in a checkout without commits (the device machine's copy of the working tree is one).
+    """
     print(f"\n=== stages.{stage} ===", flush=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", f"stages.{stage}", str(params_path)], cwd=REPO, env=env)
+    result = subprocess.run([sys.executable, "-m", f"stages.{stage}", str(params_path)], cwd=cwd, env=env)
     seconds = time.perf_counter() - started
     print(f"=== stages.{stage}: exit {result.returncode} after {seconds:.1f} s ===", flush=True)
     if result.returncode != 0:
@@ -268,6 +275,7 @@ def curve_summary(metrics_dir: Path) -> dict:
         "num_tokens": tokens,
         "train_runtime_s": runtime,
         "tokens_per_s": round(tokens / runtime, 1) if tokens and runtime else None,
+        "tokens_per_optimizer_step": round(tokens / final["step"], 1) if tokens and final.get("step") else None,
         "samples_per_s": train.get("samples_per_second"),
         "steps_per_s": train.get("steps_per_second"),
         "peak_memory_gib": round(max(peak_values), 3) if peak_values else None,
@@ -333,9 +341,10 @@ def markdown(result: dict) -> str:
         f"{v.get('gpu')} ({v.get('gpu_memory_gib')} GiB), driver {v.get('driver')}, CUDA {v.get('cuda')}; torch "
         f"{v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']}, bitsandbytes "
         f"{v['bitsandbytes']}, datasets {v['datasets']}, dvclive {v['dvclive']}.",
-        f"Model: {m['parameters']:,} parameters, random {m['dtype']} weights made on {m['init_device']}, loaded by the "
-        f"stages in 4-bit NF4 (double quant, bf16 compute); LoRA r16/alpha32 on q,k,v,o; optim paged_adamw_8bit, "
-        f"bf16, activation checkpointing.",
+        f"Model: {m['parameters']:,} parameters, random {m['dtype']} weights made on {m['init_device']}, "
+        + ("loaded by the stages in 4-bit NF4 (double quant, bf16 compute); optim paged_adamw_8bit, bf16"
+           if v.get("gpu") else "loaded unquantized in float32 on the CPU (the stages' CPU fallback); optim adamw_torch")
+        + "; LoRA r16/alpha32/dropout 0.05 on q,k,v,o; activation checkpointing.",
         "",
         "| | SFT | DPO |",
         "| --- | --- | --- |",
@@ -397,7 +406,7 @@ def main(argv=None) -> int:
     print(f"gpu_proof: params {params_path}, model {model_dir}, out {out}", flush=True)
 
     wall = {}
-    wall["embedded"] = run_stage("embedded", params_path, env)
+    wall["embedded"] = run_stage("embedded", params_path, env, work)
     print("\n=== random model ===", flush=True)
     started = time.perf_counter()
     model_info = build_random_model(TINY if args.tiny else MISTRAL_7B, Path(cfg.paths.embedded), model_dir,
@@ -406,13 +415,14 @@ def main(argv=None) -> int:
     model_info["shape"] = "tiny" if args.tiny else "Mistral-7B-v0.1"
     print(f"random model: {json.dumps(model_info)}", flush=True)
     for stage in ("prepare", "sft", "dpo"):
-        wall[stage] = run_stage(stage, params_path, env)
+        wall[stage] = run_stage(stage, params_path, env, work)
     wall["total"] = time.perf_counter() - started_all
     wall = {k: round(v, 1) for k, v in wall.items()}
 
     data_metrics = json.loads(Path(cfg.paths.data_metrics).read_text(encoding="utf-8"))
     result = {
-        "what": "project's stages.sft and stages.dpo (QLoRA) on a Mistral-7B-shaped model with random weights",
+        "what": "the project's stages.sft and stages.dpo (QLoRA) on a "
+                + ("tiny" if args.tiny else "Mistral-7B-v0.1") + "-shaped model with random weights",
         "tiny": args.tiny,
         "versions": versions(),
         "model": model_info,

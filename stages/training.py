@@ -125,12 +125,12 @@ RUN_FILE = "run.json"
 
 
 def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | None:
-    """The newest checkpoint of an interrupted run with the same settings; checkpoints of other settings are removed.
+    """The newest complete checkpoint of an interrupted run with the same settings, if any.
 
-    Without this, `dvc exp run -S lora.r=8` after a killed r=16 run would resume the r=16 run.
+    Checkpoints of other settings are removed: without this, `dvc exp run -S lora.r=8` after a killed r=16 run would
+    resume the r=16 run. So are checkpoints cut short by a kill while saving (the Trainer writes trainer_state.json
+    last), which the Trainer would otherwise fail on at every rerun.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     folder = Path(output_dir)
     fingerprint = json.dumps(settings, sort_keys=True, default=str)
     run_file = folder / RUN_FILE
@@ -138,10 +138,16 @@ def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | Non
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     run_file.write_text(fingerprint)
-    checkpoint = get_last_checkpoint(str(folder))
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    return checkpoint
+    numbered = [path for path in folder.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()]
+    checkpoints = sorted(numbered, key=lambda path: int(path.name.split("-")[-1]))
+    complete = [path for path in checkpoints if (path / "trainer_state.json").is_file()]
+    for path in checkpoints:
+        if path not in complete:
+            shutil.rmtree(path)
+    if not complete:
+        return None
+    print(f"resuming from {complete[-1]}")
+    return str(complete[-1])
 
 
 def finish_run(output_dir: str) -> None:
