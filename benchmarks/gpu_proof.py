@@ -2,8 +2,8 @@
 
 Run from the repository root on a CUDA machine with the project installed (`pip install -e .`):
 
-    python benchmarks/gpu_proof.py                 # 7B shape, 4-bit NF4, paged_adamw_8bit; writes into $OUT or ./gpu_proof_out
-    python benchmarks/gpu_proof.py --tiny          # the same flow on a tiny model, CPU is fine (a smoke test)
+    python benchmarks/gpu_proof.py             # 7B shape, 4-bit NF4, paged_adamw_8bit; into $OUT or ./gpu_proof_out
+    python benchmarks/gpu_proof.py --tiny      # the same flow on a tiny model, CPU is fine (a smoke test)
 
 No model hub is needed: a MistralConfig with Mistral-7B-v0.1's shape is initialised at random in bf16 directly on
 the GPU and saved with save_pretrained (safetensors), with a BPE tokenizer built by the project's own
@@ -60,9 +60,9 @@ REPO_INPUT_PATHS = ("probe_prompts",)  # paths.* keys that name files of the rep
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny model and 3 steps each: a CPU smoke test of the flow")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, 3 steps each: a CPU smoke test of the flow")
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_proof_out", help="summary folder ($OUT)")
-    parser.add_argument("--work", default=None, help="scratch folder for data, adapters, curves (default /tmp/gpu_proof)")
+    parser.add_argument("--work", default=None, help="scratch folder: data, adapters, curves (default /tmp/gpu_proof)")
     parser.add_argument("--model-dir", default=None,
                         help="where the random model is saved (default /dev/shm/mistral-7b-random when it has room)")
     parser.add_argument("--sft-steps", type=int, default=None)
@@ -109,7 +109,8 @@ def write_params(args, work: Path, model_dir: Path):
     params["data"]["sft"]["source"] = str(embedded / "dolly.jsonl")
     params["data"]["preferences"]["source"] = str(embedded / "ultrafeedback.jsonl")
     # The seed-000 7B recipe: LoRA r16/alpha32/dropout 0.05 on the attention projections.
-    params["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    params["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05,
+                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     sft = {k: v for k, v in params["sft"]["trainer"].items() if k != "num_train_epochs"}  # scheduler, warmup
     sft.update({
         "max_length": 1024,
@@ -159,7 +160,7 @@ def write_params(args, work: Path, model_dir: Path):
 
 
 def build_random_model(arch: dict, embedded: Path, model_dir: Path, seed: int) -> dict:
-    """A MistralForCausalLM of shape `arch` with random bf16 weights made on the GPU, saved with a project tokenizer."""
+    """A MistralForCausalLM of shape `arch`, random bf16 weights made on the GPU, saved with a project tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -343,7 +344,8 @@ def markdown(result: dict) -> str:
         f"{v['bitsandbytes']}, datasets {v['datasets']}, dvclive {v['dvclive']}.",
         f"Model: {m['parameters']:,} parameters, random {m['dtype']} weights made on {m['init_device']}, "
         + ("loaded by the stages in 4-bit NF4 (double quant, bf16 compute); optim paged_adamw_8bit, bf16"
-           if v.get("gpu") else "loaded unquantized in float32 on the CPU (the stages' CPU fallback); optim adamw_torch")
+           if v.get("gpu")
+           else "loaded unquantized in float32 on the CPU (the stages' CPU fallback); optim adamw_torch")
         + "; LoRA r16/alpha32/dropout 0.05 on q,k,v,o; activation checkpointing.",
         "",
         "| | SFT | DPO |",

@@ -116,7 +116,12 @@ def live_callbacks(metrics_dir: str, resume: bool) -> list[TrainerCallback]:
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
-    live = Live(metrics_dir, dvcyaml=False, save_dvc_exp=False, resume=resume)
+    from scmrepo.exceptions import SCMError
+
+    try:
+        live = Live(metrics_dir, dvcyaml=False, save_dvc_exp=False, resume=resume)
+    except SCMError as error:  # e.g. a fresh `git init` with no commit yet: DVCLive reads the current revision
+        raise ProjectError(f"{metrics_dir}: DVCLive cannot read the git repository ({error}); commit first") from None
     # Ours runs first: transformers' callback logs at live.step, then advances it.
     return [LogPeakMemory(), LogEveryStepToDvcLive(live), DVCLiveCallback(live=live), StopOnNonFiniteLoss()]
 

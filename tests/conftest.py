@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def tiny_project(tmp_path_factory) -> TinyProject:
     from stages import base, embedded, prepare
 
     root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "data" / "prompts", root / "data" / "prompts")  # a source file, like the repo's
     params = tiny_params(root)
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))

@@ -41,8 +41,9 @@ def test_every_params_section_named_in_dvc_yaml_exists_in_the_config():
         for key in stage.get("params", []):
             node = cfg
             for part in key.split("."):
-                assert hasattr(node, part), f"stage {name} lists params '{key}', which the config does not have"
-                node = getattr(node, part)
+                present = part in node if isinstance(node, dict) else hasattr(node, part)
+                assert present, f"stage {name} lists params '{key}', which params.yaml or the config does not have"
+                node = node[part] if isinstance(node, dict) else getattr(node, part)
 
 
 @pytest.mark.parametrize(
