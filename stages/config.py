@@ -52,6 +52,7 @@ class PathsConfig:
     generations: str  # answers and log-probs of each variant
     eval_metrics: str
     reports: str
+    publish: str  # exactly what the publish stage would push to the hub
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,16 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    push: bool = False  # off by default: the stage only writes the folder that would be pushed
+    model_repo: str | None = None  # hub repo for the adapters and model card, e.g. you/mistral-7b-dolly-dpo
+    dataset_repo: str | None = None  # hub dataset repo for the preference data, or null to skip it
+    private: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
+    recipe: str  # which recipe these params come from; shown by `dvc exp show`
     paths: PathsConfig
     embedded: EmbeddedConfig
     model: ModelConfig
@@ -174,6 +184,7 @@ class Config:
     sft: SftConfig
     dpo: DpoConfig
     evaluate: EvaluateConfig
+    publish: PublishConfig
 
 
 ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}
