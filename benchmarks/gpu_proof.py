@@ -351,7 +351,7 @@ def markdown(result: dict) -> str:
         "| | SFT | DPO |",
         "| --- | --- | --- |",
         f"| optimizer steps | {fmt(sft['steps'])} | {fmt(dpo['steps'])} |",
-        f"| batch x grad. accumulation | 1 x 4 | 1 x 2 |",
+        "| batch x grad. accumulation | 1 x 4 | 1 x 2 |",
         f"| first / last loss | {fmt(sft['first_loss'])} / {fmt(sft['last_loss'])} | "
         f"{fmt(dpo['first_loss'])} / {fmt(dpo['last_loss'])} |",
         f"| grad norm min / max (all > 0) | {fmt(sft['grad_norm_min'])} / {fmt(sft['grad_norm_max'])} "

@@ -49,9 +49,11 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], gen: GenerationCo
     """
     tokenizer.padding_side = "left"
     torch.manual_seed(gen.seed)
-    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {
-        "do_sample": False
-    }
+    sampling = (
+        {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p}
+        if gen.do_sample
+        else {"do_sample": False}
+    )
     results: list[dict | None] = [None] * len(prompts)
     order = _by_length(prompts)
     progress = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None)
@@ -81,7 +83,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], gen: GenerationCo
 
 
 @torch.inference_mode()
-def completion_logps(model, tokenizer, prompts: Sequence[list], answers: Sequence[str], batch_size: int) -> list[float]:
+def completion_logps(
+    model, tokenizer, prompts: Sequence[list], answers: Sequence[str], batch_size: int
+) -> list[float]:
     """Summed log-probability of each answer (with its EOS) after its prompt, tokenized as TRL's DPO does it.
 
     The answer tokens are those after the prompt rendered with the generation prompt, within the rendered
@@ -91,7 +95,9 @@ def completion_logps(model, tokenizer, prompts: Sequence[list], answers: Sequenc
     for prompt, answer in zip(prompts, answers):
         conversation = [*prompt, {"role": "assistant", "content": answer}]
         sequences.append(tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"])
-        starts.append(len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]))
+        starts.append(
+            len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+        )
     totals: list[float] = []
     for indices in tqdm(list(_batches(range(len(sequences)), batch_size)), desc="log-probs", disable=None):
         width = max(len(sequences[i]) for i in indices)
@@ -100,8 +106,10 @@ def completion_logps(model, tokenizer, prompts: Sequence[list], answers: Sequenc
         for row, i in enumerate(indices):
             input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
             scored[row, starts[i] : len(sequences[i])] = True
-        attention_mask = (torch.arange(width)[None, :] < torch.tensor([len(sequences[i]) for i in indices])[:, None])
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.long().to(model.device)).logits
+        attention_mask = torch.arange(width)[None, :] < torch.tensor([len(sequences[i]) for i in indices])[:, None]
+        logits = model(
+            input_ids=input_ids.to(model.device), attention_mask=attention_mask.long().to(model.device)
+        ).logits
         logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         token_logps = logps.gather(-1, input_ids[:, 1:, None].to(model.device))[..., 0]
         totals += (token_logps * scored[:, 1:].to(model.device)).sum(dim=1).tolist()

@@ -51,7 +51,10 @@ def test_every_params_section_named_in_dvc_yaml_exists_in_the_config():
     [
         (lambda p: p["lora"].update(dropuot=0.1), r"lora\.dropuot: unknown key \(did you mean 'lora\.dropout'\?\)"),
         (lambda p: p.update(trainer={}), r"trainer: unknown key"),
-        (lambda p: p["data"].update(test_size=1.5), r"data\.test_size: must be between 0 and 1 \(exclusive\), got 1\.5"),
+        (
+            lambda p: p["data"].update(test_size=1.5),
+            r"data\.test_size: must be between 0 and 1 \(exclusive\), got 1\.5",
+        ),
         (lambda p: p["data"].update(test_size=0), r"data\.test_size: must be between 0 and 1"),
         (lambda p: p["lora"].update(r=-4), r"lora\.r: must be a positive integer, got -4"),
         (lambda p: p["lora"].update(r="abc"), r"lora\.r: must be an integer, got 'abc'"),

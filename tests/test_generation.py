@@ -36,7 +36,9 @@ def test_batched_left_padded_greedy_answers_equal_one_by_one_answers(base_model)
     texts = [render_prompt(tokenizer, prompt) for prompt in PROMPTS]
     settings = dataclasses.replace(cfg.evaluate.generation, max_new_tokens=12, batch_size=3)
     batched = generate_answers(model, tokenizer, texts, settings)
-    single = [generate_answers(model, tokenizer, [text], dataclasses.replace(settings, batch_size=1))[0] for text in texts]
+    single = [
+        generate_answers(model, tokenizer, [text], dataclasses.replace(settings, batch_size=1))[0] for text in texts
+    ]
     assert batched == single
     for answer in batched:
         assert answer["new_tokens"] <= 12

@@ -1,4 +1,5 @@
-"""prepare: the length filter's boundary, seeded disjoint splits, byte-identical outputs, counted drops, clear errors."""
+"""prepare: the length filter's boundary, seeded disjoint splits, byte-identical outputs, counted drops and clear
+errors."""
 
 import json
 from pathlib import Path
