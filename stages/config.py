@@ -28,9 +28,9 @@ def _checked(predicate: Callable[[Any], bool], requirement: str, **kwargs) -> An
     return field(metadata={"check": (predicate, requirement)}, **kwargs)
 
 
-def _one_of(choices) -> Any:
+def _one_of(choices, **kwargs) -> Any:
     names = tuple(choices)
-    return _checked(lambda value: value in names, f"be one of {', '.join(names)}")
+    return _checked(lambda value: value in names, f"be one of {', '.join(names)}", **kwargs)
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class PathsConfig:
     eval_metrics: str
     reports: str
     publish: str  # exactly what the publish stage would push to the hub
+    preference_data: str  # generated preference pairs and their metrics (stage preference_data)
 
 
 @dataclass(frozen=True)
@@ -131,10 +132,34 @@ class SftConfig:
     trainer: dict[str, Any]  # trl.SFTConfig keywords, validated by TRL
 
 
+DPO_SOURCES = ("dataset", "generated")  # paths.prepared/preferences_train.jsonl | paths.preference_data/pairs.jsonl
+
+
 @dataclass(frozen=True)
 class DpoConfig:
     max_prompt_length: int = _checked(lambda n: n > 0, "be positive")  # prompt tokens kept (the end of the prompt)
     trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
+    source: str = _one_of(DPO_SOURCES, default="dataset")  # which preference pairs DPO trains on
+
+
+# Rankers that work today; pairrm/judge/reward_model exist in stages.ranking but are not wired into the stage yet.
+PREFERENCE_RANKERS = ("reference",)
+PREFERENCE_POLICIES = ("sft", "base")  # which model samples the candidates
+
+
+@dataclass(frozen=True)
+class PreferenceDataConfig:
+    """Stage preference_data: K sampled answers per SFT-train instruction, ranked into chosen/rejected pairs."""
+
+    policy: str = _one_of(PREFERENCE_POLICIES, default="sft")  # sft: base + paths.sft_adapter; base: base alone
+    prompts: int = _checked(lambda n: n > 0, "be positive", default=64)  # instructions, sampled by seed
+    candidates: int = _checked(lambda n: n >= 2, "be at least 2", default=4)  # K answers per instruction
+    temperature: float = _checked(lambda x: x > 0, "be positive", default=1.0)
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=1.0)
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=48)
+    batch_size: int = _checked(lambda n: n > 0, "be positive", default=32)
+    seed: int = 0
+    ranker: str = _one_of(PREFERENCE_RANKERS, default="reference")  # reference: F1 + ROUGE-L against the gold answer
 
 
 @dataclass(frozen=True)
@@ -183,6 +208,7 @@ class Config:
     lora: LoraConfig
     sft: SftConfig
     dpo: DpoConfig
+    preference_data: PreferenceDataConfig
     evaluate: EvaluateConfig
     publish: PublishConfig
 

@@ -27,6 +27,8 @@ DROP_REASONS = (TOO_LONG, *REASONS, DUPLICATE, DUPLICATE_ID)
 # The files prepare writes inside paths.prepared; later stages read them by these names.
 SFT_TRAIN, SFT_TEST = "sft_train.jsonl", "sft_test.jsonl"
 PREFERENCES_TRAIN, PREFERENCES_TEST = "preferences_train.jsonl", "preferences_test.jsonl"
+# The file stage preference_data writes inside paths.preference_data, which dpo reads with dpo.source: generated.
+GENERATED_PAIRS = "pairs.jsonl"
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -114,3 +115,16 @@ def completion_logps(
         token_logps = logps.gather(-1, input_ids[:, 1:, None].to(model.device))[..., 0]
         totals += (token_logps * scored[:, 1:].to(model.device)).sum(dim=1).tolist()
     return totals
+
+
+def sample_candidates(model, tokenizer, prompts: Sequence[str], k: int, gen: GenerationConfig) -> list[list[dict]]:
+    """K sampled answers per rendered prompt (each prompt repeated K times, sampled in one seeded run).
+
+    The same prompts, K and settings give the same candidates: generate_answers seeds torch with gen.seed and batches
+    in a fixed order. Returns, in input order, a list of K answers per prompt, as generate_answers gives them.
+    """
+    if k < 1:
+        raise ValueError(f"sample_candidates: k must be at least 1, got {k}")
+    repeated = [prompt for prompt in prompts for _ in range(k)]
+    answers = generate_answers(model, tokenizer, repeated, dataclasses.replace(gen, do_sample=True))
+    return [answers[i * k : (i + 1) * k] for i in range(len(prompts))]

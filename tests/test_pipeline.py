@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, tiny_params
 
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "data/raw", "data/prompts")
-ADAPTER_STAGES = {"sft", "dpo", "generate_sft", "generate_dpo", "evaluate", "publish"}
+ADAPTER_STAGES = {"sft", "dpo", "preference_data", "generate_sft", "generate_dpo", "evaluate", "publish"}
 ALL_STAGES = ADAPTER_STAGES | {"embedded", "prepare", "base", "generate_base"}
 
 
