@@ -36,6 +36,16 @@ def _read_generations(folder: Path, suffix: str) -> dict[str, list[dict[str, Any
     return rows
 
 
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats rounded in a nested result: BERTScore on a CPU varies in the ninth decimal between runs, which
+    `dvc metrics diff` would otherwise report as a change of the base model's scores."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    return value
+
+
 def _subset(table: dict[str, list], index: list[int]) -> dict[str, list]:
     return {variant: [rows[i] for i in index] for variant, rows in table.items()}
 
@@ -102,6 +112,7 @@ def main(params_path: str = "params.yaml") -> None:
         "dpo": preference_accuracy(pairs["dpo"], pairs["sft"], beta),  # DPO's reference: the SFT model
     }
     result["bertscore_settings"] = bertscore_description(settings.bertscore)
+    result = rounded(result)
     metrics_path = Path(cfg.paths.eval_metrics)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -58,3 +58,13 @@ def test_by_category_splits_rows_and_keeps_their_pairing():
     assert result["a"]["n"] == 2 and result["b"]["n"] == 1
     assert result["a"]["delta"]["sft_vs_base"]["f1"]["mean"] == pytest.approx(0.4)
     assert result["b"]["delta"]["sft_vs_base"]["f1"]["mean"] == pytest.approx(-0.8)
+
+
+def test_eval_metrics_are_rounded_so_float_noise_is_not_a_change():
+    from stages.evaluate import rounded
+
+    assert rounded({"base": {"f1": 0.21481671343323122, "n": 3}, "x": [0.5]}) == {
+        "base": {"f1": 0.214817, "n": 3},
+        "x": [0.5],
+    }
+    assert rounded(0.2148167143708893) == rounded(0.21481671343323122)
