@@ -33,6 +33,15 @@ TINY_FINE_TUNING = {
 }
 
 
+def write_params(tmp_path: Path, edit) -> Path:
+    """The repository's params.yaml, changed by `edit(params)`, written to tmp_path/params.yaml."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 def tiny_params(root: Path) -> dict:
     """params.yaml with every path inside `root`, small data, a tiny base model and a few training steps."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -5,18 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import write_params
 from stages.config import load_config
 from stages.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_params(tmp_path: Path, edit) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    edit(params)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 def load_with(tmp_path, edit):

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from stages import dpo, preference_data, sft
+from conftest import write_params
 from stages.config import load_config
 from stages.data import read_jsonl
 from stages.errors import ConfigError
@@ -161,14 +162,6 @@ def test_dpo_with_source_generated_and_no_pairs_fails_in_one_line(tiny_project, 
         dpo.main(str(tiny_project.variant("dpo_missing", edit)))
     err = capsys.readouterr().err
     assert "pairs.jsonl: not found; dpo.source is generated" in err and "Traceback" not in err
-
-
-def write_params(tmp_path: Path, edit) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    edit(params)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 def test_repository_defaults():
