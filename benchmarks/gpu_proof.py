@@ -36,21 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Mistral-7B-v0.1's config.json, less the weights.
-MISTRAL_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-    rope_theta=10000.0,
-    sliding_window=4096,
-    rms_norm_eps=1e-5,
-    hidden_act="silu",
-    tie_word_embeddings=False,
+# Mistral-7B-v0.1's published shape, as shipped for the recipes' dry run; token ids come from the project tokenizer.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rope_theta", "sliding_window", "rms_norm_eps", "hidden_act",
+    "tie_word_embeddings",
 )
+_PUBLISHED = json.loads((REPO / "recipes" / "architectures" / "mistralai--Mistral-7B-v0.1.json").read_text())
+MISTRAL_7B = {key: _PUBLISHED[key] for key in ARCHITECTURE_FIELDS}
 TINY = dict(MISTRAL_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=4096)
 
