@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from stages.errors import ConfigError
 from stages.formats import PREFERENCE_FORMATS, SFT_FORMATS
 
 PARAMS_FILE = "params.yaml"
+# How sft, dpo and generation lay the same work out on a GPU (stages/speed.py).
+SPEED_MODES = ("auto", "fast", "low_memory", "as_written")
 
 
 def _checked(predicate: Callable[[Any], bool], requirement: str, **kwargs) -> Any:
@@ -54,6 +58,9 @@ class PathsConfig:
     reports: str
     publish: str  # exactly what the publish stage would push to the hub
     preference_data: str  # generated preference pairs and their metrics (stage preference_data)
+    rounds: str  # self-rewarding rounds: one adapter per round, ROUNDS/NAME
+    round_data: str  # each round's pairs (all candidates and scores) and held-out answers, ROUND_DATA/NAME/
+    round_metrics: str  # each round's metrics, ROUND_METRICS/NAME.json, and its DPO curves, ROUND_METRICS/NAME/
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class SftConfig:
     trainer: dict[str, Any]  # trl.SFTConfig keywords, validated by TRL
+    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (stages/speed.py)
 
 
 DPO_SOURCES = ("dataset", "generated")  # paths.prepared/preferences_train.jsonl | paths.preference_data/pairs.jsonl
@@ -140,11 +148,38 @@ class DpoConfig:
     max_prompt_length: int = _checked(lambda n: n > 0, "be positive")  # prompt tokens kept (the end of the prompt)
     trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
     source: str = _one_of(DPO_SOURCES, default="dataset")  # which preference pairs DPO trains on
+    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (stages/speed.py)
 
 
-# Rankers that work today; pairrm/judge/reward_model exist in stages.ranking but are not wired into the stage yet.
-PREFERENCE_RANKERS = ("reference",)
+RANKERS = ("reference", "pairrm", "reward_model", "judge")
+RANKERS_WITH_MODEL = ("pairrm", "reward_model")  # these need ranker.model; judge without one is the policy itself
 PREFERENCE_POLICIES = ("sft", "base")  # which model samples the candidates
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """How sampled answers are scored (stages.preferences.rank_candidates); shared by preference_data and the rounds.
+
+    reference: mean of token F1 and ROUGE-L against the gold answer (offline, no model). pairrm: a PairRM checkpoint
+    (stages.ranking.PairRMModel). reward_model: any one-label sequence-classification model. judge: an LLM grading
+    each answer on the additive 0-5 rubric, `judgments` samples averaged; no model means the policy judges itself
+    (self-rewarding).
+    """
+
+    name: str = _one_of(RANKERS, default="reference")
+    model: str | None = None  # hub id or local folder: required by pairrm and reward_model; judge: null = the policy
+    revision: str | None = None  # hub commit of `model`
+    judgments: int = _checked(lambda n: n > 0, "be positive", default=3)  # judge: sampled verdicts per answer
+    temperature: float = _checked(lambda x: x > 0, "be positive", default=0.7)  # judge sampling
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=0.9)
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=128)  # judge: room for the reasoning
+    batch_size: int = _checked(lambda n: n > 0, "be positive", default=8)  # rows per forward / generate() call
+    both_orders: bool = True  # pairrm: compare each pair in both positions (exact) or once in a shuffled order
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.name in RANKERS_WITH_MODEL and not (self.model or "").strip():
+            return [("model", f"ranker {self.name} needs a model (a hub id or a local folder); got none")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -159,7 +194,44 @@ class PreferenceDataConfig:
     max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=48)
     batch_size: int = _checked(lambda n: n > 0, "be positive", default=32)
     seed: int = 0
-    ranker: str = _one_of(PREFERENCE_RANKERS, default="reference")  # reference: F1 + ROUGE-L against the gold answer
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+
+
+REFERENCE_POLICIES = ("previous", "sft")  # previous: M_t, as Self-Rewarding LMs; sft: the SFT model in every round
+_ROUND_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """One self-rewarding round: M_t (the adapter at `start`) samples, ranks, and DPO trains M_t+1 from it."""
+
+    start: str = _checked(lambda s: bool(s.strip()), "not be empty")  # paths.sft_adapter or an earlier round's adapter
+    seed: int = 0  # draws this round's instructions (disjoint from earlier rounds') and seeds its sampling
+
+
+@dataclass(frozen=True)
+class SelfRewardingConfig:
+    """Iterative DPO as in Self-Rewarding LMs (Yuan et al., 2024): rounds unrolled as DVC stages, in listed order."""
+
+    rounds: dict[str, RoundConfig]  # name -> round; the number of rounds is fixed by this list
+    reference: str = _one_of(REFERENCE_POLICIES, default="previous")
+    prompts: int = _checked(lambda n: n > 0, "be positive", default=32)  # fresh instructions per round
+    candidates: int = _checked(lambda n: n >= 2, "be at least 2", default=4)
+    temperature: float = _checked(lambda x: x > 0, "be positive", default=0.7)
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=0.9)
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=48)
+    batch_size: int = _checked(lambda n: n > 0, "be positive", default=32)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    eval_prompts: int = _checked(lambda n: n > 0, "be positive", default=32)  # held-out prompts each round answers
+    trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.rounds:
+            return [("rounds", "must list at least one round")]
+        bad = [name for name in self.rounds if not _ROUND_NAME.match(name)]
+        if bad:
+            return [(f"rounds.{bad[0]}", "a round name may hold only letters, digits, '_' and '-'")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -170,6 +242,12 @@ class GenerationConfig:
     temperature: float = _checked(lambda x: x > 0, "be positive", default=1.0)
     top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=1.0)
     seed: int = 0
+    # auto: on a GPU with room for the bf16 weights, merge the adapter into them (no 4-bit dequantisation per
+    # token); as_written/low_memory: the 4-bit model with the adapter on top, as trained
+    speed: str = _one_of(SPEED_MODES, default="auto")
+
+
+BERTSCORE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -179,6 +257,7 @@ class BertScoreConfig:
     rescale_with_baseline: bool = False  # only where bert-score ships a baseline (roberta-large, lang en)
     idf: bool = False
     batch_size: int = _checked(lambda n: n > 0, "be positive", default=64)
+    dtype: str = _one_of(BERTSCORE_DTYPES, default="auto")  # auto: float16 on a GPU, float32 on a CPU
 
 
 @dataclass(frozen=True)
@@ -197,6 +276,17 @@ class PublishConfig:
     private: bool = True
 
 
+DISTRIBUTED_STRATEGIES = ("ddp",)  # FSDP for models that do not fit one GPU is not built yet
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How many GPUs sft and dpo train on (stages.launch runs the stage under `accelerate launch`)."""
+
+    processes: int = _checked(lambda n: n >= 1, "be at least 1", default=1)  # 1: this process alone
+    strategy: str = _one_of(DISTRIBUTED_STRATEGIES, default="ddp")  # ddp: a full model copy per GPU
+
+
 @dataclass(frozen=True)
 class Config:
     recipe: str  # which recipe these params come from; shown by `dvc exp show`
@@ -208,9 +298,26 @@ class Config:
     lora: LoraConfig
     sft: SftConfig
     dpo: DpoConfig
+    distributed: DistributedConfig
     preference_data: PreferenceDataConfig
+    self_rewarding: SelfRewardingConfig
     evaluate: EvaluateConfig
     publish: PublishConfig
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Each round must start from the SFT adapter or from an earlier round's: the rounds form one chain."""
+        adapters = {os.path.normpath(self.paths.sft_adapter): "the SFT adapter"}
+        for name, settings in self.self_rewarding.rounds.items():
+            if os.path.normpath(settings.start) not in adapters:
+                known = ", ".join(sorted(adapters))
+                return [(f"self_rewarding.rounds.{name}.start", f"must be one of {known}, got {settings.start!r}")]
+            adapters[os.path.normpath(round_adapter(self.paths, name))] = name
+        return []
+
+
+def round_adapter(paths: PathsConfig, name: str) -> str:
+    """Where round `name` writes its adapter (M_t+1), which a later round names as its `start`."""
+    return str(Path(paths.rounds) / name)
 
 
 ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}
@@ -237,6 +344,9 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping of keys, got {value!r}")
+        item = typing.get_args(kind)[1]
+        if dataclasses.is_dataclass(item):  # a mapping of named sections (self_rewarding.rounds)
+            return {name: _build(item, section, f"{key}.{name}") for name, section in value.items()}
         return dict(value)
     if origin is tuple:
         if not isinstance(value, list):
@@ -284,7 +394,11 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
             if not predicate(value):
                 raise ConfigError(f"{key}: must {requirement}, got {mapping[name]!r}")
         values[name] = value
-    return cls(**values)
+    instance = cls(**values)
+    # Checks across fields (a ranker that needs a model, rounds that must chain): (key, requirement) pairs.
+    for name, problem in getattr(instance, "problems", list)():
+        raise ConfigError(f"{where}{name}: {problem}")
+    return instance
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:

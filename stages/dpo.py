@@ -8,22 +8,27 @@ adapter to paths.dpo_adapter and curves (loss, rewards, margins, accuracies) to 
 `dpo.source: generated` it trains on all of paths.preference_data/pairs.jsonl (stage preference_data) instead, read
 through the UltraFeedback adapter of stages.formats.
 
+The training functions here (`load_pairs`, `build_dpo_trainer`, `use_reference_adapter`, `train_and_save`) are also
+what every self-rewarding round trains with (stages.self_rewarding).
+
     dvc repro dpo            # or: python -m stages.dpo
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
-
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.config import Config, load_config
+from stages.config import Config, ModelConfig, load_config
 from stages.data import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, read_jsonl
-from stages.errors import DataError, exit_on_error
+from stages.errors import ConfigError, DataError, exit_on_error
 from stages.formats import InvalidRow, from_ultrafeedback
+from stages.launch import relaunch
 from stages.modeling import load_model, load_tokenizer
+from stages.speed import SpeedPlan, layout, speed_record
 from stages.training import (
     checkpoint_to_resume,
     finish_run,
@@ -33,15 +38,17 @@ from stages.training import (
     truncate_prompt,
 )
 
+REFERENCE_ADAPTER = "ref"  # TRL 1.16's name for its frozen copy of the loaded adapter, where it reads the reference
 
-def load_generated_pairs(preference_dir: str):
-    """All generated pairs as a `datasets.Dataset` of prompt/chosen/rejected, validated as prepare validates
+
+def load_pairs(path: str | Path, missing_hint: str):
+    """Generated pairs as a `datasets.Dataset` of prompt/chosen/rejected, validated as prepare validates
     UltraFeedback rows; a bad row stops the stage naming its file and line."""
     from datasets import Dataset
 
-    path = Path(preference_dir) / GENERATED_PAIRS
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: not found; dpo.source is generated, so run `dvc repro preference_data` first")
+        raise DataError(f"{path}: not found; {missing_hint}")
     examples = []
     for number, row in enumerate(read_jsonl(path), start=1):
         try:
@@ -54,32 +61,113 @@ def load_generated_pairs(preference_dir: str):
     return Dataset.from_list(examples)
 
 
-def build_trainer(cfg: Config, args, resume: bool):
-    """DPOTrainer over the SFT adapter (trainable), with no separate reference model.
+def load_generated_pairs(preference_dir: str):
+    """All of stage preference_data's pairs (dpo.source: generated)."""
+    hint = "dpo.source is generated, so run `dvc repro preference_data` first"
+    return load_pairs(Path(preference_dir) / GENERATED_PAIRS, hint)
+
+
+def use_reference_adapter(model, folder: str) -> None:
+    """Load the LoRA adapter at `folder` into TRL's frozen "ref" adapter, making it DPO's reference policy.
+
+    TRL 1.16 makes "ref" a copy of the adapter being trained; this replaces the copy's weights. The two adapters
+    must have the same shape (rank, targets), which holds for adapters trained from one another.
+    """
+    from peft import PeftConfig, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if REFERENCE_ADAPTER not in model.peft_config:
+        raise RuntimeError("use_reference_adapter: the trainer made no frozen 'ref' adapter to load into")
+    theirs, ours = PeftConfig.from_pretrained(folder), model.peft_config["default"]
+    for key in ("r", "lora_alpha", "target_modules"):
+        if getattr(theirs, key, None) != getattr(ours, key, None):
+            raise ConfigError(
+                f"{folder}: as DPO's reference its LoRA {key} must match the trained adapter's "
+                f"({getattr(theirs, key, None)!r} vs {getattr(ours, key, None)!r})"
+            )
+    weights = load_peft_weights(folder, device="cpu")
+    result = set_peft_model_state_dict(model, weights, adapter_name=REFERENCE_ADAPTER)
+    loaded = [key for key in model.state_dict() if f".{REFERENCE_ADAPTER}." in key]
+    if result.unexpected_keys or len(loaded) != len(weights):
+        raise RuntimeError(f"use_reference_adapter: {folder} does not fit the 'ref' adapter ({result})")
+
+
+def build_dpo_trainer(
+    model_cfg: ModelConfig,
+    start_adapter: str,
+    train,
+    max_prompt_length: int,
+    args,
+    metrics_dir: str,
+    resume: bool,
+    reference_adapter: str | None = None,
+    speed: SpeedPlan | None = None,
+    install=None,
+):
+    """DPOTrainer over the adapter at `start_adapter` (trainable), with no separate reference model.
 
     Given a PeftModel and ref_model=None, TRL 1.16 freezes a copy of the loaded adapter as the "ref" adapter, so
-    the reference is the SFT model. (A fresh peft_config would instead make the adapter-free base the reference.)
+    the reference is the starting model. (A fresh peft_config would instead make the adapter-free base the
+    reference.) With `reference_adapter`, that adapter's weights replace the copy: the reference is that model.
     """
     from peft import PeftModel
     from trl import DPOTrainer
 
-    generated = load_generated_pairs(cfg.paths.preference_data) if cfg.dpo.source == "generated" else None
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, for_training=True, gradient_checkpointing=args.activation_checkpointing)
-    model = PeftModel.from_pretrained(base, cfg.paths.sft_adapter, is_trainable=True)
-    if generated is not None:  # checked before any model is loaded
-        train = generated
-    else:
-        train = load_split(cfg.paths.prepared, PREFERENCES_TRAIN, columns=("prompt", "chosen", "rejected"))
-    train = train.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, cfg.dpo.max_prompt_length)})
-    return DPOTrainer(
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_model(model_cfg, for_training=True, gradient_checkpointing=args.activation_checkpointing)
+    if install is not None:
+        install(base)
+    model = PeftModel.from_pretrained(base, start_adapter, is_trainable=True)
+    train = train.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, max_prompt_length)})
+    other_reference = reference_adapter is not None and os.path.normpath(reference_adapter) != os.path.normpath(
+        start_adapter
+    )
+    if other_reference and args.precompute_ref_log_probs:
+        # TRL precomputes while it builds the trainer, before the reference adapter can be swapped in.
+        print("dpo: precompute_ref_log_probs is off: the reference adapter is loaded after the trainer is built")
+        args.precompute_ref_log_probs = False
+    trainer = DPOTrainer(
         model=model,
         ref_model=None,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        callbacks=live_callbacks(cfg.paths.dpo_metrics, resume=resume),
+        callbacks=live_callbacks(metrics_dir, resume=resume, params=speed_record(speed)),
     )
+    if other_reference:
+        use_reference_adapter(trainer.model, reference_adapter)
+    return trainer
+
+
+def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
+    """The dpo stage's trainer: the SFT adapter on the dataset's pairs or the generated ones (dpo.source)."""
+    if cfg.dpo.source == "generated":  # checked before any model is loaded
+        train = load_generated_pairs(cfg.paths.preference_data)
+    else:
+        train = load_split(cfg.paths.prepared, PREFERENCES_TRAIN, columns=("prompt", "chosen", "rejected"))
+    return build_dpo_trainer(
+        cfg.model,
+        cfg.paths.sft_adapter,
+        train,
+        cfg.dpo.max_prompt_length,
+        args,
+        cfg.paths.dpo_metrics,
+        resume,
+        speed=speed,
+        install=install,
+    )
+
+
+def train_and_save(trainer, resume_from: str | None, adapter_dir: str, output_dir: str) -> None:
+    """Train, save only the trained adapter (not the frozen "ref" copy) atomically, drop the checkpoints."""
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    def save(folder: str) -> None:
+        trainer.model.save_pretrained(folder, selected_adapters=["default"])
+        trainer.processing_class.save_pretrained(folder)
+
+    save_atomically(save, adapter_dir)
+    finish_run(output_dir)
 
 
 def resume_settings(cfg: Config) -> dict:
@@ -87,8 +175,12 @@ def resume_settings(cfg: Config) -> dict:
     settings = {"model": asdict(cfg.model), "dpo": asdict(cfg.dpo)}
     pairs = Path(cfg.paths.preference_data) / GENERATED_PAIRS
     if cfg.dpo.source == "generated" and pairs.is_file():
-        settings["pairs_sha256"] = hashlib.sha256(pairs.read_bytes()).hexdigest()
+        settings["pairs_sha256"] = file_sha256(pairs)
     return settings
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @exit_on_error
@@ -96,18 +188,15 @@ def main(params_path: str = "params.yaml") -> None:
     from trl import DPOConfig
 
     cfg = load_config(params_path)
+    launched = relaunch("stages.dpo", [params_path], cfg.distributed)
+    if launched is not None:
+        sys.exit(launched)
     output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
-    args = trainer_args(DPOConfig, "dpo", cfg.dpo.trainer, output_dir)
+    trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed)
+    args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
     resume_from = checkpoint_to_resume(output_dir, resume_settings(cfg))
-    trainer = build_trainer(cfg, args, resume=resume_from is not None)
-    trainer.train(resume_from_checkpoint=resume_from)
-
-    def save(folder: str) -> None:
-        trainer.model.save_pretrained(folder, selected_adapters=["default"])  # not the frozen "ref" copy
-        trainer.processing_class.save_pretrained(folder)
-
-    save_atomically(save, cfg.paths.dpo_adapter)
-    finish_run(output_dir)
+    trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
+    train_and_save(trainer, resume_from, cfg.paths.dpo_adapter, output_dir)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ For each recipe: compose conf/ with `recipe=NAME` through Hydra's compose API (w
 does), validate the result with stages.config.load_config, build the model on the meta device from its architecture
 config (the hub's, via AutoConfig, when reachable; otherwise recipes/architectures/<org>--<name>.json), wrap it with
 the recipe's LoRA (every target module must exist), build the BitsAndBytesConfig, and build TRL's SFTConfig and
-DPOConfig from `sft.trainer` / `dpo.trainer`. One line per recipe; exit status 0 only if every recipe passes.
+DPOConfig from `sft.trainer` / `dpo.trainer` / `self_rewarding.trainer`, and build every ranker model the recipe
+names (PairRM, a reward model, a judge) on the meta device from its architecture config. One line per recipe; exit
+status 0 only if every recipe passes.
 
 The trainer configs are built as on a CPU: keys are checked against the config dataclass's fields (so keys TRL no
 longer accepts fail by name), bf16/fp16 must be true/false and not both true, and the config is then constructed
@@ -79,6 +81,7 @@ class Summary:
     quantization: str
     trainers: dict[str, dict[str, str]]  # section -> optimizer, precision, effective batch
     notes: list[str]
+    rankers: list[str] = dataclasses.field(default_factory=list)  # "section: ranker model [source] N params"
 
     def line(self) -> str:
         share = 100 * self.trainable_params / self.total_params
@@ -86,10 +89,11 @@ class Summary:
             f"{section}: {t['optim']}, {t['precision']}, batch {t['batch']}" for section, t in self.trainers.items()
         )
         notes = "".join(f"  note: {note}" for note in self.notes)
+        rankers = "".join(f"  {ranker}" for ranker in self.rankers)
         return (
             f"{self.recipe}: ok  {self.model} [{self.architecture_source}]  "
             f"params {self.total_params:,} total / {self.trainable_params:,} trainable LoRA ({share:.2f}%)  "
-            f"targets {','.join(self.target_modules)}  {self.quantization}  {trainers}{notes}"
+            f"targets {','.join(self.target_modules)}  {self.quantization}  {trainers}{rankers}{notes}"
         )
 
 
@@ -255,6 +259,56 @@ def build_model_summary(cfg: Config, hub: bool) -> tuple[str, int, int, list[str
     return source, total, trainable, notes
 
 
+def ranker_architecture(name: str, revision: str | None, key: str, hub: bool):
+    """(config, source) of a ranker model: the hub's config.json when reachable, else the shipped file."""
+    from transformers import AutoConfig
+
+    if (Path(name) / "config.json").is_file():
+        return AutoConfig.from_pretrained(name), f"local {name}"
+    if hub:
+        try:
+            return AutoConfig.from_pretrained(name, revision=revision), "hub" + (f"@{revision}" if revision else "")
+        except (OSError, ValueError):
+            pass  # the shipped file, if there is one, still tells the shape
+    shipped = architecture_file(name)
+    if not shipped.is_file():
+        raise ConfigError(f"{key}: no architecture config for {name} offline; add {shipped.relative_to(REPO)}")
+    return config_from_dict(json.loads(shipped.read_text())), f"shipped {shipped.name}"
+
+
+def ranker_summaries(cfg: Config, hub: bool) -> list[str]:
+    """Each ranker model the recipe names (preference_data, self_rewarding), built on the meta device: its class and
+    parameter count. The reference ranker and a self-judge (the policy) load nothing of their own."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from stages.ranking import PairRMModel
+
+    lines = []
+    for section in ("preference_data", "self_rewarding"):
+        ranker = getattr(cfg, section).ranker
+        if ranker.name == "reference" or (ranker.name == "judge" and ranker.model is None):
+            lines.append(f"{section}.ranker: {ranker.name}" + (" (the policy)" if ranker.name == "judge" else ""))
+            continue
+        key = f"{section}.ranker.model"
+        config, source = ranker_architecture(ranker.model, ranker.revision, key, hub)
+        if ranker.name == "pairrm" and config.model_type != "deberta-v2":
+            raise ConfigError(f"{key}: PairRM is a DeBERTa-v2/v3 model; {ranker.model} is {config.model_type}")
+        if ranker.name == "reward_model":
+            config.num_labels = 1  # a hub config may name no labels; the stage checks the real checkpoint's count
+        with torch.device("meta"):
+            if ranker.name == "pairrm":
+                model = PairRMModel(config)
+            elif ranker.name == "reward_model":
+                model = AutoModelForSequenceClassification.from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_config(config)
+        total = sum(parameter.numel() for parameter in model.parameters())
+        described = f"{ranker.name} {ranker.model} {type(model).__name__} [{source}] {total:,} params"
+        lines.append(f"{section}.ranker: {described}")
+    return lines
+
+
 def dry_run(recipe: str, overrides: tuple[str, ...] = (), conf_dir: Path = CONF_DIR, hub: bool = False) -> Summary:
     """Everything a GPU run of `recipe` would set up before loading weights; RecipeError names recipe and key."""
     from hydra.errors import HydraException
@@ -274,19 +328,23 @@ def dry_run(recipe: str, overrides: tuple[str, ...] = (), conf_dir: Path = CONF_
         trainers = {
             "sft": check_trainer(SFTConfig, "sft", cfg.sft.trainer),
             "dpo": check_trainer(DPOConfig, "dpo", cfg.dpo.trainer),
+            "self_rewarding": check_trainer(DPOConfig, "self_rewarding", cfg.self_rewarding.trainer),
         }
         quantization = "fp32/bf16 weights"
         if cfg.model.load_in_4bit:
             bnb = build_bnb_config()
             quantization = f"4-bit {bnb.bnb_4bit_quant_type} (double quant {bnb.bnb_4bit_use_double_quant})"
         source, total, trainable, notes = build_model_summary(cfg, hub)
+        rankers = ranker_summaries(cfg, hub)
     except ProjectError as error:
         raise RecipeError(f"{recipe}: {error}") from None
     for section in trainers:
         if getattr(cfg, section).trainer.get("fp16"):
             notes.append(f"{section}.trainer.fp16 is known to give NaN losses with Mistral and in DPO")
     model = cfg.model.name_or_path
-    return Summary(recipe, model, source, total, trainable, cfg.lora.target_modules, quantization, trainers, notes)
+    return Summary(
+        recipe, model, source, total, trainable, cfg.lora.target_modules, quantization, trainers, notes, rankers
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from stages.config import load_config
 from stages.data import PREFERENCES_TEST, evaluation_prompts, read_jsonl, write_jsonl
 from stages.errors import ConfigError, exit_on_error
 from stages.generation import VARIANTS, completion_logps, generate_answers, load_variant, render_prompt
+from stages.launch import is_main_process, join_processes, relaunch
 from stages.training import truncate_prompt
 
 
@@ -27,24 +28,29 @@ def main(variant: str, params_path: str = "params.yaml") -> None:
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     cfg = load_config(params_path)
+    launched = relaunch("stages.generate", [variant, params_path], cfg.distributed)
+    if launched is not None:
+        sys.exit(launched)
+    join_processes()
     adapter = {"base": None, "sft": cfg.paths.sft_adapter, "dpo": cfg.paths.dpo_adapter}[variant]
-    model, tokenizer = load_variant(cfg.model, adapter)
+    model, tokenizer = load_variant(cfg.model, adapter, cfg.evaluate.generation.speed)
     out_dir = Path(cfg.paths.generations)
 
     prompts = evaluation_prompts(cfg.paths.prepared, cfg.paths.probe_prompts)
     texts = [render_prompt(tokenizer, row["prompt"]) for row in prompts]
     answers = generate_answers(model, tokenizer, texts, cfg.evaluate.generation)
-    write_jsonl(
-        out_dir / f"{variant}.jsonl",
-        ({**row, "prompt_text": text, **answer} for row, text, answer in zip(prompts, texts, answers)),
-        drop=("prompt",),
-    )
-
     pairs = read_jsonl(Path(cfg.paths.prepared) / PREFERENCES_TEST)
     pair_prompts = [truncate_prompt(pair["prompt"], tokenizer, cfg.dpo.max_prompt_length) for pair in pairs]
     batch = cfg.evaluate.generation.batch_size
     chosen = completion_logps(model, tokenizer, pair_prompts, [p["chosen"][-1]["content"] for p in pairs], batch)
     rejected = completion_logps(model, tokenizer, pair_prompts, [p["rejected"][-1]["content"] for p in pairs], batch)
+    if not is_main_process():  # every process holds all results; one writes them
+        return
+    write_jsonl(
+        out_dir / f"{variant}.jsonl",
+        ({**row, "prompt_text": text, **answer} for row, text, answer in zip(prompts, texts, answers)),
+        drop=("prompt",),
+    )
     write_jsonl(
         out_dir / f"{variant}_preferences.jsonl",
         (

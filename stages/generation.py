@@ -14,14 +14,49 @@ from stages.modeling import load_model, load_tokenizer
 VARIANTS = ("base", "sft", "dpo")
 
 
-def load_variant(model_cfg: ModelConfig, adapter: str | None):
-    """(model, tokenizer) for inference: the base model, with a LoRA adapter on top unless adapter is None."""
+# Merged bf16 weights are used when they take at most this share of the GPU, leaving the rest to the KV cache.
+MERGED_WEIGHTS_SHARE = 0.5
+
+
+def merge_for_speed(model_cfg: ModelConfig, speed: str) -> bool:
+    """Whether to generate from bf16 weights with the adapter merged in, rather than 4-bit weights + adapter.
+
+    Decoding reads every weight once per token; from 4-bit weights bitsandbytes first dequantises all of them, which
+    bounds generation far below what the GPU can do. Merged bf16 weights need 2 bytes per parameter. The adapter was
+    trained on the 4-bit base, so merged answers can differ slightly from the 4-bit model's (as in any deployment of
+    a merged QLoRA model); `speed: as_written` generates from exactly the trained setup.
+    """
+    from stages.speed import gpu_memory_bytes, model_shape
+
+    if speed in ("as_written", "low_memory"):
+        return False
+    gpu = gpu_memory_bytes()
+    if gpu is None:
+        return speed == "fast"  # on a CPU the model is unquantized already; merging only saves the adapter's work
+    shape = model_shape(model_cfg)
+    weights = 2 * (shape.quantized_params + shape.other_params)
+    return speed == "fast" or weights <= MERGED_WEIGHTS_SHARE * gpu
+
+
+def load_variant(model_cfg: ModelConfig, adapter: str | None, speed: str = "as_written"):
+    """(model, tokenizer) for inference: the base model, with a LoRA adapter on top unless adapter is None.
+
+    With `speed` auto or fast (evaluate.generation.speed), the adapter is merged into unquantized bf16 weights when
+    merge_for_speed says so.
+    """
     tokenizer = load_tokenizer(model_cfg)
+    merged = merge_for_speed(model_cfg, speed)
+    if merged:
+        model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)
+    print(f"generation: {'adapter merged into unquantized weights' if merged else 'weights as trained'} "
+          f"(speed {speed})")
     model = load_model(model_cfg, for_training=False)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+        if merged:
+            model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
@@ -57,17 +92,30 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], gen: GenerationCo
     )
     results: list[dict | None] = [None] * len(prompts)
     order = _by_length(prompts)
-    progress = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None)
-    for indices in _batches(order, gen.batch_size):
+    pending = my_share(list(_batches(order, gen.batch_size)))
+    progress = tqdm(total=sum(map(len, pending)), desc="generate", unit="prompt", disable=None)
+    while pending:
+        indices = pending.pop(0)
         batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(model.device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=gen.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
+        try:
+            output = model.generate(
+                **batch,
+                max_new_tokens=gen.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+        except torch.cuda.OutOfMemoryError:
+            # A batch of long prompts can outgrow the KV cache; halve it and go on rather than lose the run.
+            if len(indices) == 1:
+                raise
+            del batch
+            torch.cuda.empty_cache()
+            half = len(indices) // 2
+            pending[:0] = [indices[:half], indices[half:]]
+            progress.write(f"generate: out of GPU memory at batch {len(indices)}; retrying as two of {half}")
+            continue
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         for row, index in enumerate(indices):
             tokens = new_tokens[row]
@@ -80,7 +128,31 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], gen: GenerationCo
             }
         progress.update(len(indices))
     progress.close()
-    return results  # type: ignore[return-value]
+    return gather_results(results)  # type: ignore[return-value]
+
+
+def my_share(batches: list) -> list:
+    """This process's batches when several share the work (round robin), else all of them.
+
+    Whole batches are shared out, never re-cut: each batch is exactly the one a single process would run, so greedy
+    answers are the same on one GPU or several.
+    """
+    from stages.launch import rank, world_size
+
+    return batches[rank() :: world_size()]
+
+
+def gather_results(results: list) -> list:
+    """Every process's filled-in entries merged into one list, the same on all processes."""
+    from stages.launch import world_size
+
+    if world_size() == 1:
+        return results
+    import torch.distributed as dist
+
+    shares: list = [None] * world_size()
+    dist.all_gather_object(shares, results)
+    return [next((share[i] for share in shares if share[i] is not None), None) for i in range(len(results))]
 
 
 @torch.inference_mode()
@@ -99,8 +171,8 @@ def completion_logps(
         starts.append(
             len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
         )
-    totals: list[float] = []
-    for indices in tqdm(list(_batches(range(len(sequences)), batch_size)), desc="log-probs", disable=None):
+    totals: list[float | None] = [None] * len(sequences)
+    for indices in tqdm(my_share(list(_batches(range(len(sequences)), batch_size))), desc="log-probs", disable=None):
         width = max(len(sequences[i]) for i in indices)
         input_ids = torch.full((len(indices), width), tokenizer.pad_token_id)
         scored = torch.zeros((len(indices), width), dtype=torch.bool)
@@ -113,8 +185,9 @@ def completion_logps(
         ).logits
         logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         token_logps = logps.gather(-1, input_ids[:, 1:, None].to(model.device))[..., 0]
-        totals += (token_logps * scored[:, 1:].to(model.device)).sum(dim=1).tolist()
-    return totals
+        for i, total in zip(indices, (token_logps * scored[:, 1:].to(model.device)).sum(dim=1).tolist()):
+            totals[i] = total
+    return gather_results(totals)
 
 
 def sample_candidates(model, tokenizer, prompts: Sequence[str], k: int, gen: GenerationConfig) -> list[list[dict]]:
@@ -128,3 +201,15 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], k: int, gen: Gen
     repeated = [prompt for prompt in prompts for _ in range(k)]
     answers = generate_answers(model, tokenizer, repeated, dataclasses.replace(gen, do_sample=True))
     return [answers[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def sampling(settings, seed: int) -> GenerationConfig:
+    """Sampled generation from a config section's max_new_tokens, batch_size, temperature and top_p, with `seed`."""
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=seed,
+    )

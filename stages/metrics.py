@@ -62,6 +62,16 @@ def _model_type(settings: BertScoreConfig) -> str:
     return settings.model
 
 
+def bertscore_dtype(settings: BertScoreConfig) -> str:
+    """The precision the BERTScore model runs in: `auto` is float16 on a GPU (what makes roberta-large fast there;
+    scores move in about the third decimal) and float32 on a CPU."""
+    import torch
+
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "float16" if torch.cuda.is_available() else "float32"
+
+
 @functools.lru_cache(maxsize=4)
 def _scorer(settings: BertScoreConfig):
     """The BERTScore model for these settings, loaded once per process."""
@@ -74,7 +84,13 @@ def _scorer(settings: BertScoreConfig):
         lang="en" if settings.rescale_with_baseline else None,
         rescale_with_baseline=settings.rescale_with_baseline,
         nthreads=0,  # count idf tokens in this process: forking once torch runs its thread pool can hang
+        use_fast_tokenizer=True,  # the same token ids as the Python tokenizers, an order of magnitude sooner
     )
+    dtype = bertscore_dtype(settings)
+    if dtype != "float32":
+        import torch
+
+        scorer._model.to(getattr(torch, dtype))
     if settings.rescale_with_baseline and not os.path.isfile(scorer.baseline_path):
         # bert-score would only warn, return raw scores and still put "-rescaled" in its hash
         raise ConfigError(
@@ -122,8 +138,9 @@ def bertscore_description(settings: BertScoreConfig) -> dict[str, Any]:
         "num_layers": settings.num_layers,
         "idf": settings.idf,
         "rescaled": rescaled,
+        "dtype": bertscore_dtype(settings),
         # the hash names the model as loaded, for MiniLM an absolute site-packages path: name it instead
-        "hash": get_hash(name, settings.num_layers, settings.idf, rescaled, False, False),
+        "hash": get_hash(name, settings.num_layers, settings.idf, rescaled, False, True),
     }
 
 

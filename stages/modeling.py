@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -103,7 +104,10 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool, gradient_checkpoin
         "dtype": torch.bfloat16 if has_cuda() else torch.float32,
     }
     if quantized:
-        kwargs |= {"quantization_config": build_bnb_config(), "device_map": {"": torch.cuda.current_device()}}
+        kwargs["quantization_config"] = build_bnb_config()
+    if has_cuda():  # straight onto the GPU: a 7B model never passes through host memory in full
+        local_rank = os.environ.get("LOCAL_RANK")  # under `accelerate launch`, this process's GPU
+        kwargs["device_map"] = {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
     if quantized and for_training:
         from peft import prepare_model_for_kbit_training
@@ -113,6 +117,4 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool, gradient_checkpoin
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if not quantized and has_cuda():
-        model = model.to("cuda")
     return model

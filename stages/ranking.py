@@ -92,6 +92,38 @@ def mean_judge_score(judgments: Sequence[str]) -> tuple[float | None, int]:
     return mean, len(scores) - len(parsed)
 
 
+def judge_scores(
+    instructions: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    judge: Callable[[list[str]], Sequence[Sequence[str]]],
+) -> tuple[list[list[float | None]], int, list[list[list[str]]]]:
+    """Every candidate graded by `judge`, which maps rubric prompts (user turns) to several verdicts each.
+
+    All prompts go to `judge` in one call, so it can batch them. Returns (per prompt, per candidate: the mean
+    parseable score or None; the number of unparseable verdicts; the verdicts themselves, kept for inspection).
+    """
+    questions = [judge_prompt(instruction, answer) for instruction, answers in zip(instructions, candidates)
+                 for answer in answers]  # fmt: skip
+    verdicts = list(judge(questions)) if questions else []
+    if len(verdicts) != len(questions):
+        raise ValueError(f"judge_scores: the judge answered {len(verdicts)} of {len(questions)} prompts")
+    scores: list[list[float | None]] = []
+    kept: list[list[list[str]]] = []
+    unparseable, position = 0, 0
+    for answers in candidates:
+        row_scores, row_verdicts = [], []
+        for _ in answers:
+            texts = list(verdicts[position])
+            position += 1
+            mean, failed = mean_judge_score(texts)
+            unparseable += failed
+            row_scores.append(mean)
+            row_verdicts.append(texts)
+        scores.append(row_scores)
+        kept.append(row_verdicts)
+    return scores, unparseable, kept
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pairs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,6 +461,7 @@ __all__ = [
     "encode_pairrm",
     "in_shuffled_order",
     "judge_prompt",
+    "judge_scores",
     "mean_judge_score",
     "pairrm_config_ids",
     "pairrm_logits",

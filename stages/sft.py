@@ -16,25 +16,54 @@ from pathlib import Path
 from stages.config import Config, load_config
 from stages.data import SFT_TRAIN, load_split
 from stages.errors import exit_on_error
+from stages.launch import relaunch
 from stages.modeling import build_lora_config, load_model, load_tokenizer
-from stages.training import checkpoint_to_resume, finish_run, live_callbacks, save_atomically, trainer_args
+from stages.speed import SpeedPlan, layout, speed_record
+from stages.training import (
+    checkpoint_to_resume,
+    finish_run,
+    live_callbacks,
+    save_atomically,
+    trainer_args,
+)
 
 
-def build_trainer(cfg: Config, args, resume: bool):
-    """SFTTrainer over the base model with a fresh LoRA adapter, on the prepared SFT train split."""
+def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
+    """SFTTrainer over the base model with a fresh LoRA adapter, on the prepared SFT train split.
+
+    `speed` (recorded with the curves) and `install` (per-batch checkpointing) come from stages.speed.layout.
+    """
     from trl import SFTTrainer
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, for_training=True, gradient_checkpointing=args.activation_checkpointing)
+    if install is not None:
+        install(model)
     train = load_split(cfg.paths.prepared, SFT_TRAIN, columns=("prompt", "completion"))
-    return SFTTrainer(
+    # TRL 1.16 refuses padding_free with max_length unless it packs (its guard predates its own truncation of
+    # unpacked data), so the trainer is built without max_length and the examples are cut here the way TRL cuts them.
+    max_length = args.max_length if args.padding_free and not args.packing else None
+    if max_length is not None:
+        args.max_length = None
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg.lora),
-        callbacks=live_callbacks(cfg.paths.sft_metrics, resume=resume),
+        callbacks=live_callbacks(cfg.paths.sft_metrics, resume=resume, params=speed_record(speed)),
     )
+    if max_length is not None:
+        args.max_length = max_length
+        trainer.train_dataset = truncate_examples(trainer.train_dataset, max_length, args.truncation_mode)
+    return trainer
+
+
+def truncate_examples(dataset, max_length: int, mode: str):
+    """Tokenized examples cut to max_length tokens (`keep_start` or `keep_end`), dropping any left with no label."""
+    cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]})
+    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
 
 
 @exit_on_error
@@ -42,11 +71,15 @@ def main(params_path: str = "params.yaml") -> None:
     from trl import SFTConfig
 
     cfg = load_config(params_path)
+    launched = relaunch("stages.sft", [params_path], cfg.distributed)
+    if launched is not None:
+        sys.exit(launched)
     output_dir = str(Path(cfg.paths.checkpoints) / "sft")
-    args = trainer_args(SFTConfig, "sft", cfg.sft.trainer, output_dir)
+    trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed)
+    args = trainer_args(SFTConfig, "sft", trainer_kwargs, output_dir)
     settings = {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "sft": asdict(cfg.sft)}
     resume_from = checkpoint_to_resume(output_dir, settings)
-    trainer = build_trainer(cfg, args, resume=resume_from is not None)
+    trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
     trainer.train(resume_from_checkpoint=resume_from)
     save_atomically(trainer.save_model, cfg.paths.sft_adapter)
     finish_run(output_dir)

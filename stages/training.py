@@ -108,13 +108,37 @@ class LogPeakMemory(TrainerCallback):
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
 
-def live_callbacks(metrics_dir: str, resume: bool) -> list[TrainerCallback]:
-    """Curves under metrics_dir/ (metrics.json + plots/metrics/*.tsv), kept out of dvc.yaml (dvcyaml=False).
+class LogThroughput(TrainerCallback):
+    """Add the non-padding tokens per second since the previous log line (from TRL's `num_tokens`), so every run
+    records its own speed next to its loss."""
+
+    def __init__(self):
+        self.previous: tuple[float, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import time
+
+        if logs is None or "num_tokens" not in logs:
+            return
+        now, tokens = time.perf_counter(), float(logs["num_tokens"])
+        if self.previous is not None and now > self.previous[0]:
+            logs["tokens_per_second"] = (tokens - self.previous[1]) / (now - self.previous[0])
+        self.previous = (now, tokens)
+
+
+def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None = None) -> list[TrainerCallback]:
+    """Curves under metrics_dir/ (metrics.json + plots/metrics/*.tsv), kept out of dvc.yaml (dvcyaml=False), and
+    `params` (what the stage resolved at run time, e.g. its GPU layout) in metrics_dir/params.yaml.
 
     A resumed run appends to the curves of the interrupted one instead of starting them over.
     """
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
+
+    from stages.launch import is_main_process
+
+    if not is_main_process():  # one writer: the other GPUs' processes only guard against NaNs
+        return [StopOnNonFiniteLoss()]
 
     from scmrepo.exceptions import SCMError
 
@@ -122,8 +146,16 @@ def live_callbacks(metrics_dir: str, resume: bool) -> list[TrainerCallback]:
         live = Live(metrics_dir, dvcyaml=False, save_dvc_exp=False, resume=resume)
     except SCMError as error:  # e.g. a fresh `git init` with no commit yet: DVCLive reads the current revision
         raise ProjectError(f"{metrics_dir}: DVCLive cannot read the git repository ({error}); commit first") from None
+    if params:
+        live.log_params(params)
     # Ours runs first: transformers' callback logs at live.step, then advances it.
-    return [LogPeakMemory(), LogEveryStepToDvcLive(live), DVCLiveCallback(live=live), StopOnNonFiniteLoss()]
+    return [
+        LogPeakMemory(),
+        LogThroughput(),
+        LogEveryStepToDvcLive(live),
+        DVCLiveCallback(live=live),
+        StopOnNonFiniteLoss(),
+    ]
 
 
 RUN_FILE = "run.json"
@@ -136,18 +168,22 @@ def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | Non
     resume the r=16 run. So are checkpoints cut short by a kill while saving (the Trainer writes trainer_state.json
     last), which the Trainer would otherwise fail on at every rerun.
     """
+    from stages.launch import is_main_process, wait_for_everyone
+
     folder = Path(output_dir)
     fingerprint = json.dumps(settings, sort_keys=True, default=str)
     run_file = folder / RUN_FILE
-    if folder.is_dir() and (not run_file.is_file() or run_file.read_text() != fingerprint):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(fingerprint)
+    if is_main_process():  # the other processes read the folder once it is settled
+        if folder.is_dir() and (not run_file.is_file() or run_file.read_text() != fingerprint):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(fingerprint)
+    wait_for_everyone()
     numbered = [path for path in folder.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()]
     checkpoints = sorted(numbered, key=lambda path: int(path.name.split("-")[-1]))
     complete = [path for path in checkpoints if (path / "trainer_state.json").is_file()]
     for path in checkpoints:
-        if path not in complete:
+        if path not in complete and is_main_process():
             shutil.rmtree(path)
     if not complete:
         return None
@@ -157,7 +193,11 @@ def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | Non
 
 def finish_run(output_dir: str) -> None:
     """Drop the checkpoints of a finished run: the next run must start afresh, and the adapter is saved."""
-    shutil.rmtree(output_dir, ignore_errors=True)
+    from stages.launch import is_main_process, wait_for_everyone
+
+    wait_for_everyone()
+    if is_main_process():
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) -> list[dict[str, str]]:
@@ -183,6 +223,11 @@ def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) ->
 
 def save_atomically(save, destination: str) -> None:
     """Write with `save(tmp_dir)` then rename over `destination`: a crash never leaves a half-written model."""
+    from stages.launch import is_main_process, wait_for_everyone
+
+    wait_for_everyone()  # every process has finished training
+    if not is_main_process():
+        return
     final = Path(destination)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

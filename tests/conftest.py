@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +14,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# What a tiny git + DVC copy of the project needs (tests/test_sharing.py).
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "data/raw", "data/prompts")
+DVC = [sys.executable, "-m", "dvc"]
 
 # A base model small enough to pre-train in seconds on 2 CPU cores, with the real architecture (GQA: 4 heads, 2 KV).
 TINY_ARCHITECTURE = {
@@ -60,7 +66,53 @@ def tiny_params(root: Path) -> dict:
         trainer = params[section]["trainer"]
         trainer.pop("num_train_epochs", None)  # max_steps decides
         trainer.update(TINY_FINE_TUNING)
+    # Self-rewarding: two rounds of a few prompts, answers and DPO steps each.
+    rounds = params["self_rewarding"]
+    rounds.update(prompts=6, candidates=3, max_new_tokens=12, batch_size=8, eval_prompts=4)
+    rounds["trainer"].pop("num_train_epochs", None)
+    rounds["trainer"].update(TINY_FINE_TUNING, max_steps=2, per_device_train_batch_size=3)
+    chain_rounds(params)
     return params
+
+
+def chain_rounds(params: dict) -> None:
+    """Round starts that follow params' paths: the first round from paths.sft_adapter, each next from the previous
+    round's adapter (paths.rounds/NAME), as conf/config.yaml interpolates them."""
+    start = params["paths"]["sft_adapter"]
+    for name, settings in params["self_rewarding"]["rounds"].items():
+        settings["start"] = start
+        start = str(Path(params["paths"]["rounds"]) / name)
+
+
+def run(args, cwd) -> str:
+    """Run a command in `cwd` (the stages importable from it), fail with its output tails; return its output."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd)}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    """The stages whose command `dvc repro` / `dvc exp run` ran (restored or skipped stages print no such line)."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def copy_project(root: Path) -> None:
+    """The project's files (PROJECT_FILES) copied into root."""
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+
+
+def git_dvc_init(root: Path) -> None:
+    """`git init` + `dvc init` in root, with a committer identity for the tests' commits."""
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "test"], root)
+    run([*DVC, "init", "-q"], root)
 
 
 @dataclass
@@ -76,10 +128,12 @@ class TinyProject:
         """
         params = copy.deepcopy(self.params)
         folder = self.root / name
-        for key in ("sft_adapter", "sft_metrics", "dpo_adapter", "dpo_metrics", "checkpoints"):
+        for key in ("sft_adapter", "sft_metrics", "dpo_adapter", "dpo_metrics", "checkpoints", "rounds", "round_data",
+                    "round_metrics"):
             params["paths"][key] = str(folder / key)
         if edit is not None:
             edit(params)
+        chain_rounds(params)  # the rounds start from this variant's SFT adapter, as conf/ interpolates it
         path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(params))
         return path

@@ -36,10 +36,11 @@ def closure(module: str) -> set[str]:
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_imported_project_module_is_a_dependency(name):
-    command = STAGES[name]["cmd"]
+    stage = STAGES[name].get("do", STAGES[name])  # a foreach stage: the template every instance is made from
+    command = stage["cmd"]
     assert command.startswith("python -m stages."), f"stage {name}: unexpected command {command!r}"
     entry = command.split()[2]
     needed = {module.replace(".", "/") + ".py" for module in closure(entry)}
-    listed = set(STAGES[name].get("deps", []))
+    listed = set(stage.get("deps", []))
     missing = sorted(needed - listed)
     assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them under deps"

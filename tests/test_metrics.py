@@ -181,7 +181,9 @@ def test_bertscore_description_names_the_model_and_layer_without_paths():
     assert description["hash"].startswith("all-MiniLM-L6-v2_L6_no-idf_version=")
     assert "/" not in json.dumps(description) and "site-packages" not in json.dumps(description)
     roberta = bertscore_description(BertScoreConfig("roberta-large", 17, rescale_with_baseline=True))
-    assert roberta["hash"].startswith("roberta-large_L17_no-idf_version=") and roberta["hash"].endswith("-rescaled")
+    assert roberta["hash"].startswith("roberta-large_L17_no-idf_version=")
+    assert roberta["hash"].endswith("-rescaled_fast-tokenizer")
+    assert description["dtype"] == "float32"  # auto on a CPU
 
 
 # --- rows and means -----------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chain_rounds, write_params
 
-from stages import dpo, preference_data, sft
-from conftest import write_params
+from stages import dpo, preference_data, preferences, sft
 from stages.config import load_config
 from stages.data import read_jsonl
 from stages.errors import ConfigError
@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {"prompts": 10, "candidates": 3, "max_new_tokens": 16, "batch_size": 8, "seed": 3}
 METRIC_KEYS = {
     "policy", "ranker", "prompts", "candidates", "pairs", "ties_dropped", "tie_rate", "invalid_dropped",
-    "empty_candidates", "mean_score_chosen", "mean_score_rejected", "mean_gap", "mean_response_words",
+    "empty_candidates", "mean_score", "mean_score_chosen", "mean_score_rejected", "mean_gap", "mean_response_words",
+    "judgments", "unparseable_judgments", "unparseable_rate",
 }  # fmt: skip
 
 
@@ -110,17 +111,23 @@ def test_ties_are_dropped_and_counted(generated, tmp_path, monkeypatch):
     params = yaml.safe_load(path.read_text())
     small(params, tmp_path / "ties", prompts=4)
     (tmp_path / "ties.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setattr(preference_data, "rank", lambda candidates, reference, ranker: [0.5] * len(candidates))
+    def all_equal(settings, ranker, prompts, candidates, references, seed):
+        return preferences.Ranking(scores=[[0.5] * len(answers) for answers in candidates])
+
+    monkeypatch.setattr(preferences, "rank_candidates", all_equal)
     metrics = preference_data.make_pairs(load_config(tmp_path / "ties.yaml"))
     assert (metrics["pairs"], metrics["ties_dropped"], metrics["tie_rate"]) == (0, 4, 1.0)
     assert metrics["mean_gap"] is None
     assert (tmp_path / "ties" / "pairs.jsonl").read_text() == ""
+    records = read_jsonl(tmp_path / "ties" / "candidates.jsonl")  # the tied prompts are kept for inspection
+    assert [r["outcome"] for r in records] == ["tie"] * 4 and all(len(r["candidates"]) == 3 for r in records)
 
 
 def test_the_base_policy_samples_without_the_adapter(tiny_project, tmp_path):
     params = json.loads(json.dumps(tiny_project.params))
     small(params, tmp_path / "base", policy="base", prompts=3)
     params["paths"]["sft_adapter"] = str(tmp_path / "no-adapter-here")  # must not be read
+    chain_rounds(params)  # the first self-rewarding round starts from paths.sft_adapter
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(params))
     metrics = preference_data.make_pairs(load_config(tmp_path / "base.yaml"))
     assert metrics["policy"] == "base" and metrics["prompts"] == 3
@@ -167,7 +174,7 @@ def test_dpo_with_source_generated_and_no_pairs_fails_in_one_line(tiny_project, 
 def test_repository_defaults():
     cfg = load_config(REPO / "params.yaml")
     assert cfg.dpo.source == "dataset"
-    assert (cfg.preference_data.policy, cfg.preference_data.ranker) == ("sft", "reference")
+    assert (cfg.preference_data.policy, cfg.preference_data.ranker.name) == ("sft", "reference")
     assert cfg.paths.preference_data == "data/preference_data"
 
 
@@ -175,7 +182,15 @@ def test_repository_defaults():
     "edit, message",
     [
         (lambda p: p["dpo"].update(source="hub"), r"dpo\.source: must be one of dataset, generated, got 'hub'"),
-        (lambda p: p["preference_data"].update(ranker="pairrm"), r"preference_data\.ranker: must be one of reference"),
+        (
+            lambda p: p["preference_data"]["ranker"].update(name="pairrm"),
+            r"preference_data\.ranker\.model: ranker pairrm needs a model",
+        ),
+        (
+            lambda p: p["preference_data"]["ranker"].update(name="gpt4"),
+            r"preference_data\.ranker\.name: must be one of reference, pairrm, reward_model, judge",
+        ),
+        (lambda p: p["preference_data"]["ranker"].update(judgments=0), r"preference_data\.ranker\.judgments: must"),
         (lambda p: p["preference_data"].update(policy="dpo"), r"preference_data\.policy: must be one of sft, base"),
         (lambda p: p["preference_data"].update(candidates=1), r"preference_data\.candidates: must be at least 2"),
         (lambda p: p["preference_data"].update(prompts=0), r"preference_data\.prompts: must be positive"),

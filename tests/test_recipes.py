@@ -50,7 +50,7 @@ def test_params_yaml_is_exactly_the_default_composition():
 
 def test_the_default_recipe_is_embedded_and_changes_nothing_but_the_recipe_key():
     assert compose_params() == compose_params("embedded")
-    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=True)  # ${paths.*} in rounds
     assert raw.pop("defaults") == ["_self_", {"recipe": "embedded"}]
     composed = compose_params()
     assert composed.pop("recipe") == "embedded"
@@ -70,7 +70,7 @@ def test_dvc_composes_params_with_hydra():
 def test_dry_run_builds_every_recipe(name):
     summary = dry_run(name)
     assert 0 < summary.trainable_params < summary.total_params
-    assert set(summary.trainers) == {"sft", "dpo"}
+    assert set(summary.trainers) == {"sft", "dpo", "self_rewarding"}
     if name != "embedded":
         assert summary.architecture_source.startswith("shipped")
         assert 7.2e9 < summary.total_params - summary.trainable_params < 7.3e9  # Mistral-7B: 7,241,732,096
@@ -175,11 +175,31 @@ def test_seed000_values():
     assert cfg.dpo.max_prompt_length == 512
 
 
-def test_seed001_values_and_what_is_pending():
+def test_seed001_values():
     cfg = recipe_config("seed001-instruct-lima-pairrm")
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-Instruct-v0.2"
     assert (cfg.data.sft.source, cfg.data.sft.format) == ("GAIR/lima", "lima")
-    assert "PENDING" in (CONF_DIR / "recipe" / "seed001-instruct-lima-pairrm.yaml").read_text()
+    # Step 1: 50 LIMA instructions, 5 answers each from the model itself, ranked with PairRM; DPO on those pairs
+    pref = cfg.preference_data
+    assert (pref.policy, pref.prompts, pref.candidates) == ("base", 50, 5)
+    assert (pref.ranker.name, pref.ranker.model, pref.ranker.both_orders) == ("pairrm", "llm-blender/PairRM-hf", True)
+    assert cfg.dpo.source == "generated"
+    # Bonus: self-rewarding rounds as the paper: M1 = SFT -> M2 -> M3, N = 4, self-judging with 3 verdicts averaged
+    rounds = cfg.self_rewarding
+    assert [r.start for r in rounds.rounds.values()] == [cfg.paths.sft_adapter, f"{cfg.paths.rounds}/round1"]
+    assert (rounds.reference, rounds.candidates, rounds.temperature, rounds.top_p) == ("previous", 4, 0.7, 0.9)
+    assert (rounds.ranker.name, rounds.ranker.model, rounds.ranker.judgments) == ("judge", None, 3)
+    assert "PENDING" not in (CONF_DIR / "recipe" / "seed001-instruct-lima-pairrm.yaml").read_text()
+    summary = dry_run("seed001-instruct-lima-pairrm")
+    assert any(line.startswith("preference_data.ranker: pairrm llm-blender/PairRM-hf PairRMModel") and
+               "436,111,361 params" in line for line in summary.rankers)  # fmt: skip  (DeBERTa-v3-large + head)
+    assert "self_rewarding.ranker: judge (the policy)" in summary.rankers
+
+
+def test_a_ranker_model_without_an_architecture_offline_fails_naming_the_key():
+    with pytest.raises(RecipeError, match=r"^seed001-instruct-lima-pairrm: preference_data\.ranker\.model: no "
+                                          r"architecture config for org/unknown-rm offline"):
+        dry_run("seed001-instruct-lima-pairrm", ("preference_data.ranker.model=org/unknown-rm",))
 
 
 def test_seed002_values():

@@ -378,9 +378,9 @@ def test_sft_killed_mid_run_resumes_from_its_checkpoint_and_finishes(tiny_projec
     record = RecordSteps()
     real_live_callbacks = sft.live_callbacks
 
-    def live_callbacks(metrics_dir, resume):
+    def live_callbacks(metrics_dir, resume, params=None):
         record.resume_flags.append(resume)
-        return [*real_live_callbacks(metrics_dir, resume), record.callback]
+        return [*real_live_callbacks(metrics_dir, resume, params), record.callback]
 
     monkeypatch.setattr(sft, "live_callbacks", live_callbacks)
     sft.main(str(params_path))

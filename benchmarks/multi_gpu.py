@@ -1,0 +1,271 @@
+"""Multi-GPU proof: the sft, dpo and generate stages on 1 and 2 GPUs of one machine, run as `dvc repro` runs them.
+
+    python benchmarks/multi_gpu.py            # on a machine with 2+ GPUs: Mistral-7B shape, random weights
+    python benchmarks/multi_gpu.py --tiny     # one process on a tiny model (a CPU smoke test of the flow)
+
+`python -m stages.sft PARAMS` with `distributed.processes: 1` and then `2` (the stage re-runs itself under
+`accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
+steps over the same examples (each GPU takes half of every step). From the DVCLive curves the stage writes:
+non-padding tokens/s after the first two steps (TRL's num_tokens, summed over GPUs) and the per-step losses; peak
+memory per GPU is polled from nvidia-smi. Then dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy decoding,
+whose answers must be identical. Writes OUT/multi_gpu.json and OUT/multi_gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for entry in (REPO, REPO / "benchmarks"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
+from throughput import EFFECTIVE_BATCH, benchmark_params, corpus_words, write_instruction_data  # noqa: E402
+
+
+LOGS = Path(os.environ.get("OUT") or "multi_gpu_out") / "logs"  # each stage's full output
+
+
+class GpuMemoryPoller:
+    """The largest memory.used nvidia-smi reports for each GPU while a stage runs."""
+
+    def __init__(self):
+        self.peaks: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def poll(self):
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=10,
+                ).stdout  # fmt: skip
+            except (OSError, subprocess.SubprocessError):
+                return
+            for line in out.strip().splitlines():
+                index, used = (int(part) for part in line.split(","))
+                self.peaks[index] = max(self.peaks.get(index, 0), used)
+            time.sleep(0.5)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def run_stage(args: list[str], params: dict, params_path: Path, cwd: Path, env: dict) -> dict:
+    params_path.write_text(json.dumps(params))
+    command = [sys.executable, "-m", *args, str(params_path)]
+    print(f"$ {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    with GpuMemoryPoller() as poller:
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    tail = (result.stdout + result.stderr)[-4000:]
+    LOGS.mkdir(parents=True, exist_ok=True)
+    (LOGS / f"{params_path.stem}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        print(tail, flush=True)
+        raise RuntimeError(f"{' '.join(args)} exited with {result.returncode}")
+    return {"wall_s": round(seconds, 1), "gpu_peak_mib": poller.peaks, "log_tail": tail[-800:]}
+
+
+def read_curve(folder: Path, name: str) -> list[tuple[int, float]]:
+    """(step, value) rows of a DVCLive curve."""
+    path = folder / "plots" / "metrics" / f"{name}.tsv"
+    with path.open() as handle:
+        return [(int(row["step"]), float(row[name.split("/")[-1]])) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def training_summary(metrics_dir: Path, warmup: int = 2) -> dict:
+    """Losses, and tokens/s over the steps after `warmup` from the stage's own tokens_per_second curve."""
+    losses = read_curve(metrics_dir, "loss")
+    tokens = dict(read_curve(metrics_dir, "num_tokens"))
+    rates = dict(read_curve(metrics_dir, "tokens_per_second"))
+    steps = [step for step in sorted(rates) if step > warmup]
+    seconds = sum((tokens[step] - tokens[step - 1]) / rates[step] for step in steps)
+    counted = sum(tokens[step] - tokens[step - 1] for step in steps)
+    return {
+        "steps": len(losses),
+        "losses": [round(value, 5) for _, value in losses],
+        "grad_norm_min": min(value for _, value in read_curve(metrics_dir, "grad_norm")),
+        "tokens": int(max(tokens.values())),
+        "tokens_per_s": round(counted / seconds, 1) if seconds else None,
+    }
+
+
+def read_answers(path: Path) -> list[str]:
+    return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
+
+
+def markdown(result: dict) -> str:
+    sft = result.get("sft", {})
+    lines = ["# Multi-GPU: the stages on 1 and 2 GPUs (benchmarks/multi_gpu.py)", ""]
+    v = result["versions"]
+    lines.append(f"Device: {v.get('gpu')} x {result.get('gpus')}; torch {v.get('torch')}, transformers "
+                 f"{v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, accelerate {v.get('accelerate')}, "
+                 f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
+                 f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
+    lines += ["", "| run | GPUs | non-padding tokens/s | peak memory per GPU (MiB, nvidia-smi) | steps | wall s |",
+              "| --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
+    for key, run in sft.items():
+        if isinstance(run, dict) and "tokens_per_s" in run:
+            lines.append(f"| sft | {run['gpus']} | {run['tokens_per_s']:,.0f} | {run['gpu_peak_mib']} | "
+                         f"{run['steps']} | {run['wall_s']} |")  # fmt: skip
+    if "scaling" in sft:
+        lines.append("")
+        lines.append(f"Scaling 1 -> 2 GPUs: {sft['scaling']}x. Loss trajectories (same steps, same examples): "
+                     f"largest relative difference {sft['max_relative_loss_difference']}.")  # fmt: skip
+    if "dpo" in result:
+        d = result["dpo"]
+        lines.append(f"DPO on {d['gpus']} GPUs: {d['steps']} steps, {d['tokens_per_s']:,.0f} tokens/s, losses "
+                     f"{d['losses'][0]} -> {d['losses'][-1]}, peak {d['gpu_peak_mib']} MiB.")  # fmt: skip
+    if "generate" in result:
+        g = result["generate"]
+        lines.append(f"Generation (greedy) on 1 and {g['gpus']} GPUs: {g['answers']} answers, identical: "
+                     f"{g['identical']}; wall {g['wall_s_1']} s vs {g['wall_s_n']} s.")  # fmt: skip
+    if result.get("errors"):
+        lines += ["", "Errors:", *[f"- {k}: {v}" for k, v in result["errors"].items()]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "multi_gpu_out")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not args.tiny and gpus < 2:
+        print("multi_gpu: needs 2 GPUs; use --tiny for a CPU smoke test", file=sys.stderr)
+        return 2
+    steps = args.steps or (4 if args.tiny else 24)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/multi_gpu_tiny" if args.tiny else "/tmp/multi_gpu").resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_dir = default_model_dir(args.tiny)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))  # fmt: skip
+
+    from stages import embedded
+    from stages.data import PREFERENCES_TEST, PREFERENCES_TRAIN, SFT_TEST, SFT_TRAIN, read_jsonl, write_jsonl
+    from stages.dry_run import validate_params
+    from stages.modeling import load_tokenizer
+
+    params = benchmark_params(work, model_dir, args.tiny)
+    params["embedded"].update({"sft_rows": 300, "preference_rows": 40})
+    params["sft"]["speed"] = params["dpo"]["speed"] = "fast"
+    params["evaluate"]["generation"].update({"max_new_tokens": 64, "batch_size": 64, "speed": "fast"})
+    params_path = work / "params.yaml"
+    params_path.write_text(json.dumps(params))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        embedded.main(str(params_path))
+    finally:
+        os.chdir(cwd)
+    model_info = build_random_model(TINY if args.tiny else MISTRAL_7B, Path(params["paths"]["embedded"]), model_dir, 0)
+    model_info["shape"] = "tiny" if args.tiny else "Mistral-7B-v0.1"
+    cfg = validate_params(params)
+    prepared = Path(cfg.paths.prepared)
+    write_instruction_data(prepared, corpus_words(Path(params["paths"]["embedded"])), load_tokenizer(cfg.model),
+                           sft_rows=steps * EFFECTIVE_BATCH, pairs=8 * EFFECTIVE_BATCH, seed=0,
+                           full_length_rows=0)  # fmt: skip
+    write_jsonl(prepared / SFT_TEST, read_jsonl(prepared / SFT_TRAIN)[:96])
+    write_jsonl(prepared / PREFERENCES_TEST, read_jsonl(prepared / PREFERENCES_TRAIN)[:16])
+
+    result = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "gpus": max(gpus, 1),
+              "model": model_info, "errors": {}}  # fmt: skip
+
+    def save():
+        (out / "multi_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "multi_gpu.md").write_text(markdown(result))
+
+    def variant(processes: int, name: str, **sections) -> dict:
+        changed = json.loads(json.dumps(params))
+        changed["distributed"]["processes"] = processes
+        changed["paths"]["sft_metrics"] = str(work / "metrics" / f"sft_{name}")
+        changed["paths"]["sft_adapter"] = str(work / "models" / f"sft_{name}")
+        for round_ in changed.get("self_rewarding", {}).get("rounds", {}).values():  # the chain starts at SFT
+            if round_["start"] == params["paths"]["sft_adapter"]:
+                round_["start"] = changed["paths"]["sft_adapter"]
+        changed["paths"]["generations"] = str(work / "generations" / name)
+        for key, value in sections.items():
+            section, field = key.split("__")
+            changed[section][field] = value
+        return changed
+
+    counts = [1] if args.tiny else [1, 2]
+    result["sft"] = {}
+    try:
+        for processes in counts:
+            name = f"{processes}gpu"
+            run_params = variant(processes, name, sft__trainer={**params["sft"]["trainer"], "max_steps": steps})
+            run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env)
+            run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes)
+            result["sft"][name] = run
+            print(f"[sft {name}] {json.dumps({k: run[k] for k in ('tokens_per_s', 'gpu_peak_mib', 'steps')})}",
+                  flush=True)  # fmt: skip
+            save()
+        if len(counts) == 2:
+            one, two = result["sft"]["1gpu"], result["sft"]["2gpu"]
+            result["sft"]["scaling"] = round(two["tokens_per_s"] / one["tokens_per_s"], 2)
+            pairs = list(zip(one["losses"], two["losses"]))
+            result["sft"]["max_relative_loss_difference"] = round(max(abs(a - b) / abs(a) for a, b in pairs), 5)
+    except Exception as error:
+        result["errors"]["sft"] = f"{type(error).__name__}: {error}"
+    save()
+
+    n = counts[-1]
+    try:
+        base = variant(n, f"{n}gpu")
+        base["paths"]["dpo_metrics"] = str(work / "metrics" / f"dpo_{n}gpu")
+        base["paths"]["dpo_adapter"] = str(work / "models" / f"dpo_{n}gpu")
+        base["dpo"]["trainer"] = {**params["dpo"]["trainer"], "max_steps": 6}
+        run = run_stage(["stages.dpo"], base, work / "params_dpo.yaml", work, env)
+        run.update(training_summary(Path(base["paths"]["dpo_metrics"]), warmup=1), gpus=n)
+        result["dpo"] = run
+    except Exception as error:
+        result["errors"]["dpo"] = f"{type(error).__name__}: {error}"
+    save()
+
+    try:
+        walls, answers = {}, {}
+        for processes in sorted({1, n}):
+            run_params = variant(processes, f"{n}gpu")  # the n-GPU SFT adapter, generated on 1 and n GPUs
+            run_params["paths"]["generations"] = str(work / "generations" / f"{processes}gpu")
+            run = run_stage(["stages.generate", "sft"], run_params, work / f"params_gen_{processes}.yaml", work, env)
+            walls[processes] = run["wall_s"]
+            answers[processes] = read_answers(Path(run_params["paths"]["generations"]) / "sft.jsonl")
+        result["generate"] = {"gpus": n, "answers": len(answers[1]), "identical": answers[1] == answers[n],
+                              "wall_s_1": walls[1], "wall_s_n": walls[n]}  # fmt: skip
+    except Exception as error:
+        result["errors"]["generate"] = f"{type(error).__name__}: {error}"
+    save()
+    if not args.tiny:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print(markdown(result), flush=True)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,777 @@
+"""Throughput benchmark: the project's own sft, dpo, generation and BERTScore code, seed layout vs stages.speed.
+
+    python benchmarks/throughput.py                  # on a CUDA machine: Mistral-7B shape, random weights
+    python benchmarks/throughput.py --tiny           # the same flow on a tiny model; a CPU smoke test
+
+Every configuration runs through the pipeline's code: stages.sft.build_trainer / stages.dpo.build_trainer with the
+trainer keywords stages.speed.plan makes of the seed-000 recipe (`as_written` is the seed's layout: batch 1 x
+accumulation 8, every layer checkpointed), stages.generation.load_variant + generate_answers, and
+stages.metrics.bertscore_f1. The model is a random-weight Mistral-7B-v0.1 shape (no hub here), loaded once in 4 bits
+and reused, so the benchmark measures steps rather than loading. The data are instruction-like: token lengths drawn
+log-normal (median about 250, a tail clipped at 1024), the text taken from the embedded corpus.
+
+Reported per configuration: non-padding tokens/s (TRL's own `num_tokens` count) over the steps after the first two,
+peak GPU memory (torch.cuda.max_memory_allocated), MFU against the H100's dense bf16 peak, loss and grad norms. The
+SFT seed and fast runs see the same examples in the same order at the same effective batch, so their per-step
+losses are compared (same math). Results go to OUT/throughput.json and OUT/throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for entry in (REPO, REPO / "benchmarks"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
+
+SEED_RECIPE = "seed000-mistral-dolly-dpo"
+H100_BF16_DENSE_FLOPS = 989.4e12  # the H100 SXM's published dense bf16 peak; MFU is measured against it
+MAX_LENGTH = 1024
+EFFECTIVE_BATCH = 8  # the seed recipe's 1 x 8
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def corpus_words(embedded: Path) -> list[str]:
+    from stages.base import read_corpus
+
+    texts, _ = read_corpus(embedded)
+    return " ".join(texts).split()
+
+
+def lognormal_tokens(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return int(min(high, max(low, rng.lognormvariate(math.log(median), sigma))))
+
+
+def text_of_tokens(rng: random.Random, words: list[str], tokens: int, tokens_per_word: float) -> str:
+    count = max(1, round(tokens / tokens_per_word))
+    start = rng.randrange(0, len(words) - count - 1) if len(words) > count + 1 else 0
+    return " ".join(words[start : start + count])
+
+
+def write_instruction_data(
+    folder: Path, words: list[str], tokenizer, sft_rows: int, pairs: int, seed: int, full_length_rows: int
+) -> dict:
+    """prepared/sft_train.jsonl, preferences_train.jsonl and a full-length sft_train.jsonl in folder/long/."""
+    from stages.data import PREFERENCES_TRAIN, SFT_TRAIN, write_jsonl
+
+    rng = random.Random(seed)
+    sample = " ".join(words[:2000])
+    tokens_per_word = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 2000
+
+    def sft_row(i: int, total: int) -> dict:
+        prompt_tokens = max(8, int(total * rng.uniform(0.1, 0.4)))
+        return {
+            "id": f"sft-{i}",
+            "category": "benchmark",
+            "prompt": [{"role": "user", "content": text_of_tokens(rng, words, prompt_tokens, tokens_per_word)}],
+            "completion": [
+                {"role": "assistant", "content": text_of_tokens(rng, words, total - prompt_tokens, tokens_per_word)}
+            ],
+        }
+
+    rows = [sft_row(i, lognormal_tokens(rng, 250, 0.7, 24, MAX_LENGTH)) for i in range(sft_rows)]
+    long_rows = [sft_row(i, MAX_LENGTH + 64) for i in range(full_length_rows)]  # cut to max_length by TRL
+    preference_rows = []
+    for i in range(pairs):
+        prompt = text_of_tokens(rng, words, lognormal_tokens(rng, 120, 0.6, 8, 400), tokens_per_word)
+        turn = [{"role": "user", "content": prompt}]
+        answers = [
+            text_of_tokens(rng, words, lognormal_tokens(rng, 220, 0.6, 8, 600), tokens_per_word) for _ in range(2)
+        ]
+        preference_rows.append(
+            {
+                "id": f"pair-{i}",
+                "category": "benchmark",
+                "prompt": turn,
+                "chosen": [{"role": "assistant", "content": answers[0]}],
+                "rejected": [{"role": "assistant", "content": answers[1]}],
+            }
+        )
+    write_jsonl(folder / SFT_TRAIN, rows)
+    write_jsonl(folder / PREFERENCES_TRAIN, preference_rows)
+    write_jsonl(folder / "long" / SFT_TRAIN, long_rows)
+
+    def lengths(texts):
+        return sorted(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+    sft_lengths = lengths([r["prompt"][0]["content"] + " " + r["completion"][0]["content"] for r in rows])
+    pair_lengths = lengths([r["prompt"][0]["content"] + " " + r["chosen"][0]["content"] for r in preference_rows])
+
+    def summary(values):
+        return {
+            "rows": len(values),
+            "mean": round(statistics.fmean(values), 1),
+            "p50": values[len(values) // 2],
+            "p90": values[int(len(values) * 0.9)],
+            "max": values[-1],
+        }
+
+    return {
+        "sft_tokens": summary(sft_lengths),
+        "dpo_prompt_plus_chosen_tokens": summary(pair_lengths),
+        "tokens_per_word": round(tokens_per_word, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
+    """The seed-000 recipe, with paths in the scratch folder and the random model; validated by load_config."""
+    from stages.dry_run import compose_params
+
+    params = compose_params(SEED_RECIPE)
+    params["paths"] = {key: str((REPO if key == "probe_prompts" else work) / value) for key, value in params["paths"].items()}
+    params["model"].update({"name_or_path": str(model_dir), "revision": None, "load_in_4bit": True})
+    for round_ in params.get("self_rewarding", {}).get("rounds", {}).values():  # they start from output paths
+        round_["start"] = str(work / round_["start"])
+    for section in ("sft", "dpo"):
+        trainer = params[section]["trainer"]
+        trainer.pop("num_train_epochs", None)
+        trainer.update(
+            {
+                "logging_steps": 1,
+                "save_steps": 100000,
+                "save_total_limit": 1,
+                "seed": 0,
+                "max_length": MAX_LENGTH,
+                "dataloader_num_workers": 0,
+            }
+        )
+        if tiny:
+            trainer.update({"optim": "adamw_torch", "bf16": False})
+    params["sft"]["trainer"]["lr_scheduler_type"] = "constant"  # the loss comparison must not depend on max_steps
+    params["dpo"]["trainer"]["lr_scheduler_type"] = "constant"
+    params["dpo"]["trainer"].pop("warmup_steps", None)
+    params["sft"]["trainer"].pop("warmup_steps", None)
+    return params
+
+
+def config_of(params: dict, **sections):
+    from stages.dry_run import validate_params
+
+    merged = json.loads(json.dumps(params))
+    for path, value in sections.items():
+        section, key = path.split("__")
+        merged[section][key] = value
+    return validate_params(merged)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+class CachedModel:
+    """load_model for the trainers, loading the quantized model once and handing back the bare model each time."""
+
+    def __init__(self, load_model):
+        self.load_model = load_model
+        self.model = None
+
+    def __call__(self, model_cfg, *, for_training: bool, gradient_checkpointing: bool = False):
+        if self.model is None:
+            self.model = self.load_model(model_cfg, for_training=for_training, gradient_checkpointing=True)
+        if gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.activation_checkpointing_disable()
+        return self.model
+
+    def release(self, trainer_model) -> None:
+        """Take the LoRA layers out again, so the next configuration starts from the bare model."""
+        from peft import PeftModel
+
+        if isinstance(trainer_model, PeftModel):
+            self.model = trainer_model.unload()
+        hooks = getattr(self.model, "_forward_pre_hooks", {})
+        hooks.clear()  # the per-batch checkpointing hook of stages.speed, if installed
+
+
+def step_meter():
+    from transformers import TrainerCallback
+
+    class StepMeter(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens)))
+
+    return StepMeter()
+
+
+def reset_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def flops_per_token(shape, mean_tokens: float, passes: float) -> float:
+    """Model FLOPs per token: matmuls 2N per forward pass (LoRA trains no frozen-weight gradients, so a training
+    step is 2 passes, 4N) plus causal attention 2 * layers * T * hidden per pass."""
+    matmul_params = shape.quantized_params + shape.vocab * shape.hidden
+    return passes * (2 * matmul_params + 2 * shape.layers * mean_tokens * shape.hidden)
+
+
+def train_run(
+    name: str,
+    stage: str,
+    cfg,
+    trainer_kwargs: dict,
+    speed_plan,
+    install,
+    cache: CachedModel,
+    warmup: int,
+    adapter_out: Path | None = None,
+) -> dict:
+    """Build the stage's trainer with these keywords, train, and measure."""
+    from stages import dpo, sft
+    from stages.training import trainer_args
+    from trl import DPOConfig, SFTConfig
+
+    reset_memory()
+    output_dir = str(Path(cfg.paths.checkpoints) / name)
+    config_cls = SFTConfig if stage == "sft" else DPOConfig
+    args = trainer_args(config_cls, stage, trainer_kwargs, output_dir)
+    module = sft if stage == "sft" else dpo
+    meter = step_meter()
+    started = time.perf_counter()
+    trainer = module.build_trainer(cfg, args, resume=False, speed=speed_plan, install=install)
+    build = time.perf_counter() - started  # for fast DPO this includes TRL's reference log-prob precompute
+    trainer.add_callback(meter)
+    meter.trainer = trainer
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    marks = meter.marks
+    steady = marks[warmup:] if len(marks) > warmup + 1 else marks
+    steady_tokens = steady[-1][1] - steady[0][1]
+    steady_seconds = steady[-1][0] - steady[0][0]
+    result = {
+        "name": name,
+        "stage": stage,
+        "layout": dataclasses.asdict(speed_plan) if speed_plan else None,
+        "trainer": {
+            k: trainer_kwargs.get(k)
+            for k in (
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "activation_checkpointing",
+                "padding_free",
+                "precompute_ref_log_probs",
+                "optim",
+                "bf16",
+                "max_length",
+            )
+        },
+        "steps": len(marks),
+        "tokens_total": marks[-1][1] if marks else 0,
+        "build_s": round(build, 2),
+        "train_wall_s": round(wall, 2),
+        "tokens_per_s_incl_build": round(marks[-1][1] / (wall + build), 1) if marks else None,
+        "tokens_per_s_overall": round(marks[-1][1] / wall, 1) if marks else None,
+        "tokens_per_s": round(steady_tokens / steady_seconds, 1)
+        if steady_seconds > 0
+        else round(marks[-1][1] / wall, 1),
+        "steady_steps": len(steady) - 1,
+        "peak_memory_gib": peak_gib(),
+        "losses": [round(entry["loss"], 5) for entry in history],
+        "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
+    }
+    if adapter_out is not None:
+        trainer.save_model(str(adapter_out))
+    cache.release(trainer.model)
+    del trainer
+    reset_memory()
+    print(
+        f"[{name}] {json.dumps({k: result[k] for k in ('tokens_per_s', 'peak_memory_gib', 'steps')})}",
+        flush=True,
+    )
+    return result
+
+
+def same_math(seed_run: dict, fast_run: dict, tolerance: float) -> dict:
+    steps = min(len(seed_run["losses"]), len(fast_run["losses"]))
+    pairs = list(zip(seed_run["losses"][:steps], fast_run["losses"][:steps]))
+    worst = max((abs(a - b) / abs(a) for a, b in pairs), default=None)
+    return {
+        "steps": steps,
+        "seed_losses": seed_run["losses"][:steps],
+        "fast_losses": fast_run["losses"][:steps],
+        "max_relative_difference": round(worst, 5) if worst is not None else None,
+        "tolerance": tolerance,
+        "within_tolerance": worst is not None and worst <= tolerance,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: bool, steps: dict) -> dict:
+    from stages.speed import gpu_memory_bytes, plan
+    from stages.modeling import use_4bit
+
+    results: dict = {}
+    gpu = gpu_memory_bytes()
+    cfg = config_of(cfg_params)
+    quantized = use_4bit(cfg.model)
+    # On a CPU (--tiny) there is no GPU to plan for; a notional 80 GB GPU exercises the same planning code.
+    planned_gpu = gpu if gpu is not None else 80 * 2**30
+    from stages.speed import checkpoint_as_needed, GIB
+
+    def installer(chosen):
+        def install(model):
+            if chosen.mode == "fast" and chosen.checkpointing != "off":
+                checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
+
+        return install
+
+    seed_sft = dict(cfg.sft.trainer)
+    fast_sft, fast_sft_plan = plan("sft", seed_sft, "fast", shape, planned_gpu, quantized)
+    low_sft, low_sft_plan = plan("sft", seed_sft, "low_memory", shape, planned_gpu, quantized)
+    _, seed_sft_plan = plan("sft", seed_sft, "as_written", shape, planned_gpu, quantized)
+
+    results["sft_fast"] = train_run(
+        "sft_fast",
+        "sft",
+        cfg,
+        {**fast_sft, "max_steps": steps["sft_fast"]},
+        fast_sft_plan,
+        installer(fast_sft_plan),
+        cache,
+        warmup=2,
+        adapter_out=work / "adapter_fast",
+    )
+    results["sft_seed"] = train_run(
+        "sft_seed", "sft", cfg, {**seed_sft, "max_steps": steps["sft_seed"]}, seed_sft_plan, None, cache, warmup=1
+    )
+    long_cfg = dataclasses.replace(
+        cfg, paths=dataclasses.replace(cfg.paths, prepared=str(Path(cfg.paths.prepared) / "long"))
+    )
+    results["sft_low_memory"] = train_run(
+        "sft_low_memory",
+        "sft",
+        long_cfg,
+        {**low_sft, "max_steps": steps["sft_low"]},
+        low_sft_plan,
+        None,
+        cache,
+        warmup=0,
+    )
+    results["same_math"] = same_math(results["sft_seed"], results["sft_fast"], tolerance=0.02)
+
+    dpo_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(work / "adapter_fast")))
+    seed_dpo = dict(cfg.dpo.trainer)
+    fast_dpo, fast_dpo_plan = plan("dpo", seed_dpo, "fast", shape, planned_gpu, quantized)
+    _, seed_dpo_plan = plan("dpo", seed_dpo, "as_written", shape, planned_gpu, quantized)
+    results["dpo_fast"] = train_run(
+        "dpo_fast",
+        "dpo",
+        dpo_cfg,
+        {**fast_dpo, "max_steps": steps["dpo_fast"]},
+        fast_dpo_plan,
+        installer(fast_dpo_plan),
+        cache,
+        warmup=2,
+    )
+    results["dpo_seed"] = train_run(
+        "dpo_seed", "dpo", dpo_cfg, {**seed_dpo, "max_steps": steps["dpo_seed"]}, seed_dpo_plan, None, cache, warmup=1
+    )
+    return results
+
+
+def run_variants(cfg_params: dict, work: Path, cache: CachedModel, shape, steps: int) -> dict:
+    """The fast SFT layout with one thing changed at a time, the first one under the torch profiler."""
+
+    from stages.modeling import use_4bit
+    from stages.speed import GIB, checkpoint_as_needed, gpu_memory_bytes, plan
+
+    results = {}
+    variants = [
+        ("sdpa", {}, None),
+        ("sdpa_profiled", {}, "profile"),
+        ("flex_attention", {}, "flex_attention"),
+        ("eager_attention", {}, "eager"),
+        ("lora_qkvo", {"lora__target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, None),
+        ("lora_no_dropout", {"lora__dropout": 0.0}, None),
+    ]
+    for name, overrides, special in variants:
+        lora = dict(cfg_params["lora"])
+        for key, value in overrides.items():
+            lora[key.split("__")[1]] = value
+        cfg = config_of(cfg_params, **{"lora__" + k: v for k, v in lora.items()})
+        fast, chosen = plan(
+            "sft", dict(cfg.sft.trainer), "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model)
+        )
+
+        def install(model, chosen=chosen):
+            if chosen.checkpointing != "off":
+                checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
+
+        if cache.model is None:
+            cache(cfg.model, for_training=True, gradient_checkpointing=True)
+        implementation = special if special in ("flex_attention", "eager") else "sdpa"
+        cache.model.set_attn_implementation(implementation)
+        try:
+            if special == "profile":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run = train_run(
+                        f"variant_{name}", "sft", cfg, {**fast, "max_steps": 4}, chosen, install, cache, warmup=1
+                    )
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+                (work / "profile.txt").write_text(table)
+                print(table, flush=True)
+            else:
+                run = train_run(
+                    f"variant_{name}", "sft", cfg, {**fast, "max_steps": steps}, chosen, install, cache, warmup=2
+                )
+            results[name] = {k: run[k] for k in ("tokens_per_s", "peak_memory_gib", "losses")}
+        except Exception as error:
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            cache.model = None
+            reset_memory()
+        finally:
+            if cache.model is not None:
+                cache.model.set_attn_implementation("sdpa")
+    return results
+
+
+def run_generation(cfg_params: dict, work: Path, prompts: int, tiny: bool) -> dict:
+    import torch
+
+    from stages.data import SFT_TRAIN, read_jsonl
+    from stages.generation import generate_answers, load_variant, render_prompt
+
+    results = {}
+    rows = read_jsonl(Path(cfg_params["paths"]["prepared"]) / SFT_TRAIN)
+    adapter = str(work / "adapter_fast")
+    for name, speed, batch, count in (
+        ("generate_fast", "fast", 512, prompts),
+        ("generate_seed", "as_written", 32, 64),
+    ):
+        cfg = config_of(cfg_params, evaluate__generation={"max_new_tokens": 128, "batch_size": batch, "speed": speed})
+        reset_memory()
+        started = time.perf_counter()
+        model, tokenizer = load_variant(cfg.model, adapter, cfg.evaluate.generation.speed)
+        load_s = time.perf_counter() - started
+        texts = [render_prompt(tokenizer, rows[i % len(rows)]["prompt"]) for i in range(count)]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        answers = generate_answers(model, tokenizer, texts, cfg.evaluate.generation)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        new_tokens = sum(answer["new_tokens"] for answer in answers)
+        results[name] = {
+            "speed": speed,
+            "prompts": len(texts),
+            "batch_size": batch,
+            "max_new_tokens": 128,
+            "load_s": round(load_s, 1),
+            "generate_s": round(seconds, 2),
+            "new_tokens": new_tokens,
+            "new_tokens_per_s": round(new_tokens / seconds, 1),
+            "peak_memory_gib": peak_gib(),
+            "weights": type(model).__name__,
+        }
+        print(f"[{name}] {json.dumps(results[name])}", flush=True)
+        del model
+        reset_memory()
+    return results
+
+
+def random_roberta_large(folder: Path, tokenizer_source: Path, tiny: bool) -> Path:
+    """roberta-large's shape with random weights, and a word-piece-free tokenizer that BERTScore can use."""
+    import torch
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.add_special_tokens({"cls_token": "<cls>", "sep_token": "<sep>", "mask_token": "<mask>"})
+    shape = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    if tiny:
+        shape = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
+    config = RobertaConfig(
+        vocab_size=max(50265, len(tokenizer)),
+        max_position_embeddings=514,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+    torch.manual_seed(0)
+    model = RobertaModel(config)
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_bertscore(work: Path, model_dir: Path, words: list[str], pairs: int, tiny: bool) -> dict:
+    from stages.config import BertScoreConfig
+    from stages.metrics import bertscore_f1
+
+    folder = random_roberta_large(work / "roberta-large-random", model_dir, tiny)
+    rng = random.Random(1)
+    predictions = [text_of_tokens(rng, words, lognormal_tokens(rng, 60, 0.5, 5, 250), 1.0) for _ in range(pairs)]
+    references = [text_of_tokens(rng, words, lognormal_tokens(rng, 60, 0.5, 5, 250), 1.0) for _ in range(pairs)]
+    results = {}
+    scores = {}
+    for name, dtype in (("bertscore_fp32", "float32"), ("bertscore_fast", "auto")):
+        settings = BertScoreConfig(model=str(folder), num_layers=4 if tiny else 17, batch_size=256, dtype=dtype)
+        bertscore_f1(predictions[:64], references[:64], settings)  # load and warm up
+        started = time.perf_counter()
+        scores[name] = bertscore_f1(predictions, references, settings)
+        seconds = time.perf_counter() - started
+        results[name] = {
+            "pairs": pairs,
+            "seconds": round(seconds, 2),
+            "pairs_per_s": round(pairs / seconds, 1),
+            "dtype": dtype,
+            "layers": settings.num_layers,
+        }
+        print(f"[{name}] {json.dumps(results[name])}", flush=True)
+    results["max_abs_difference_fast_vs_fp32"] = round(
+        max(abs(a - b) for a, b in zip(scores["bertscore_fp32"], scores["bertscore_fast"])), 6
+    )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Throughput: seed layout vs `speed: fast` (benchmarks/throughput.py)",
+        "",
+        f"Device: {result['versions'].get('gpu')} ({result['versions'].get('gpu_memory_gib')} GiB); "
+        f"{', '.join(f'{k} {v}' for k, v in result['versions'].items() if k not in ('gpu', 'gpu_memory_gib'))}.",
+        f"Date: {result['date']}. Model: {result['model']['shape']} shape, random weights, "
+        f"{result['model']['parameters']:,} parameters, 4-bit NF4 for training. Recipe: {SEED_RECIPE} "
+        f"(LoRA r{result['lora']['r']} on {', '.join(result['lora']['target_modules'])}).",
+        "",
+        "| configuration | layout | tokens/s, non-padding (incl. trainer setup) | MFU | peak GiB | steps "
+        "| loss first → last |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for key in ("sft_seed", "sft_fast", "sft_low_memory", "dpo_seed", "dpo_fast"):
+        run = result.get("training", {}).get(key)
+        if not run:
+            continue
+        t = run["trainer"]
+        layout = (
+            f"{t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']}, "
+            f"{'padding-free' if t.get('padding_free') else 'padded'}, checkpointing "
+            f"{run['layout']['checkpointing'] if run['layout'] else t['activation_checkpointing']}"
+            + (", ref log-probs precomputed" if t.get("precompute_ref_log_probs") else "")
+        )
+        losses = run["losses"]
+        lines.append(
+            f"| {key} | {layout} | {run['tokens_per_s']:,.0f} ({run['tokens_per_s_incl_build']:,.0f} incl. "
+            f"setup) | {run.get('mfu', 0):.1%} | "
+            f"{run['peak_memory_gib']} | {run['steps']} | {losses[0]:.3f} → {losses[-1]:.3f} |"
+        )
+    lines.append("")
+    speedups = result.get("speedups", {})
+    if speedups:
+        lines.append("Speed-ups in the same run: " + ", ".join(f"{k} {v}x" for k, v in speedups.items()) + ".")
+    same = result.get("training", {}).get("same_math")
+    if same:
+        lines.append(
+            f"Same math (SFT seed vs fast, first {same['steps']} optimizer steps, same examples): largest "
+            f"relative loss difference {same['max_relative_difference']} (tolerance {same['tolerance']})."
+        )
+    generation = result.get("generation", {})
+    for key, run in generation.items():
+        lines.append(
+            f"- {key}: {run['new_tokens_per_s']:,.0f} new tokens/s ({run['weights']}, {run['prompts']} "
+            f"prompts, batch {run['batch_size']}, {run['max_new_tokens']} new tokens max, peak "
+            f"{run['peak_memory_gib']} GiB)"
+        )
+    bert = result.get("bertscore", {})
+    for key in ("bertscore_fp32", "bertscore_fast"):
+        if key in bert:
+            lines.append(
+                f"- {key}: {bert[key]['pairs_per_s']:,.0f} pairs/s ({bert[key]['pairs']} pairs, "
+                f"{bert[key]['dtype']}, layer {bert[key]['layers']})"
+            )
+    if "max_abs_difference_fast_vs_fp32" in bert:
+        lines.append(f"- BERTScore fast vs fp32: largest difference {bert['max_abs_difference_fast_vs_fp32']}")
+    if result.get("errors"):
+        lines += ["", "Errors:", *[f"- {k}: {v}" for k, v in result["errors"].items()]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "throughput_out")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--sections", default="training,generation,bertscore")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        print("throughput: no CUDA device; use --tiny for a CPU smoke test", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or ("/tmp/throughput_tiny" if args.tiny else "/tmp/throughput")).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    model_dir = Path(args.model_dir) if args.model_dir else default_model_dir(args.tiny)
+
+    from stages import dpo, embedded, sft
+    from stages.modeling import load_model, load_tokenizer
+    from stages.speed import attention_for_varying_shapes, model_shape
+
+    params = benchmark_params(work, model_dir, args.tiny)
+    params["embedded"].update({"sft_rows": 300, "preference_rows": 40})
+    params_path = work / "params.yaml"
+    work.mkdir(parents=True)
+    params_path.write_text(json.dumps(params))
+    cwd = os.getcwd()
+    os.chdir(work)  # DVCLive and the trainers write relative to here; every configured path is absolute anyway
+    try:
+        embedded.main(str(params_path))
+        started = time.perf_counter()
+        model_info = build_random_model(
+            TINY if args.tiny else MISTRAL_7B, Path(params["paths"]["embedded"]), model_dir, seed=0
+        )
+        model_info["shape"] = "tiny" if args.tiny else "Mistral-7B-v0.1"
+        model_info["build_s"] = round(time.perf_counter() - started, 1)
+        cfg = config_of(params)
+        tokenizer = load_tokenizer(cfg.model)
+        words = corpus_words(Path(params["paths"]["embedded"]))
+        steps = (
+            {"sft_fast": 6, "sft_seed": 3, "sft_low": 1, "dpo_fast": 3, "dpo_seed": 2}
+            if args.tiny
+            else {"sft_fast": 24, "sft_seed": 6, "sft_low": 2, "dpo_fast": 12, "dpo_seed": 3}
+        )
+        data = write_instruction_data(
+            Path(params["paths"]["prepared"]),
+            words,
+            tokenizer,
+            sft_rows=steps["sft_fast"] * EFFECTIVE_BATCH,
+            pairs=steps["dpo_fast"] * EFFECTIVE_BATCH,
+            seed=0,
+            full_length_rows=steps["sft_low"] * EFFECTIVE_BATCH,
+        )
+        shape = model_shape(cfg.model)
+        attention_for_varying_shapes()  # as stages.speed.layout does in every training stage
+        result = {
+            "what": "stages.sft / stages.dpo / stages.generation / stages.metrics on a random-weight model: the seed "
+            "recipe's layout vs stages.speed's fast and low-memory layouts, in one process",
+            "date": time.strftime("%Y-%m-%d"),
+            "versions": versions(),
+            "model": model_info,
+            "shape": dataclasses.asdict(shape),
+            "lora": dataclasses.asdict(cfg.lora),
+            "data": data,
+            "errors": {},
+        }
+
+        def save():
+            (out / "throughput.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            (out / "throughput.md").write_text(markdown(result), encoding="utf-8")
+
+        sections = args.sections.split(",")
+        if "training" in sections:
+            cache = CachedModel(load_model)
+            sft.load_model = dpo.load_model = cache  # the stages' own trainers, minus reloading 7B weights
+            try:
+                result["training"] = run_training(params, work, cache, shape, args.tiny, steps)
+            except Exception as error:  # keep what was measured; report the rest
+                traceback.print_exc()
+                result["errors"]["training"] = f"{type(error).__name__}: {error}"
+            finally:
+                sft.load_model = dpo.load_model = load_model
+                cache.model = None
+                reset_memory()
+            training = result.get("training", {})
+            for key, run in training.items():
+                if key.startswith(("sft", "dpo")) and run.get("tokens_per_s"):
+                    mean_tokens = (
+                        data["sft_tokens"]["mean"]
+                        if key.startswith("sft")
+                        else data["dpo_prompt_plus_chosen_tokens"]["mean"]
+                    )
+                    passes = 2 if key.startswith("sft") else 3  # DPO: policy forward + backward, reference forward
+                    run["mfu"] = round(
+                        run["tokens_per_s"] * flops_per_token(shape, mean_tokens, passes) / H100_BF16_DENSE_FLOPS, 4
+                    )
+            result["speedups"] = {
+                stage: round(training[f"{stage}_fast"]["tokens_per_s"] / training[f"{stage}_seed"]["tokens_per_s"], 2)
+                for stage in ("sft", "dpo")
+                if training.get(f"{stage}_fast", {}).get("tokens_per_s")
+                and training.get(f"{stage}_seed", {}).get("tokens_per_s")
+            }
+            save()
+        if "variants" in sections:
+            cache = CachedModel(load_model)
+            sft.load_model = cache
+            try:
+                result["variants"] = run_variants(params, work, cache, shape, steps["sft_fast"] // 2)
+            finally:
+                sft.load_model = load_model
+                cache.model = None
+                reset_memory()
+            print(json.dumps(result["variants"], indent=1), flush=True)
+            save()
+        if "generation" in sections:
+            try:
+                result["generation"] = run_generation(params, work, prompts=64 if args.tiny else 2048, tiny=args.tiny)
+            except Exception as error:
+                traceback.print_exc()
+                result["errors"]["generation"] = f"{type(error).__name__}: {error}"
+            save()
+        if "bertscore" in sections:
+            try:
+                result["bertscore"] = run_bertscore(
+                    work, model_dir, words, pairs=256 if args.tiny else 4096, tiny=args.tiny
+                )
+            except Exception as error:
+                traceback.print_exc()
+                result["errors"]["bertscore"] = f"{type(error).__name__}: {error}"
+            save()
+    finally:
+        os.chdir(cwd)
+    print(markdown(result), flush=True)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""How sft and dpo use the GPU: the same training run as params describe, laid out to be fast within its memory.
+
+The recipes write the seeds' layout: batch 1 with gradient accumulation and activation checkpointing, which keeps a
+7B QLoRA run under 6 GiB but leaves an 80 GB GPU mostly idle. `speed: fast` keeps every example, optimizer step
+and loss normalisation of that run and changes only the layout:
+
+- one real batch of (per-device batch x accumulation) examples instead of accumulated micro-batches (transformers
+  normalises the loss by the tokens of the whole optimizer step either way, so the gradients are the same);
+- SFT batches are padding-free: examples are laid end to end with restarting position ids, which transformers turns
+  into a block-diagonal causal mask, so no example attends to another and no compute goes to padding;
+- activation checkpointing only for the layers and batches that need it: before each forward pass the batch's
+  token count decides how many decoder layers recompute their activations, so short batches run at full speed and
+  the longest possible batch still fits.
+
+`speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
+(the default) is fast on a GPU and as written on a CPU. The memory model below is calibrated on the H100 benchmark
+(benchmarks/throughput.py, benchmarks/results/throughput.json).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from stages.errors import ConfigError
+
+GIB = 2**30
+# Bytes of saved activations per token per decoder layer, per unit of (hidden + intermediate) size, for a LoRA
+# layer in bf16 without checkpointing (attention inputs/outputs, MLP intermediates, dropout copies, norms in fp32).
+ACTIVATION_BYTES = 20.0
+# With checkpointing a layer keeps only its input (bf16) until its recompute.
+CHECKPOINT_BYTES = 2.0
+# Logits and their gradient in float32, per token and vocabulary entry.
+LOGIT_BYTES = 8.0
+# NF4 weights with double-quantised absmax, per parameter.
+NF4_BYTES = 0.53
+# Share of the GPU the plan may fill; the rest is the CUDA context, the allocator's slack and the optimizer states.
+USABLE_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know about a causal LM."""
+
+    quantized_params: int  # the decoder's linear weights (4-bit under QLoRA)
+    other_params: int  # embeddings, head, norms: kept in float32 by prepare_model_for_kbit_training
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+def model_shape(model_cfg) -> ModelShape:
+    """The shape of the configured model, counted on the meta device (no weights are read)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    head = model.get_output_embeddings()
+    linear = sum(
+        module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    )
+    total = sum(parameter.numel() for parameter in model.parameters())
+    text = config.get_text_config()
+    return ModelShape(
+        quantized_params=linear,
+        other_params=total - linear,
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        vocab=text.vocab_size,
+    )
+
+
+def static_bytes(shape: ModelShape, quantized: bool) -> float:
+    """Weights on the GPU before the first batch."""
+    return shape.quantized_params * (NF4_BYTES if quantized else 2.0) + shape.other_params * 4.0
+
+
+def layer_bytes_per_token(shape: ModelShape) -> float:
+    return ACTIVATION_BYTES * (shape.hidden + shape.intermediate)
+
+
+def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int) -> float:
+    """Activation memory of one forward/backward pass over `tokens` tokens with the first layers checkpointed.
+
+    The first layers are the last to run backward: by the time one of them recomputes its activations, those of all
+    later layers are freed. So the peak holds the unchecked layers' activations (or one recomputed layer's, if more)
+    plus the checkpointed layers' inputs.
+    """
+    unchecked = shape.layers - checkpointed_layers
+    full_layers = max(unchecked, 1 if checkpointed_layers else 0)
+    per_token = (
+        full_layers * layer_bytes_per_token(shape)
+        + checkpointed_layers * CHECKPOINT_BYTES * shape.hidden
+        + LOGIT_BYTES * shape.vocab
+    )
+    return tokens * per_token
+
+
+def layers_to_checkpoint(shape: ModelShape, tokens: int, budget: float) -> int | None:
+    """The fewest decoder layers to checkpoint so a `tokens`-token batch fits in `budget` bytes; None if none do."""
+    for checkpointed in range(shape.layers + 1):
+        if batch_bytes(shape, tokens, checkpointed) <= budget:
+            return checkpointed
+    return None
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The resolved layout: recorded in the stage's DVCLive params and printed."""
+
+    requested: str
+    mode: str  # fast | low_memory | as_written
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    padding_free: bool
+    checkpointing: str  # "off", "all layers", or "as memory needs (up to N tokens without)"
+    max_tokens_per_batch: int  # the longest batch the layout can meet (tokens incl. padding)
+    tokens_without_checkpointing: int | None  # batches up to this many tokens run with no layer checkpointed
+    memory_budget_gib: float | None
+    reason: str
+
+
+def _divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan(
+    stage: str,
+    trainer: dict[str, Any],
+    requested: str,
+    shape: ModelShape | None,
+    gpu_bytes: int | None,
+    quantized: bool,
+    world: int = 1,
+) -> tuple[dict[str, Any], SpeedPlan]:
+    """The trainer keywords for `requested` speed, and the plan that explains them.
+
+    stage is "sft" (padding-free batches of single sequences) or "dpo" (padded batches of chosen + rejected pairs,
+    TRL 1.16 having no padding-free DPO). Without a GPU, or with `as_written`, the keywords are returned unchanged,
+    except that with `world` processes each one takes its share of every optimizer step.
+    """
+    per_device = int(trainer.get("per_device_train_batch_size", 8))
+    accumulation = int(trainer.get("gradient_accumulation_steps", 1))
+    if (per_device * accumulation) % world:
+        raise ConfigError(
+            f"{stage}.trainer: per_device_train_batch_size x gradient_accumulation_steps = "
+            f"{per_device * accumulation} "
+            f"examples per optimizer step cannot be split evenly across distributed.processes = {world}"
+        )
+    effective = per_device * accumulation // world  # examples per optimizer step on each GPU
+    max_length = int(trainer.get("max_length") or 1024)
+    sequences = 2 if stage == "dpo" else 1
+    written = dict(trainer)
+    if world > 1:  # the same optimizer step, split across the GPUs
+        written.setdefault("ddp_find_unused_parameters", False)  # LoRA: the frozen weights have no gradients
+        if effective % per_device:
+            per_device = math.gcd(per_device, effective)
+        accumulation = effective // per_device
+        written.update(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation)
+
+    def unchanged(reason: str) -> tuple[dict[str, Any], SpeedPlan]:
+        checkpointing = "all layers" if trainer.get("activation_checkpointing") else "off"
+        return written, SpeedPlan(
+            requested,
+            "as_written",
+            per_device,
+            accumulation,
+            bool(trainer.get("padding_free", False)),
+            checkpointing,
+            per_device * sequences * max_length,
+            None,
+            None,
+            reason,
+        )
+
+    if requested == "as_written":
+        return unchanged("speed: as_written")
+    if gpu_bytes is None or shape is None:
+        return unchanged("no CUDA device: the trainer settings run as written")
+
+    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized)
+    budget_gib = round(budget / GIB, 2)
+    low_memory = {
+        **written,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": effective,
+        "activation_checkpointing": True,
+    }
+    low_plan = SpeedPlan(
+        requested,
+        "low_memory",
+        1,
+        effective,
+        False,
+        "all layers",
+        sequences * max_length,
+        0,
+        budget_gib,
+        "",
+    )
+    if requested == "low_memory":
+        return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": "speed: low_memory"})
+
+    # fast: the largest real batch whose longest possible form fits once enough layers are checkpointed.
+    for batch in _divisors_descending(effective):
+        worst = batch * sequences * max_length
+        if layers_to_checkpoint(shape, worst, budget) is None:
+            continue
+        free_tokens = 0
+        while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0) <= budget:
+            free_tokens += 64
+        kwargs = {
+            **written,
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": effective // batch,
+            "activation_checkpointing": free_tokens < worst,
+        }
+        if stage == "sft":
+            kwargs["padding_free"] = True
+        else:
+            # The reference log-probs in one no-grad pass before training, instead of a reference forward per step.
+            # Not across several processes: TRL 1.16 shares rank 0's cache file path of an in-memory dataset, which
+            # the other ranks cannot open (measured on 2 GPUs, benchmarks/results/multi_gpu.md).
+            kwargs["precompute_ref_log_probs"] = world == 1
+        checkpointing = "off" if free_tokens >= worst else f"as memory needs (up to {free_tokens} tokens without)"
+        return kwargs, SpeedPlan(
+            requested,
+            "fast",
+            batch,
+            effective // batch,
+            stage == "sft",
+            checkpointing,
+            worst,
+            min(free_tokens, worst),
+            budget_gib,
+            f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
+            f"(= the configured {per_device} x {accumulation})",
+        )
+    reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
+    return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
+
+
+def checkpoint_as_needed(model, shape: ModelShape, budget: float) -> None:
+    """Before each training forward pass, checkpoint only as many decoder layers as the batch's size requires.
+
+    Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
+    per-layer flags, so a short batch recomputes nothing.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if not layers:
+        return
+    cache: dict[int, int] = {}
+
+    def choose(module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        if ids is None or not module.training:
+            return None
+        tokens = int(ids.numel())
+        bucket = math.ceil(tokens / 256) * 256
+        if bucket not in cache:
+            needed = layers_to_checkpoint(shape, bucket, budget)
+            cache[bucket] = len(layers) if needed is None else min(needed, len(layers))
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < cache[bucket]
+        return None
+
+    model.register_forward_pre_hook(choose, with_kwargs=True)
+
+
+def gpu_memory_bytes() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def attention_for_varying_shapes() -> None:
+    """Keep scaled-dot-product attention off cuDNN for training runs.
+
+    cuDNN's attention builds an execution plan for each new input shape, and padding-free or padded batches of
+    instruction data have a new shape at nearly every step: on an H200 that halved the fast layout's throughput
+    (benchmarks/results/throughput.json, variants). PyTorch's flash and memory-efficient kernels need no plans.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
+    """(trainer keywords, plan, install) for a stage; `install(model)` adds the per-batch checkpointing hook.
+
+    Prints the plan: which layout runs, and why, belongs in the log of every run.
+    """
+    from stages.launch import world_size
+    from stages.modeling import use_4bit
+
+    attention_for_varying_shapes()
+    gpu = gpu_memory_bytes()
+    shape = model_shape(model_cfg) if gpu is not None and requested != "as_written" else None
+    kwargs, chosen = plan(stage, trainer, requested, shape, gpu, use_4bit(model_cfg), world=world_size())
+    print(
+        f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
+        f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
+        f"checkpointing {chosen.checkpointing}"
+    )
+
+    def install(model) -> None:
+        if chosen.mode == "fast" and chosen.checkpointing != "off":
+            checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
+
+    return kwargs, chosen, install
+
+
+def speed_record(chosen: SpeedPlan | None) -> dict[str, Any] | None:
+    """The plan as the run's DVCLive params (metrics/STAGE/params.yaml), so `dvc exp show` shows what ran."""
+    return None if chosen is None else {"speed": asdict(chosen)}

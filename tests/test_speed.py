@@ -1,0 +1,267 @@
+"""stages.speed: the fast layout is the same training run, laid out differently, and fits the GPU it is planned for.
+
+The loss-trajectory test runs the real sft stage twice on the tiny project: the seed layout (batch 1 x accumulation
+4) and the fast layout (one padding-free batch of 4). Same examples, same order, same normalisation: the per-step
+losses must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pytest
+import torch
+import yaml
+
+import subprocess
+from pathlib import Path
+
+from stages import sft
+from stages.config import DistributedConfig, load_config
+from stages.errors import ConfigError
+from stages.launch import launch_command, relaunch
+from stages.speed import (
+    GIB,
+    ModelShape,
+    batch_bytes,
+    checkpoint_as_needed,
+    layers_to_checkpoint,
+    model_shape,
+    plan,
+    speed_record,
+    static_bytes,
+)
+from stages.training import trainer_args
+
+# Mistral-7B-v0.1 as stages.speed.model_shape counts it (checked against the shipped architecture below).
+MISTRAL_7B = ModelShape(
+    quantized_params=6_979_321_856, other_params=262_410_240, layers=32, hidden=4096, intermediate=14336, vocab=32000
+)
+SEED = {
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 8,
+    "activation_checkpointing": True,
+    "max_length": 1024,
+    "optim": "paged_adamw_8bit",
+    "bf16": True,
+}
+
+
+def test_model_shape_counts_mistral_7b_on_the_meta_device(tmp_path):
+    from stages.config import ModelConfig
+    from stages.dry_run import architecture_file
+
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    (folder / "config.json").write_text(architecture_file("mistralai/Mistral-7B-v0.1").read_text())
+    shape = model_shape(ModelConfig(name_or_path=str(folder)))
+    assert shape == MISTRAL_7B
+    assert shape.quantized_params + shape.other_params == 7_241_732_096
+
+
+def test_fast_on_an_80_gb_gpu_is_one_real_batch_of_the_same_examples():
+    kwargs, chosen = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
+    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (8, 1)
+    assert kwargs["padding_free"] is True
+    assert {k: kwargs[k] for k in ("optim", "bf16", "max_length")} == {
+        k: SEED[k] for k in ("optim", "bf16", "max_length")
+    }
+    assert chosen.mode == "fast" and chosen.max_tokens_per_batch == 8 * 1024
+    # The worst batch (8 full-length rows) needs some layers checkpointed; typical batches need none.
+    assert kwargs["activation_checkpointing"] is True
+    assert 1024 < chosen.tokens_without_checkpointing < 8 * 1024
+    assert chosen.checkpointing.startswith("as memory needs")
+
+
+def test_fast_dpo_batches_pairs_and_stays_padded():
+    dpo_seed = {**SEED, "max_length": 1024}
+    kwargs, chosen = plan("dpo", dpo_seed, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
+    assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 8
+    assert "padding_free" not in kwargs and chosen.padding_free is False
+    assert chosen.max_tokens_per_batch == kwargs["per_device_train_batch_size"] * 2 * 1024
+
+
+def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_a_tiny_one_gets_low_memory():
+    _, on_80 = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
+    kwargs, on_24 = plan("sft", SEED, "fast", MISTRAL_7B, 24 * GIB, quantized=True)
+    assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 8
+    assert on_24.mode == "fast" and on_24.tokens_without_checkpointing < on_80.tokens_without_checkpointing
+    kwargs, on_8 = plan("sft", SEED, "fast", MISTRAL_7B, 8 * GIB, quantized=True)
+    assert kwargs["per_device_train_batch_size"] < 8 and on_8.mode == "fast"
+    kwargs, chosen = plan("sft", SEED, "auto", MISTRAL_7B, 5 * GIB, quantized=True)
+    assert chosen.mode == "low_memory" and "too small" in chosen.reason
+    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (1, 8)
+
+
+def test_low_memory_is_batch_1_with_every_layer_checkpointed():
+    fast_like = {
+        **SEED,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "activation_checkpointing": False,
+    }
+    kwargs, chosen = plan("sft", fast_like, "low_memory", MISTRAL_7B, 80 * GIB, quantized=True)
+    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (1, 8)
+    assert kwargs["activation_checkpointing"] is True and chosen.checkpointing == "all layers"
+
+
+@pytest.mark.parametrize("requested, gpu", [("as_written", 80 * GIB), ("auto", None), ("fast", None)])
+def test_as_written_and_cpu_runs_keep_the_trainer_settings(requested, gpu):
+    kwargs, chosen = plan("sft", SEED, requested, MISTRAL_7B if gpu else None, gpu, quantized=True)
+    assert kwargs == SEED and chosen.mode == "as_written"
+    assert speed_record(chosen)["speed"]["mode"] == "as_written"
+
+
+def test_memory_model_checkpoints_more_layers_for_longer_batches_and_never_exceeds_the_budget():
+    budget = 80 * GIB * 0.85 - static_bytes(MISTRAL_7B, quantized=True)
+    counts = [layers_to_checkpoint(MISTRAL_7B, tokens, budget) for tokens in (1024, 4096, 8192, 16384)]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] > 0
+    for tokens, layers in zip((1024, 4096, 8192, 16384), counts):
+        assert batch_bytes(MISTRAL_7B, tokens, layers) <= budget
+        if layers:
+            assert batch_bytes(MISTRAL_7B, tokens, layers - 1) > budget
+    assert layers_to_checkpoint(MISTRAL_7B, 10**7, budget) is None
+
+
+def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
+    from stages.modeling import load_model
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cfg = load_config(tiny_project.params_path)
+    model = load_model(cfg.model, for_training=True, gradient_checkpointing=True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    shape = model_shape(cfg.model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    budget = batch_bytes(shape, 512, 1)  # 512 tokens fit with one layer checkpointed
+    needed = layers_to_checkpoint(shape, 512, budget)
+    assert needed == 1 and len(layers) == 2
+    checkpoint_as_needed(model, shape, budget)
+    model.train()
+    model(input_ids=torch.ones(1, 512, dtype=torch.long))
+    assert [layer.gradient_checkpointing for layer in layers] == [i < needed for i in range(len(layers))]
+    model(input_ids=torch.ones(2, 100, dtype=torch.long))  # 200 tokens: nothing to checkpoint
+    assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_path, monkeypatch):
+    """Same examples per optimizer step, same order, same token-level normalisation: the same run."""
+    from trl import SFTConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tiny_project.params_path)
+    # No LoRA dropout: its random masks depend on the batch layout, and this test compares exact arithmetic.
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    seed = {
+        **cfg.sft.trainer,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 4,
+        "max_steps": 3,
+        "save_steps": 1000,
+        "activation_checkpointing": False,
+    }
+    fast, chosen = plan("sft", seed, "fast", model_shape(cfg.model), 80 * GIB, quantized=False)
+    assert (fast["per_device_train_batch_size"], fast["gradient_accumulation_steps"], fast["padding_free"]) == (
+        4,
+        1,
+        True,
+    )
+
+    def losses(name, kwargs):
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
+        args = trainer_args(SFTConfig, "sft", kwargs, str(tmp_path / f"{name}-checkpoints"))
+        trainer = sft.build_trainer(run_cfg, args, resume=False, speed=chosen)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    seed_losses, fast_losses = losses("seed", seed), losses("fast", fast)
+    assert len(seed_losses) == len(fast_losses) == 3
+    assert fast_losses == pytest.approx(seed_losses, rel=1e-4)
+    recorded = yaml.safe_load((tmp_path / "fast" / "params.yaml").read_text())
+    assert recorded["speed"]["mode"] == "fast" and recorded["padding_free"] is True
+
+
+# --- several GPUs -------------------------------------------------------------------------------------------------
+
+
+def test_two_gpus_split_each_optimizer_step_and_keep_the_effective_batch():
+    fast, chosen = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True, world=2)
+    assert (fast["per_device_train_batch_size"], fast["gradient_accumulation_steps"]) == (4, 1)
+    assert fast["ddp_find_unused_parameters"] is False
+    written, chosen = plan("sft", SEED, "as_written", MISTRAL_7B, 80 * GIB, quantized=True, world=2)
+    assert (written["per_device_train_batch_size"], written["gradient_accumulation_steps"]) == (1, 4)
+    odd = {**SEED, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 3}
+    written, _ = plan("sft", odd, "as_written", MISTRAL_7B, 80 * GIB, quantized=True, world=2)
+    assert written["per_device_train_batch_size"] * written["gradient_accumulation_steps"] * 2 == 12
+
+
+def test_a_step_that_cannot_be_split_evenly_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"sft.trainer: .* = 8 examples .* distributed.processes = 3"):
+        plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True, world=3)
+
+
+class Done:
+    returncode = 0
+
+
+def test_the_stage_reruns_itself_under_accelerate_launch_with_one_process_per_gpu(monkeypatch):
+    settings = DistributedConfig(processes=2)
+    command = launch_command("stages.sft", ["params.yaml"], settings)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
+    assert command[-3:] == ["-m", "stages.sft", "params.yaml"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert relaunch("stages.sft", [], DistributedConfig(processes=1)) is None  # one GPU or none: run here
+    runs = []
+    monkeypatch.setattr(subprocess, "run", lambda command, env, check: runs.append((command, env)) or Done())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert relaunch("stages.sft", ["p.yaml"], DistributedConfig(processes=1)) == 0
+    command, env = runs[0]
+    assert command[1:] == ["-m", "stages.sft", "p.yaml"] and env["CUDA_VISIBLE_DEVICES"] == "2"  # never DataParallel
+    monkeypatch.setenv("LOCAL_RANK", "1")  # already one of the launched processes
+    assert relaunch("stages.sft", [], settings) is None
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="distributed.processes: 2 processes need 2 GPUs; this machine has 1"):
+        relaunch("stages.sft", [], settings)
+
+
+def test_only_the_first_process_writes_curves_and_adapters(tmp_path, monkeypatch):
+    from stages.training import StopOnNonFiniteLoss, live_callbacks, save_atomically
+
+    monkeypatch.setenv("RANK", "1")
+    callbacks = live_callbacks(str(tmp_path / "metrics"), resume=False)
+    assert [type(c) for c in callbacks] == [StopOnNonFiniteLoss] and not (tmp_path / "metrics").exists()
+    save_atomically(lambda folder: Path(folder).mkdir(), str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
+    monkeypatch.setenv("RANK", "0")
+    save_atomically(lambda folder: Path(folder).mkdir(), str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter").is_dir()
+
+
+def test_padding_free_examples_are_cut_to_max_length_as_trl_cuts_them():
+    from datasets import Dataset
+
+    from stages.sft import truncate_examples
+
+    rows = Dataset.from_list([
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, -100, 5]},  # only its answer would be cut off
+        {"input_ids": [1, 2], "labels": [-100, 2]},
+    ])
+    kept = truncate_examples(rows, 3, "keep_start")
+    assert kept["input_ids"] == [[1, 2, 3], [1, 2]] and kept["labels"] == [[-100, -100, 3], [-100, 2]]
+    assert truncate_examples(rows, 3, "keep_end")["input_ids"] == [[3, 4, 5], [3, 4, 5], [1, 2]]
+
+
+def test_every_log_line_gets_the_tokens_per_second_since_the_previous_one(monkeypatch):
+    import time
+
+    from stages.training import LogThroughput
+
+    clock = iter([10.0, 12.0, 13.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    callback, logs = LogThroughput(), [{"num_tokens": 100.0}, {"num_tokens": 1100.0}, {"loss": 1.0}]
+    for entry in logs:
+        callback.on_log(None, None, None, logs=entry)
+    assert "tokens_per_second" not in logs[0] and logs[1]["tokens_per_second"] == 500.0
+    assert "tokens_per_second" not in logs[2]  # a line without token counts (the final summary)
