@@ -32,7 +32,6 @@ for entry in (REPO, REPO / "benchmarks"):
 from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
 from throughput import EFFECTIVE_BATCH, benchmark_params, corpus_words, write_instruction_data  # noqa: E402
 
-
 LOGS = Path(os.environ.get("OUT") or "multi_gpu_out") / "logs"  # each stage's full output
 
 
@@ -117,7 +116,8 @@ def markdown(result: dict) -> str:
     lines = ["# Multi-GPU: the stages on 1 and 2 GPUs (benchmarks/multi_gpu.py)", ""]
     v = result["versions"]
     lines.append(f"Device: {v.get('gpu')} x {result.get('gpus')}; torch {v.get('torch')}, transformers "
-                 f"{v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, accelerate {v.get('accelerate')}, "
+                 f"{v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, "
+                 f"accelerate {v.get('accelerate')}, "
                  f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
                  f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
     lines += ["", "| run | GPUs | non-padding tokens/s | peak memory per GPU (MiB, nvidia-smi) | steps | wall s |",

@@ -138,7 +138,10 @@ def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
     from stages.dry_run import compose_params
 
     params = compose_params(SEED_RECIPE)
-    params["paths"] = {key: str((REPO if key == "probe_prompts" else work) / value) for key, value in params["paths"].items()}
+    # Outputs into the scratch folder; the probe prompts ship with the repository.
+    params["paths"] = {
+        key: str((REPO if key == "probe_prompts" else work) / value) for key, value in params["paths"].items()
+    }
     params["model"].update({"name_or_path": str(model_dir), "revision": None, "load_in_4bit": True})
     for round_ in params.get("self_rewarding", {}).get("rounds", {}).values():  # they start from output paths
         round_["start"] = str(work / round_["start"])
@@ -255,9 +258,10 @@ def train_run(
     adapter_out: Path | None = None,
 ) -> dict:
     """Build the stage's trainer with these keywords, train, and measure."""
+    from trl import DPOConfig, SFTConfig
+
     from stages import dpo, sft
     from stages.training import trainer_args
-    from trl import DPOConfig, SFTConfig
 
     reset_memory()
     output_dir = str(Path(cfg.paths.checkpoints) / name)
@@ -339,8 +343,8 @@ def same_math(seed_run: dict, fast_run: dict, tolerance: float) -> dict:
 
 
 def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: bool, steps: dict) -> dict:
-    from stages.speed import gpu_memory_bytes, plan
     from stages.modeling import use_4bit
+    from stages.speed import gpu_memory_bytes, installer, plan
 
     results: dict = {}
     gpu = gpu_memory_bytes()
@@ -348,14 +352,6 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
     quantized = use_4bit(cfg.model)
     # On a CPU (--tiny) there is no GPU to plan for; a notional 80 GB GPU exercises the same planning code.
     planned_gpu = gpu if gpu is not None else 80 * 2**30
-    from stages.speed import checkpoint_as_needed, GIB
-
-    def installer(chosen):
-        def install(model):
-            if chosen.mode == "fast" and chosen.checkpointing != "off":
-                checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
-
-        return install
 
     seed_sft = dict(cfg.sft.trainer)
     fast_sft, fast_sft_plan = plan("sft", seed_sft, "fast", shape, planned_gpu, quantized)
@@ -368,7 +364,7 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
         cfg,
         {**fast_sft, "max_steps": steps["sft_fast"]},
         fast_sft_plan,
-        installer(fast_sft_plan),
+        installer(fast_sft_plan, shape),
         cache,
         warmup=2,
         adapter_out=work / "adapter_fast",
@@ -401,7 +397,7 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
         dpo_cfg,
         {**fast_dpo, "max_steps": steps["dpo_fast"]},
         fast_dpo_plan,
-        installer(fast_dpo_plan),
+        installer(fast_dpo_plan, shape),
         cache,
         warmup=2,
     )
@@ -413,9 +409,8 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
 
 def run_variants(cfg_params: dict, work: Path, cache: CachedModel, shape, steps: int) -> dict:
     """The fast SFT layout with one thing changed at a time, the first one under the torch profiler."""
-
     from stages.modeling import use_4bit
-    from stages.speed import GIB, checkpoint_as_needed, gpu_memory_bytes, plan
+    from stages.speed import GIB, gpu_memory_bytes, installer, plan
 
     results = {}
     variants = [
@@ -427,18 +422,11 @@ def run_variants(cfg_params: dict, work: Path, cache: CachedModel, shape, steps:
         ("lora_no_dropout", {"lora__dropout": 0.0}, None),
     ]
     for name, overrides, special in variants:
-        lora = dict(cfg_params["lora"])
-        for key, value in overrides.items():
-            lora[key.split("__")[1]] = value
-        cfg = config_of(cfg_params, **{"lora__" + k: v for k, v in lora.items()})
+        cfg = config_of(cfg_params, **overrides)
         fast, chosen = plan(
             "sft", dict(cfg.sft.trainer), "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model)
         )
-
-        def install(model, chosen=chosen):
-            if chosen.checkpointing != "off":
-                checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
-
+        install = installer(chosen, shape)
         if cache.model is None:
             cache(cfg.model, for_training=True, gradient_checkpointing=True)
         implementation = special if special in ("flex_attention", "eager") else "sdpa"

@@ -319,12 +319,17 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
         f"checkpointing {chosen.checkpointing}"
     )
+    return kwargs, chosen, installer(chosen, shape)
+
+
+def installer(chosen: SpeedPlan, shape: ModelShape | None):
+    """`install(model)`: adds the per-batch checkpointing hook when the plan checkpoints as memory needs."""
 
     def install(model) -> None:
         if chosen.mode == "fast" and chosen.checkpointing != "off":
             checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
 
-    return kwargs, chosen, install
+    return install
 
 
 def speed_record(chosen: SpeedPlan | None) -> dict[str, Any] | None:
