@@ -90,12 +90,13 @@ def read_curve(folder: Path, name: str) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row[name.split("/")[-1]])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
-def training_summary(metrics_dir: Path, warmup: int = 2) -> dict:
-    """Losses, and tokens/s over the steps after `warmup` from the stage's own tokens_per_second curve."""
+def training_summary(metrics_dir: Path, warmup: int = 4) -> dict:
+    """Losses, and tokens/s over the steps after `warmup` (compiling: the first shape, then dynamic shapes) from the
+    stage's own tokens_per_second curve."""
     losses = read_curve(metrics_dir, "loss")
     tokens = dict(read_curve(metrics_dir, "num_tokens"))
     rates = dict(read_curve(metrics_dir, "tokens_per_second"))
-    steps = [step for step in sorted(rates) if step > warmup]
+    steps = [step for step in sorted(rates) if step > warmup] or sorted(rates)[1:]  # a short smoke run: all but 1
     seconds = sum((tokens[step] - tokens[step - 1]) / rates[step] for step in steps)
     counted = sum(tokens[step] - tokens[step - 1] for step in steps)
     return {
@@ -120,16 +121,19 @@ def markdown(result: dict) -> str:
                  f"accelerate {v.get('accelerate')}, "
                  f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
                  f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
-    lines += ["", "| run | GPUs | non-padding tokens/s | peak memory per GPU (MiB, nvidia-smi) | steps | wall s |",
-              "| --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
+    lines += ["", "| run | GPUs | examples per optimizer step | non-padding tokens/s | peak memory per GPU (MiB, "
+              "nvidia-smi) | steps | wall s |", "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
     for key, run in sft.items():
         if isinstance(run, dict) and "tokens_per_s" in run:
-            lines.append(f"| sft | {run['gpus']} | {run['tokens_per_s']:,.0f} | {run['gpu_peak_mib']} | "
-                         f"{run['steps']} | {run['wall_s']} |")  # fmt: skip
-    if "scaling" in sft:
-        lines.append("")
-        lines.append(f"Scaling 1 -> 2 GPUs: {sft['scaling']}x. Loss trajectories (same steps, same examples): "
-                     f"largest relative difference {sft['max_relative_loss_difference']}.")  # fmt: skip
+            lines.append(f"| sft | {run['gpus']} | {run.get('effective_batch', EFFECTIVE_BATCH)} | "
+                         f"{run['tokens_per_s']:,.0f} | {run['gpu_peak_mib']} | {run['steps']} | "
+                         f"{run['wall_s']} |")  # fmt: skip
+    lines.append("")
+    for key, scaling in sft.items():
+        if key.startswith("scaling"):
+            lines.append(f"- Scaling 1 -> 2 GPUs at {scaling['effective_batch']} examples per step: "
+                         f"{scaling['scaling']}x. Loss trajectories (same steps, same examples): largest relative "
+                         f"difference {scaling['max_relative_loss_difference']}.")  # fmt: skip
     if "dpo" in result:
         d = result["dpo"]
         lines.append(f"DPO on {d['gpus']} GPUs: {d['steps']} steps, {d['tokens_per_s']:,.0f} tokens/s, losses "
@@ -143,11 +147,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _Skipped(Exception):
+    """A part left out with --skip."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT") or "multi_gpu_out")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--accumulations",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[EFFECTIVE_BATCH],
+        help="effective batches (examples per optimizer step) to compare 1 and 2 GPUs at; the seed's is 8",
+    )
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: dpo, generate, sft_1gpu")
     args = parser.parse_args(argv)
 
     import torch
@@ -214,41 +229,55 @@ def main(argv=None) -> int:
             changed[section][field] = value
         return changed
 
-    counts = [1] if args.tiny else [1, 2]
+    skip = set(args.skip.split(","))
+    counts = [1] if args.tiny else ([2] if "sft_1gpu" in skip else [1, 2])
     result["sft"] = {}
-    try:
-        for processes in counts:
-            name = f"{processes}gpu"
-            run_params = variant(processes, name, sft__trainer={**params["sft"]["trainer"], "max_steps": steps})
-            run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env)
-            run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes)
-            result["sft"][name] = run
-            print(f"[sft {name}] {json.dumps({k: run[k] for k in ('tokens_per_s', 'gpu_peak_mib', 'steps')})}",
-                  flush=True)  # fmt: skip
-            save()
-        if len(counts) == 2:
-            one, two = result["sft"]["1gpu"], result["sft"]["2gpu"]
-            result["sft"]["scaling"] = round(two["tokens_per_s"] / one["tokens_per_s"], 2)
-            pairs = list(zip(one["losses"], two["losses"]))
-            result["sft"]["max_relative_loss_difference"] = round(max(abs(a - b) / abs(a) for a, b in pairs), 5)
-    except Exception as error:
-        result["errors"]["sft"] = f"{type(error).__name__}: {error}"
-    save()
+    for accumulation in args.accumulations:
+        trainer = {**params["sft"]["trainer"], "max_steps": steps, "gradient_accumulation_steps": accumulation}
+        try:
+            for processes in counts:
+                name = f"{processes}gpu" + ("" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}")
+                run_params = variant(processes, name, sft__trainer=trainer)
+                run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env)
+                run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes,
+                           effective_batch=accumulation)  # fmt: skip
+                result["sft"][name] = run
+                print(f"[sft {name}] {json.dumps({k: run[k] for k in ('tokens_per_s', 'gpu_peak_mib', 'steps')})}",
+                      flush=True)  # fmt: skip
+                save()
+            if len(counts) == 2:
+                suffix = "" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}"
+                one, two = result["sft"][f"1gpu{suffix}"], result["sft"][f"2gpu{suffix}"]
+                pairs = list(zip(one["losses"], two["losses"]))
+                result["sft"][f"scaling{suffix}"] = {
+                    "effective_batch": accumulation,
+                    "scaling": round(two["tokens_per_s"] / one["tokens_per_s"], 2),
+                    "max_relative_loss_difference": round(max(abs(a - b) / abs(a) for a, b in pairs), 5),
+                }
+        except Exception as error:
+            result["errors"][f"sft_batch{accumulation}"] = f"{type(error).__name__}: {error}"
+        save()
 
     n = counts[-1]
     try:
+        if "dpo" in skip:
+            raise _Skipped
         base = variant(n, f"{n}gpu")
         base["paths"]["dpo_metrics"] = str(work / "metrics" / f"dpo_{n}gpu")
         base["paths"]["dpo_adapter"] = str(work / "models" / f"dpo_{n}gpu")
-        base["dpo"]["trainer"] = {**params["dpo"]["trainer"], "max_steps": 6}
+        base["dpo"]["trainer"] = {**params["dpo"]["trainer"], "max_steps": 10}
         run = run_stage(["stages.dpo"], base, work / "params_dpo.yaml", work, env)
-        run.update(training_summary(Path(base["paths"]["dpo_metrics"]), warmup=1), gpus=n)
+        run.update(training_summary(Path(base["paths"]["dpo_metrics"])), gpus=n)
         result["dpo"] = run
+    except _Skipped:
+        pass
     except Exception as error:
         result["errors"]["dpo"] = f"{type(error).__name__}: {error}"
     save()
 
     try:
+        if "generate" in skip:
+            raise _Skipped
         walls, answers = {}, {}
         for processes in sorted({1, n}):
             run_params = variant(processes, f"{n}gpu")  # the n-GPU SFT adapter, generated on 1 and n GPUs
@@ -258,6 +287,8 @@ def main(argv=None) -> int:
             answers[processes] = read_answers(Path(run_params["paths"]["generations"]) / "sft.jsonl")
         result["generate"] = {"gpus": n, "answers": len(answers[1]), "identical": answers[1] == answers[n],
                               "wall_s_1": walls[1], "wall_s_n": walls[n]}  # fmt: skip
+    except _Skipped:
+        pass
     except Exception as error:
         result["errors"]["generate"] = f"{type(error).__name__}: {error}"
     save()

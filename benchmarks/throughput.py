@@ -200,10 +200,26 @@ class CachedModel:
         """Take the LoRA layers out again, so the next configuration starts from the bare model."""
         from peft import PeftModel
 
+        from stages.modeling import DequantizedLinear
+
         if isinstance(trainer_model, PeftModel):
             self.model = trainer_model.unload()
         hooks = getattr(self.model, "_forward_pre_hooks", {})
         hooks.clear()  # the per-batch checkpointing hook of stages.speed, if installed
+        for module in self.model.modules():  # and the compiled decoder layers
+            module._compiled_call_impl = None
+        self.model.set_attn_implementation("sdpa")
+        restore_bnb_optimizer_waits()
+        if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
+            self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
+
+
+def restore_bnb_optimizer_waits() -> None:
+    """Undo stages.speed.unblock_bnb_optimizers, so the next configuration runs bitsandbytes as shipped."""
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+    import bitsandbytes.utils
+
+    bnb_optimizer.sync_gpu = bitsandbytes.utils.sync_gpu
 
 
 def step_meter():
@@ -313,6 +329,14 @@ def train_run(
         "losses": [round(entry["loss"], 5) for entry in history],
         "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
     }
+    if stage == "dpo" and trainer.args.precompute_ref_log_probs:
+        # Precomputed reference log-probs are paid once, before training: time that pass again (its graphs are
+        # compiled by now) and count both, for a rate comparable with the seed layout's per-step reference.
+        result["reference_pass"] = reference_pass(trainer)
+        result["tokens_per_s_training_only"] = result["tokens_per_s"]
+        result["tokens_per_s"] = round(
+            1 / (1 / result["tokens_per_s"] + 1 / result["reference_pass"]["tokens_per_s"]), 1
+        )
     if adapter_out is not None:
         trainer.save_model(str(adapter_out))
     cache.release(trainer.model)
@@ -323,6 +347,30 @@ def train_run(
         flush=True,
     )
     return result
+
+
+def reference_pass(trainer) -> dict:
+    """TRL's reference log-prob precompute loop (DPOTrainer.compute_ref_log_probs over the train set), timed."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    batch_size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size
+    loader = DataLoader(trainer.train_dataset, batch_size=batch_size, collate_fn=trainer.data_collator)
+    device = trainer.accelerator.device
+    trainer.model.eval()
+    tokens = 0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        trainer.compute_ref_log_probs(trainer.model, batch)
+        tokens += int(batch["attention_mask"].sum())
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    trainer.model.train()
+    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
 
 
 def same_math(seed_run: dict, fast_run: dict, tolerance: float) -> dict:
@@ -342,6 +390,13 @@ def same_math(seed_run: dict, fast_run: dict, tolerance: float) -> dict:
 # ---------------------------------------------------------------------------------------------- sections
 
 
+def on_this_device(chosen):
+    """A plan made for a notional GPU (--tiny on a CPU) with sdpa attention: flex attention has no CPU backward."""
+    import torch
+
+    return chosen if torch.cuda.is_available() else dataclasses.replace(chosen, attention="sdpa")
+
+
 def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: bool, steps: dict) -> dict:
     from stages.modeling import use_4bit
     from stages.speed import gpu_memory_bytes, installer, plan
@@ -355,20 +410,11 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
 
     seed_sft = dict(cfg.sft.trainer)
     fast_sft, fast_sft_plan = plan("sft", seed_sft, "fast", shape, planned_gpu, quantized)
+    fast_sft_plan = on_this_device(fast_sft_plan)
     low_sft, low_sft_plan = plan("sft", seed_sft, "low_memory", shape, planned_gpu, quantized)
     _, seed_sft_plan = plan("sft", seed_sft, "as_written", shape, planned_gpu, quantized)
 
-    results["sft_fast"] = train_run(
-        "sft_fast",
-        "sft",
-        cfg,
-        {**fast_sft, "max_steps": steps["sft_fast"]},
-        fast_sft_plan,
-        installer(fast_sft_plan, shape),
-        cache,
-        warmup=2,
-        adapter_out=work / "adapter_fast",
-    )
+    # The low-memory and seed layouts first: 4-bit runs in a process that has not compiled anything yet.
     results["sft_seed"] = train_run(
         "sft_seed", "sft", cfg, {**seed_sft, "max_steps": steps["sft_seed"]}, seed_sft_plan, None, cache, warmup=1
     )
@@ -385,11 +431,23 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
         cache,
         warmup=0,
     )
+    results["sft_fast"] = train_run(
+        "sft_fast",
+        "sft",
+        cfg,
+        {**fast_sft, "max_steps": steps["sft_fast"]},
+        fast_sft_plan,
+        installer(fast_sft_plan, shape),
+        cache,
+        warmup=4,  # compiling: the first shape, then dynamic shapes
+        adapter_out=work / "adapter_fast",
+    )
     results["same_math"] = same_math(results["sft_seed"], results["sft_fast"], tolerance=0.02)
 
     dpo_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(work / "adapter_fast")))
     seed_dpo = dict(cfg.dpo.trainer)
     fast_dpo, fast_dpo_plan = plan("dpo", seed_dpo, "fast", shape, planned_gpu, quantized)
+    fast_dpo_plan = on_this_device(fast_dpo_plan)
     _, seed_dpo_plan = plan("dpo", seed_dpo, "as_written", shape, planned_gpu, quantized)
     results["dpo_fast"] = train_run(
         "dpo_fast",
@@ -399,7 +457,7 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
         fast_dpo_plan,
         installer(fast_dpo_plan, shape),
         cache,
-        warmup=2,
+        warmup=4,
     )
     results["dpo_seed"] = train_run(
         "dpo_seed", "dpo", dpo_cfg, {**seed_dpo, "max_steps": steps["dpo_seed"]}, seed_dpo_plan, None, cache, warmup=1
@@ -407,54 +465,83 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
     return results
 
 
-def run_variants(cfg_params: dict, work: Path, cache: CachedModel, shape, steps: int) -> dict:
-    """The fast SFT layout with one thing changed at a time, the first one under the torch profiler."""
+# name -> what differs from the stage's own fast layout (stages.speed.plan + installer): "plan" fields replaced
+EAGER_4BIT = {
+    "compiled": False,
+    "attention": "sdpa",
+    "base_weights": "as loaded",
+    "optimizer_waits": "as the optimizer does",
+}  # the fast layout before compiling
+VARIANTS = {
+    "fast": {},
+    "fast_profiled": {"profile": True},
+    "fast_optimizer_waits": {"plan": {"optimizer_waits": "as the optimizer does"}},
+    "fast_sdpa": {"plan": {"attention": "sdpa"}},
+    "fast_4bit": {"plan": {"base_weights": "as loaded"}},
+    "eager_4bit_sdpa": {"plan": EAGER_4BIT},
+    "fast_effective_batch_32": {"trainer": {"gradient_accumulation_steps": 32}},
+    "dpo_fast": {"stage": "dpo"},
+    "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
+}
+
+
+def run_variants(cfg_params: dict, work: Path, out: Path, cache: CachedModel, shape, steps: int, save) -> dict:
+    """The fast layout with one thing changed at a time; `*_profiled` runs 4 steps under the torch profiler."""
     from stages.modeling import use_4bit
     from stages.speed import GIB, gpu_memory_bytes, installer, plan
 
     results = {}
-    variants = [
-        ("sdpa", {}, None),
-        ("sdpa_profiled", {}, "profile"),
-        ("flex_attention", {}, "flex_attention"),
-        ("eager_attention", {}, "eager"),
-        ("lora_qkvo", {"lora__target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, None),
-        ("lora_no_dropout", {"lora__dropout": 0.0}, None),
-    ]
-    for name, overrides, special in variants:
-        cfg = config_of(cfg_params, **overrides)
-        fast, chosen = plan(
-            "sft", dict(cfg.sft.trainer), "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model)
-        )
-        install = installer(chosen, shape)
-        if cache.model is None:
-            cache(cfg.model, for_training=True, gradient_checkpointing=True)
-        implementation = special if special in ("flex_attention", "eager") else "sdpa"
-        cache.model.set_attn_implementation(implementation)
+    adapter = work / "adapter_variants"
+    for name, variant in VARIANTS.items():
+        stage = variant.get("stage", "sft")
+        cfg = config_of(cfg_params, **variant.get("config", {}))
+        if stage == "dpo":
+            cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(adapter)))
+        section = cfg.sft if stage == "sft" else cfg.dpo
+        trainer = {**section.trainer, **variant.get("trainer", {})}
+        fast, chosen = plan(stage, trainer, "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model))
+        chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
+        run_steps = 4 if variant.get("profile") else steps
+        arguments = {
+            "name": f"variant_{name}",
+            "stage": stage,
+            "cfg": cfg,
+            "trainer_kwargs": {**fast, "max_steps": run_steps},
+            "speed_plan": chosen,
+            "install": installer(chosen, shape),
+            "cache": cache,
+            "warmup": 2 if variant.get("profile") else 4,  # the first steps compile: static, then dynamic shapes
+            "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,
+        }
         try:
-            if special == "profile":
+            if variant.get("profile"):
                 from torch.profiler import ProfilerActivity, profile
 
+                train_run(**{**arguments, "trainer_kwargs": {**fast, "max_steps": 3}})  # compile outside the profile
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    run = train_run(
-                        f"variant_{name}", "sft", cfg, {**fast, "max_steps": 4}, chosen, install, cache, warmup=1
-                    )
+                    run = train_run(**arguments)
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-                (work / "profile.txt").write_text(table)
+                (out / f"throughput_profile_{name}.txt").write_text(table)
                 print(table, flush=True)
             else:
-                run = train_run(
-                    f"variant_{name}", "sft", cfg, {**fast, "max_steps": steps}, chosen, install, cache, warmup=2
+                run = train_run(**arguments)
+            results[name] = {
+                k: run.get(k)
+                for k in (
+                    "tokens_per_s",
+                    "tokens_per_s_training_only",
+                    "tokens_per_s_incl_build",
+                    "peak_memory_gib",
+                    "losses",
+                    "grad_norms",
                 )
-            results[name] = {k: run[k] for k in ("tokens_per_s", "peak_memory_gib", "losses")}
+            }
         except Exception as error:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             cache.model = None
             reset_memory()
-        finally:
-            if cache.model is not None:
-                cache.model.set_attn_implementation("sdpa")
+        save(results)
     return results
 
 
@@ -527,7 +614,9 @@ def random_roberta_large(folder: Path, tokenizer_source: Path, tiny: bool) -> Pa
     return folder
 
 
-def run_bertscore(work: Path, model_dir: Path, words: list[str], pairs: int, tiny: bool) -> dict:
+def run_bertscore(
+    work: Path, model_dir: Path, words: list[str], pairs: int, tiny: bool, profile_to: Path | None = None
+) -> dict:
     from stages.config import BertScoreConfig
     from stages.metrics import bertscore_f1
 
@@ -554,6 +643,23 @@ def run_bertscore(work: Path, model_dir: Path, words: list[str], pairs: int, tin
     results["max_abs_difference_fast_vs_fp32"] = round(
         max(abs(a - b) for a, b in zip(scores["bertscore_fp32"], scores["bertscore_fast"])), 6
     )
+    if profile_to is not None:  # where the time goes, and how batch size moves it
+        import cProfile
+        import io
+        import pstats
+
+        for batch in (64, 1024):
+            settings = BertScoreConfig(model=str(folder), num_layers=4 if tiny else 17, batch_size=batch)
+            started = time.perf_counter()
+            bertscore_f1(predictions, references, settings)
+            results[f"bertscore_fast_batch_{batch}"] = {"pairs_per_s": round(pairs / (time.perf_counter() - started))}
+        settings = BertScoreConfig(model=str(folder), num_layers=4 if tiny else 17, batch_size=256)
+        profiler = cProfile.Profile()
+        profiler.runcall(bertscore_f1, predictions, references, settings)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        profile_to.write_text(text.getvalue())
+        print(text.getvalue(), flush=True)
     return results
 
 
@@ -584,6 +690,11 @@ def markdown(result: dict) -> str:
             f"{'padding-free' if t.get('padding_free') else 'padded'}, checkpointing "
             f"{run['layout']['checkpointing'] if run['layout'] else t['activation_checkpointing']}"
             + (", ref log-probs precomputed" if t.get("precompute_ref_log_probs") else "")
+            + (
+                f", compiled layers, {run['layout']['attention']}, base weights {run['layout']['base_weights']}"
+                if run["layout"] and run["layout"].get("compiled")
+                else ""
+            )
         )
         losses = run["losses"]
         lines.append(
@@ -730,11 +841,16 @@ def main(argv=None) -> int:
             save()
         if "variants" in sections:
             cache = CachedModel(load_model)
-            sft.load_model = cache
+            sft.load_model = dpo.load_model = cache
+
+            def save_variants(variants):
+                result["variants"] = variants
+                save()
+
             try:
-                result["variants"] = run_variants(params, work, cache, shape, steps["sft_fast"] // 2)
+                run_variants(params, work, out, cache, shape, steps["sft_fast"] // 2, save_variants)
             finally:
-                sft.load_model = load_model
+                sft.load_model = dpo.load_model = load_model
                 cache.model = None
                 reset_memory()
             print(json.dumps(result["variants"], indent=1), flush=True)
@@ -749,7 +865,12 @@ def main(argv=None) -> int:
         if "bertscore" in sections:
             try:
                 result["bertscore"] = run_bertscore(
-                    work, model_dir, words, pairs=256 if args.tiny else 4096, tiny=args.tiny
+                    work,
+                    model_dir,
+                    words,
+                    pairs=256 if args.tiny else 4096,
+                    tiny=args.tiny,
+                    profile_to=out / "bertscore_profile.txt" if "bertscore_profile" in sections else None,
                 )
             except Exception as error:
                 traceback.print_exc()

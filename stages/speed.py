@@ -10,13 +10,18 @@ and loss normalisation of that run and changes only the layout:
   into a block-diagonal causal mask, so no example attends to another and no compute goes to padding;
 - activation checkpointing only for the layers and batches that need it: before each forward pass the batch's
   token count decides how many decoder layers recompute their activations, so short batches run at full speed and
-  the longest possible batch still fits.
+  the longest possible batch still fits;
+- the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
+  masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
+  copy when that copy takes at most a quarter of the GPU, and bitsandbytes' optimizer without a device wait per
+  tensor. Each gives the same numbers as before, up to float rounding; what each bought is in
+  benchmarks/results/ (throughput.md, and the profiles of the eager and compiled steps).
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
 decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit: on the H100 benchmark
-(benchmarks/throughput.py) the fast SFT layout, checkpointing nothing below 5,568 tokens per batch, peaked at
-46.6 GiB of 80.
+(benchmarks/throughput.py) the fast SFT layout, with the bf16 copy and checkpointing nothing below 4,736 tokens per
+batch, peaked at 46.4 GiB of 80.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ LOGIT_BYTES = 8.0
 NF4_BYTES = 0.53
 # Share of the GPU the plan may fill; the rest is the CUDA context, the allocator's slack and the optimizer states.
 USABLE_SHARE = 0.85
+# The fast layout keeps a bf16 copy of the 4-bit weights when that copy takes at most this share of the GPU.
+DEQUANTIZED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,14 @@ def model_shape(model_cfg) -> ModelShape:
     )
 
 
-def static_bytes(shape: ModelShape, quantized: bool) -> float:
-    """Weights on the GPU before the first batch."""
-    return shape.quantized_params * (NF4_BYTES if quantized else 2.0) + shape.other_params * 4.0
+def static_bytes(shape: ModelShape, quantized: bool, dequantized: bool = False) -> float:
+    """Weights on the GPU before the first batch (`dequantized`: the 4-bit weights held as their bf16 values)."""
+    per_param = NF4_BYTES if quantized and not dequantized else 2.0
+    return shape.quantized_params * per_param + shape.other_params * 4.0
+
+
+def keeps_dequantized_copy(shape: ModelShape, quantized: bool, gpu_bytes: int) -> bool:
+    return quantized and shape.quantized_params * 2.0 <= DEQUANTIZED_SHARE * gpu_bytes
 
 
 def layer_bytes_per_token(shape: ModelShape) -> float:
@@ -130,6 +142,10 @@ class SpeedPlan:
     tokens_without_checkpointing: int | None  # batches up to this many tokens run with no layer checkpointed
     memory_budget_gib: float | None
     reason: str
+    compiled: bool = False  # decoder layers run through torch.compile (see compile_decoder_layers)
+    attention: str = "sdpa"  # the attention implementation the layout sets
+    base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (see dequantize_base)
+    optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
 
 
 def _divisors_descending(n: int) -> list[int]:
@@ -190,7 +206,8 @@ def plan(
     if gpu_bytes is None or shape is None:
         return unchanged("no CUDA device: the trainer settings run as written")
 
-    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized)
+    dequantized = keeps_dequantized_copy(shape, quantized, gpu_bytes)
+    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized)
     budget_gib = round(budget / GIB, 2)
     low_memory = {
         **written,
@@ -247,6 +264,10 @@ def plan(
             budget_gib,
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
             f"(= the configured {per_device} x {accumulation})",
+            compiled=True,
+            attention="flex_attention",
+            base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
+            optimizer_waits="none per tensor",
         )
     reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
@@ -258,9 +279,7 @@ def checkpoint_as_needed(model, shape: ModelShape, budget: float) -> None:
     Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
     per-layer flags, so a short batch recomputes nothing.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    layers = _decoder_layers(model)
     if not layers:
         return
     cache: dict[int, int] = {}
@@ -317,19 +336,75 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
     print(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
-        f"checkpointing {chosen.checkpointing}"
+        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}"
     )
     return kwargs, chosen, installer(chosen, shape)
 
 
 def installer(chosen: SpeedPlan, shape: ModelShape | None):
-    """`install(model)`: adds the per-batch checkpointing hook when the plan checkpoints as memory needs."""
+    """`install(model)`: compiles the decoder layers and adds the per-batch checkpointing hook, as the plan says."""
 
     def install(model) -> None:
+        if chosen.base_weights != "as loaded":
+            from stages.modeling import dequantize_base
+
+            dequantize_base(model)
+        if chosen.attention != "sdpa":
+            model.set_attn_implementation(chosen.attention)
+        if chosen.compiled:
+            compile_decoder_layers(model)
+        if chosen.optimizer_waits == "none per tensor":
+            unblock_bnb_optimizers()
         if chosen.mode == "fast" and chosen.checkpointing != "off":
             checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
 
     return install
+
+
+def unblock_bnb_optimizers() -> None:
+    """Let bitsandbytes' optimizers (paged_adamw_8bit, ...) queue their per-tensor updates instead of waiting on each.
+
+    bitsandbytes 0.50 synchronizes the device after every tensor's update (Optimizer8bit.step calls sync_gpu per
+    parameter). LoRA on the seven projections of a 32-layer model has 448 tensors, so each optimizer step waited 448
+    times for the GPU, which then idled while Python issued the next update. The updates go to one CUDA stream, which
+    runs them in order anyway, and nothing on the CPU reads the optimizer states in between (saving a checkpoint
+    copies them in stream order), so no value changes; the step's Python now overlaps the end of the backward pass.
+    """
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    bnb_optimizer.sync_gpu = _no_wait
+
+
+def _no_wait(tensor) -> None:
+    return None
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile each decoder layer in place with torch.compile; returns how many.
+
+    A QLoRA step in eager mode is bound by Python, not by the GPU: every decoder layer calls seven LoRA wrappers
+    around bitsandbytes matmuls, each with its own casts, dropout and scaling (a profile of the eager fast layout on
+    an H100 spent 3.1 s of CPU per 1.8 s of GPU, benchmarks/results/throughput_profile_eager_h100.txt). Compiled, a
+    layer's casts, dropout and scaling are fused and its Python runs once per graph call. All layers share one
+    compiled graph (torch's "regional compilation"), so compiling costs one layer's time, paid in the first steps;
+    batches of new lengths reuse it through dynamic shapes. Compiling in place keeps the modules, hooks and the
+    per-layer checkpointing flags where PEFT and the Trainer expect them.
+    """
+    import torch
+
+    layers = _decoder_layers(model)
+    # Training and evaluation mode, with and without checkpointing, static then dynamic shapes: a handful of graphs
+    # for the one code object all layers share; the default limit of 8 would silently send later ones to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def _decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def speed_record(chosen: SpeedPlan | None) -> dict[str, Any] | None:

@@ -5,9 +5,11 @@
 
 import dataclasses
 import json
+import random
 import socket
 
 import pytest
+import torch
 
 from stages import metrics
 from stages.config import BertScoreConfig
@@ -244,3 +246,25 @@ def test_paired_bootstrap_rejects_unpaired_input():
         paired_bootstrap([0.1, 0.2], [0.1], samples=100, seed=0)
     with pytest.raises(ValueError, match="non-empty"):
         paired_bootstrap([], [], samples=100, seed=0)
+
+
+@pytest.mark.parametrize("idf", [False, True])
+def test_bertscore_equals_bert_scores_own_loop(minilm, idf):
+    """stages.metrics scores with bert-score's pieces in a faster loop: the numbers must be BERTScorer.score's."""
+    settings = dataclasses.replace(MINILM, idf=idf, batch_size=3)  # several batches, some sentences repeated
+    words = "the a cat dog sat ran on under mat rug quickly slowly red big small house tree river".split()
+    rng = random.Random(0)
+    predictions = [" ".join(rng.choices(words, k=rng.randint(1, 14))) for _ in range(11)] + ["the cat"]
+    references = [" ".join(rng.choices(words, k=rng.randint(1, 14))) for _ in range(11)] + ["the cat"]
+    ours = bertscore_f1(predictions, references, settings)
+    scorer = metrics._scorer(settings)
+    _, _, theirs = scorer.score(predictions, references, batch_size=settings.batch_size)
+    assert ours == pytest.approx(theirs.tolist(), abs=1e-6)
+
+
+def test_bertscore_rescales_with_bert_scores_baseline(minilm, monkeypatch):
+    scorer = metrics._scorer(MINILM)
+    raw = bertscore_f1(["A cat sat."], ["The cat sat."], MINILM)[0]
+    monkeypatch.setattr(scorer, "_rescale_with_baseline", True)
+    monkeypatch.setattr(scorer, "_baseline_vals", torch.tensor([0.8, 0.8, 0.8]))
+    assert bertscore_f1(["A cat sat."], ["The cat sat."], MINILM)[0] == pytest.approx((raw - 0.8) / 0.2, abs=1e-6)

@@ -1,8 +1,8 @@
 """stages.speed: the fast layout is the same training run, laid out differently, and fits the GPU it is planned for.
 
-The loss-trajectory test runs the real sft stage twice on the tiny project: the seed layout (batch 1 x accumulation
-4) and the fast layout (one padding-free batch of 4). Same examples, same order, same normalisation: the per-step
-losses must agree to float32 rounding.
+The loss-trajectory test runs the real sft stage on the tiny project in the seed layout (batch 1 x accumulation 4)
+and the fast layout (one padding-free batch of 4), eager and with compiled decoder layers as the stage runs it.
+Same examples, same order, same normalisation: the per-step losses must agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from stages.speed import (
     ModelShape,
     batch_bytes,
     checkpoint_as_needed,
+    installer,
     layers_to_checkpoint,
     model_shape,
     plan,
@@ -158,22 +159,33 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
         "save_steps": 1000,
         "activation_checkpointing": False,
     }
-    fast, chosen = plan("sft", seed, "fast", model_shape(cfg.model), 80 * GIB, quantized=False)
+    shape = model_shape(cfg.model)
+    fast, chosen = plan("sft", seed, "fast", shape, 80 * GIB, quantized=False)
     assert (fast["per_device_train_batch_size"], fast["gradient_accumulation_steps"], fast["padding_free"]) == (
         4,
         1,
         True,
     )
+    assert chosen.compiled and chosen.checkpointing == "off"
 
-    def losses(name, kwargs):
+    def losses(name, kwargs, install=None):
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
         args = trainer_args(SFTConfig, "sft", kwargs, str(tmp_path / f"{name}-checkpoints"))
-        trainer = sft.build_trainer(run_cfg, args, resume=False, speed=chosen)
+        trainer = sft.build_trainer(run_cfg, args, resume=False, speed=chosen, install=install)
         trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        compiled = [layer for layer in trainer.model.modules() if getattr(layer, "_compiled_call_impl", None)]
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], len(compiled)
 
-    seed_losses, fast_losses = losses("seed", seed), losses("fast", fast)
+    (seed_losses, _), (eager_losses, eager_compiled) = losses("seed", seed), losses("eager", fast)
+    torch._dynamo.utils.counters.clear()
+    on_cpu = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
+    fast_losses, fast_compiled = losses("fast", fast, install=installer(on_cpu, shape))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled for real, not left to eager
+    print(dict(torch._dynamo.utils.counters["stats"]), dict(torch._dynamo.utils.counters["graph_break"]))
     assert len(seed_losses) == len(fast_losses) == 3
+    assert eager_losses == pytest.approx(seed_losses, rel=1e-4)
+    # The layout as the stage runs it: every decoder layer compiled (inductor reorders float sums, hence 1e-4).
+    assert (eager_compiled, fast_compiled) == (0, shape.layers)
     assert fast_losses == pytest.approx(seed_losses, rel=1e-4)
     recorded = yaml.safe_load((tmp_path / "fast" / "params.yaml").read_text())
     assert recorded["speed"]["mode"] == "fast" and recorded["padding_free"] is True
@@ -265,3 +277,42 @@ def test_every_log_line_gets_the_tokens_per_second_since_the_previous_one(monkey
         callback.on_log(None, None, None, logs=entry)
     assert "tokens_per_second" not in logs[0] and logs[1]["tokens_per_second"] == 500.0
     assert "tokens_per_second" not in logs[2]  # a line without token counts (the final summary)
+
+
+def test_a_dequantized_copy_of_4_bit_layers_gives_the_same_products_and_gradients():
+    """stages.modeling.dequantize_base: what bitsandbytes computes per call, computed from weights dequantized once."""
+    import bitsandbytes as bnb
+
+    from stages.modeling import DequantizedLinear, dequantize_base
+
+    torch.manual_seed(0)
+    source = torch.nn.Linear(64, 32, bias=True)
+    quantized = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    quantized.weight = bnb.nn.Params4bit(source.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    quantized.bias = torch.nn.Parameter(source.bias.data.clone(), requires_grad=False)
+    model = torch.nn.Sequential(quantized.to("cpu"))
+    x = torch.randn(5, 64, requires_grad=True)
+    expected = model(x)
+    expected.sum().backward()
+    expected_grad, x.grad = x.grad.clone(), None
+
+    assert dequantize_base(model) == 1 and isinstance(model[0], DequantizedLinear)
+    assert not model[0].weight.requires_grad and model[0].weight.dtype == torch.bfloat16
+    actual = model(x)
+    actual.sum().backward()
+    assert actual.dtype == expected.dtype == torch.float32  # bitsandbytes returns the input's dtype
+    assert torch.equal(actual, expected)
+    assert torch.equal(x.grad, expected_grad)
+
+
+def test_the_fast_plan_keeps_a_bf16_copy_only_where_it_takes_a_quarter_of_the_gpu_or_less():
+    _, on_80 = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
+    _, on_40 = plan("sft", SEED, "fast", MISTRAL_7B, 40 * GIB, quantized=True)
+    _, unquantized = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=False)
+    assert on_80.base_weights == "nf4, dequantized once to bf16"
+    assert on_40.base_weights == unquantized.base_weights == "as loaded"
+    assert on_80.compiled and on_80.attention == "flex_attention"
+    # The copy's memory comes out of the activation budget.
+    assert on_80.memory_budget_gib == pytest.approx(
+        (80 * GIB * 0.85 - static_bytes(MISTRAL_7B, quantized=True, dequantized=True)) / GIB, abs=0.01
+    )
