@@ -130,8 +130,9 @@ def _bertscore_pairs(scorer, candidates: list[str], references: list[str], batch
 
     bert-score's own loop (utils.bert_cos_score_idf) tokenizes one sentence per call and copies every sentence's
     embeddings to the CPU and back; with roberta-large on an H100 that was two thirds of the time
-    (benchmarks/results/bertscore_profile_bert_score_loop_h100.txt). Here the sentences are tokenized in one call and the embeddings stay
-    on the model's device. Sentences are deduplicated and batched longest first, as bert-score does.
+    (benchmarks/results/bertscore_profile_bert_score_loop_h100.txt). Here the sentences are tokenized in one call
+    and the embeddings stay on the model's device. Sentences are deduplicated and batched longest first, as
+    bert-score does. tests/test_metrics.py checks the scores equal BERTScorer.score's.
     """
     import torch
     from bert_score.utils import bert_encode, greedy_cos_idf

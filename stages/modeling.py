@@ -134,8 +134,8 @@ def dequantize_base(model) -> int:
     bitsandbytes dequantizes a 4-bit weight to the compute dtype on every forward and backward call and multiplies
     with that; this does it once. The products are the same (the NF4 weights' bf16 values, the same matmul), so
     training is still QLoRA's, at the memory of a bf16 copy: planned only when that copy takes at most
-    DEQUANTIZED_SHARE of the GPU. What it saves is two dequantize kernels and their Python per layer call, and it
-    leaves no custom op inside the compiled layers.
+    stages.speed.DEQUANTIZED_SHARE of the GPU. What it saves is two dequantize kernels and their Python per layer
+    call, and it leaves no custom op inside the compiled layers.
     """
     import bitsandbytes as bnb
 
@@ -146,7 +146,9 @@ def dequantize_base(model) -> int:
                 continue
             dtype = child.compute_dtype or torch.bfloat16
             weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-            layer = DequantizedLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            layer = DequantizedLinear(
+                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+            )
             layer.weight = torch.nn.Parameter(weight, requires_grad=False)
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)

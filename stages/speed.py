@@ -342,7 +342,8 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
 
 
 def installer(chosen: SpeedPlan, shape: ModelShape | None):
-    """`install(model)`: compiles the decoder layers and adds the per-batch checkpointing hook, as the plan says."""
+    """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, compiled layers, optimizer waits,
+    per-batch checkpointing hook)."""
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
