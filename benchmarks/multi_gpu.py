@@ -147,10 +147,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Skipped(Exception):
-    """A part left out with --skip."""
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -234,9 +230,10 @@ def main(argv=None) -> int:
     result["sft"] = {}
     for accumulation in args.accumulations:
         trainer = {**params["sft"]["trainer"], "max_steps": steps, "gradient_accumulation_steps": accumulation}
+        suffix = "" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}"
         try:
             for processes in counts:
-                name = f"{processes}gpu" + ("" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}")
+                name = f"{processes}gpu{suffix}"
                 run_params = variant(processes, name, sft__trainer=trainer)
                 run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env)
                 run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes,
@@ -246,7 +243,6 @@ def main(argv=None) -> int:
                       flush=True)  # fmt: skip
                 save()
             if len(counts) == 2:
-                suffix = "" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}"
                 one, two = result["sft"][f"1gpu{suffix}"], result["sft"][f"2gpu{suffix}"]
                 pairs = list(zip(one["losses"], two["losses"]))
                 result["sft"][f"scaling{suffix}"] = {
@@ -259,9 +255,21 @@ def main(argv=None) -> int:
         save()
 
     n = counts[-1]
+    if "dpo" not in skip:
+        dpo_on(n, variant, work, params, env, result)
+        save()
+    if "generate" not in skip:
+        generate_on(n, variant, work, env, result)
+        save()
+    if not args.tiny:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print(markdown(result), flush=True)
+    return 1 if result["errors"] else 0
+
+
+def dpo_on(n: int, variant, work: Path, params: dict, env: dict, result: dict) -> None:
+    """stages.dpo on n GPUs from the n-GPU SFT adapter."""
     try:
-        if "dpo" in skip:
-            raise _Skipped
         base = variant(n, f"{n}gpu")
         base["paths"]["dpo_metrics"] = str(work / "metrics" / f"dpo_{n}gpu")
         base["paths"]["dpo_adapter"] = str(work / "models" / f"dpo_{n}gpu")
@@ -269,15 +277,13 @@ def main(argv=None) -> int:
         run = run_stage(["stages.dpo"], base, work / "params_dpo.yaml", work, env)
         run.update(training_summary(Path(base["paths"]["dpo_metrics"])), gpus=n)
         result["dpo"] = run
-    except _Skipped:
-        pass
     except Exception as error:
         result["errors"]["dpo"] = f"{type(error).__name__}: {error}"
-    save()
 
+
+def generate_on(n: int, variant, work: Path, env: dict, result: dict) -> None:
+    """stages.generate sft on 1 and n GPUs: greedy answers must be identical."""
     try:
-        if "generate" in skip:
-            raise _Skipped
         walls, answers = {}, {}
         for processes in sorted({1, n}):
             run_params = variant(processes, f"{n}gpu")  # the n-GPU SFT adapter, generated on 1 and n GPUs
@@ -287,15 +293,8 @@ def main(argv=None) -> int:
             answers[processes] = read_answers(Path(run_params["paths"]["generations"]) / "sft.jsonl")
         result["generate"] = {"gpus": n, "answers": len(answers[1]), "identical": answers[1] == answers[n],
                               "wall_s_1": walls[1], "wall_s_n": walls[n]}  # fmt: skip
-    except _Skipped:
-        pass
     except Exception as error:
         result["errors"]["generate"] = f"{type(error).__name__}: {error}"
-    save()
-    if not args.tiny:
-        shutil.rmtree(model_dir, ignore_errors=True)
-    print(markdown(result), flush=True)
-    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -82,10 +82,20 @@ def _on_device(model):
     return (model.to("cuda") if torch.cuda.is_available() else model).eval()
 
 
-def _cannot_load(settings: RankerConfig, error: Exception) -> ConfigError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    what = f"{settings.name} model {settings.model!r}"
-    return ConfigError(f"ranker.model: cannot load {what} (safetensors only): {reason}")
+def _load(settings: RankerConfig, model_class):
+    """(model, tokenizer) of the ranker's checkpoint, safetensors only; a failure is a one-line ConfigError."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
+        model = model_class.from_pretrained(
+            settings.model, revision=settings.revision, use_safetensors=True, dtype=_dtype()
+        )
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        what = f"{settings.name} model {settings.model!r}"
+        raise ConfigError(f"ranker.model: cannot load {what} (safetensors only): {reason}") from None
+    return model, tokenizer
 
 
 def load_pairrm(settings: RankerConfig):
@@ -93,17 +103,9 @@ def load_pairrm(settings: RankerConfig):
 
     Config files without the marker ids (a DeBERTa checkpoint saved elsewhere) get them from the tokenizer.
     """
-    from transformers import AutoTokenizer
-
     from stages.ranking import PairRMModel
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
-        model = PairRMModel.from_pretrained(
-            settings.model, revision=settings.revision, use_safetensors=True, dtype=_dtype()
-        )
-    except (OSError, ValueError) as error:
-        raise _cannot_load(settings, error) from None
+    model, tokenizer = _load(settings, PairRMModel)
     try:
         ids = pairrm_config_ids(tokenizer)
     except ValueError as error:
@@ -121,15 +123,9 @@ def load_pairrm(settings: RankerConfig):
 
 def load_reward_model(settings: RankerConfig):
     """(one-label sequence-classification model, tokenizer), in bf16 on CUDA and float32 on a CPU."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            settings.model, revision=settings.revision, use_safetensors=True, dtype=_dtype()
-        )
-    except (OSError, ValueError) as error:
-        raise _cannot_load(settings, error) from None
+    model, tokenizer = _load(settings, AutoModelForSequenceClassification)
     if model.config.num_labels != 1:
         raise ConfigError(
             f"ranker.model: {settings.model} has {model.config.num_labels} labels; a reward model has one"
