@@ -228,16 +228,45 @@ def step_meter():
     class StepMeter(TrainerCallback):
         def __init__(self):
             self.trainer = None
-            self.marks: list[tuple[float, int]] = []
+            self.marks: list[tuple[float, int, int]] = []  # (time, TRL's token count, compilations so far)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), 0, compilations()))
 
         def on_step_end(self, args, state, control, **kwargs):
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens)))
+            self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens), compilations()))
 
     return StepMeter()
+
+
+def compilations() -> int:
+    """Graphs dynamo has captured plus graphs inductor has compiled or loaded so far in this process."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return counters["frames"]["total"] + inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_hit"]
+
+
+def steady_rate(marks: list[tuple[float, int, int]], warmup: int) -> dict:
+    """Tokens/s over the steps after `warmup` that compiled nothing: a step that meets a new graph (a new mode, a
+    batch long enough to need checkpointing) compiles once, which a real run pays once in hours; those steps are
+    counted apart, as compile time."""
+    steps = [
+        (end[0] - start[0], end[1] - start[1], end[2] != start[2]) for start, end in zip(marks, marks[1:])
+    ][warmup:]
+    steady = [(seconds, tokens) for seconds, tokens, compiled in steps if not compiled]
+    seconds = sum(s for s, _ in steady)
+    return {
+        "tokens_per_s": round(sum(t for _, t in steady) / seconds, 1) if seconds else None,
+        "steady_steps": len(steady),
+        "compiling_steps_after_warmup": len(steps) - len(steady),
+        "compiling_seconds_after_warmup": round(sum(s for s, _, c in steps if c), 2),
+        "step_seconds": [round(s, 3) for s, _, _ in steps],
+    }
 
 
 def reset_memory():
@@ -272,8 +301,10 @@ def train_run(
     cache: CachedModel,
     warmup: int,
     adapter_out: Path | None = None,
+    reference_batches: tuple[int, ...] = (),
 ) -> dict:
-    """Build the stage's trainer with these keywords, train, and measure."""
+    """Build the stage's trainer with these keywords, train, and measure (and TRL's reference pass again at each of
+    `reference_batches` pairs per batch)."""
     from trl import DPOConfig, SFTConfig
 
     from stages import dpo, sft
@@ -295,9 +326,7 @@ def train_run(
     wall = time.perf_counter() - started
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     marks = meter.marks
-    steady = marks[warmup:] if len(marks) > warmup + 1 else marks
-    steady_tokens = steady[-1][1] - steady[0][1]
-    steady_seconds = steady[-1][0] - steady[0][0]
+    rate = steady_rate(marks, warmup if len(marks) > warmup + 2 else 0)
     result = {
         "name": name,
         "stage": stage,
@@ -315,28 +344,29 @@ def train_run(
                 "max_length",
             )
         },
-        "steps": len(marks),
+        "steps": len(marks) - 1,
         "tokens_total": marks[-1][1] if marks else 0,
         "build_s": round(build, 2),
         "train_wall_s": round(wall, 2),
         "tokens_per_s_incl_build": round(marks[-1][1] / (wall + build), 1) if marks else None,
         "tokens_per_s_overall": round(marks[-1][1] / wall, 1) if marks else None,
-        "tokens_per_s": round(steady_tokens / steady_seconds, 1)
-        if steady_seconds > 0
-        else round(marks[-1][1] / wall, 1),
-        "steady_steps": len(steady) - 1,
+        **rate,
         "peak_memory_gib": peak_gib(),
         "losses": [round(entry["loss"], 5) for entry in history],
         "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
     }
     if stage == "dpo" and trainer.args.precompute_ref_log_probs:
-        # Precomputed reference log-probs are paid once, before training: time that pass again (its graphs are
-        # compiled by now) and count both, for a rate comparable with the seed layout's per-step reference.
+        # Precomputed reference log-probs are paid once, before training: time that pass again, a second time if the
+        # first compiled a graph, and count both, for a rate comparable with the seed layout's per-step reference.
         result["reference_pass"] = reference_pass(trainer)
+        if result["reference_pass"]["compiled_during_pass"]:
+            result["reference_pass"] = reference_pass(trainer)
         result["tokens_per_s_training_only"] = result["tokens_per_s"]
         result["tokens_per_s"] = round(
             1 / (1 / result["tokens_per_s"] + 1 / result["reference_pass"]["tokens_per_s"]), 1
         )
+    if reference_batches:
+        result["reference_pass_by_batch"] = {size: reference_pass(trainer, size) for size in reference_batches}
     if adapter_out is not None:
         trainer.save_model(str(adapter_out))
     cache.release(trainer.model)
@@ -349,16 +379,16 @@ def train_run(
     return result
 
 
-def reference_pass(trainer) -> dict:
+def reference_pass(trainer, batch_size: int | None = None) -> dict:
     """TRL's reference log-prob precompute loop (DPOTrainer.compute_ref_log_probs over the train set), timed."""
     import torch
     from torch.utils.data import DataLoader
 
-    batch_size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size
+    batch_size = batch_size or trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size
     loader = DataLoader(trainer.train_dataset, batch_size=batch_size, collate_fn=trainer.data_collator)
     device = trainer.accelerator.device
     trainer.model.eval()
-    tokens = 0
+    tokens, compiled_before = 0, compilations()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -370,7 +400,14 @@ def reference_pass(trainer) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     trainer.model.train()
-    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    compiled = compilations() != compiled_before
+    print(f"[reference pass] batch {batch_size}: {tokens / seconds:,.0f} tokens/s, compiled {compiled}", flush=True)
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "compiled_during_pass": compiled,
+    }
 
 
 def same_math(seed_run: dict, fast_run: dict, tolerance: float) -> dict:
@@ -475,24 +512,40 @@ EAGER_4BIT = {
 VARIANTS = {
     "fast": {},
     "fast_profiled": {"profile": True},
-    "fast_optimizer_waits": {"plan": {"optimizer_waits": "as the optimizer does"}},
+    "fast_python_wrapper": {"plan": {"compiled_wrapper": "python"}},
+    "fast_paged_adamw_8bit": {
+        "kwargs": {"optim": "paged_adamw_8bit"},
+        "plan": {"optimizer": "as written", "optimizer_waits": "none per tensor"},
+    },
+    "fast_optimizer_waits": {
+        "kwargs": {"optim": "paged_adamw_8bit"},
+        "plan": {"optimizer": "as written", "optimizer_waits": "as the optimizer does"},
+    },
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     "fast_4bit": {"plan": {"base_weights": "as loaded"}},
     "eager_4bit_sdpa": {"plan": EAGER_4BIT},
     "fast_effective_batch_32": {"trainer": {"gradient_accumulation_steps": 32}},
     "dpo_fast": {"stage": "dpo"},
+    "dpo_profiled": {"stage": "dpo", "profile": True},
+    "dpo_python_wrapper": {"stage": "dpo", "plan": {"compiled_wrapper": "python"}},
+    "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
     "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
 }
 
 
-def run_variants(cfg_params: dict, work: Path, out: Path, cache: CachedModel, shape, steps: int, save) -> dict:
-    """The fast layout with one thing changed at a time; `*_profiled` runs 4 steps under the torch profiler."""
+def run_variants(
+    cfg_params: dict, work: Path, out: Path, cache: CachedModel, shape, steps: int, save, names: list[str]
+) -> dict:
+    """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
+    after it); `*_profiled` runs stages.training.ProfileSteps over steps 8-11, writing OUT/profile_NAME/."""
     from stages.modeling import use_4bit
     from stages.speed import GIB, gpu_memory_bytes, installer, plan
+    from stages.training import PROFILE_ENV
 
     results = {}
     adapter = work / "adapter_variants"
-    for name, variant in VARIANTS.items():
+    for name in names:
+        variant = VARIANTS[name]
         stage = variant.get("stage", "sft")
         cfg = config_of(cfg_params, **variant.get("config", {}))
         if stage == "dpo":
@@ -501,30 +554,22 @@ def run_variants(cfg_params: dict, work: Path, out: Path, cache: CachedModel, sh
         trainer = {**section.trainer, **variant.get("trainer", {})}
         fast, chosen = plan(stage, trainer, "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model))
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
-        run_steps = 4 if variant.get("profile") else steps
         arguments = {
             "name": f"variant_{name}",
             "stage": stage,
             "cfg": cfg,
-            "trainer_kwargs": {**fast, "max_steps": run_steps},
+            "trainer_kwargs": {**fast, **variant.get("kwargs", {}), "max_steps": 12 if variant.get("profile") else steps},
             "speed_plan": chosen,
             "install": installer(chosen, shape),
             "cache": cache,
-            "warmup": 2 if variant.get("profile") else 4,  # the first steps compile: static, then dynamic shapes
+            "warmup": 4,  # the first steps compile: static, then dynamic shapes
             "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,
+            "reference_batches": variant.get("reference_batches", ()),
         }
+        if variant.get("profile"):
+            os.environ[PROFILE_ENV] = str(out / f"profile_{name}")
         try:
-            if variant.get("profile"):
-                from torch.profiler import ProfilerActivity, profile
-
-                train_run(**{**arguments, "trainer_kwargs": {**fast, "max_steps": 3}})  # compile outside the profile
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    run = train_run(**arguments)
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-                (out / f"throughput_profile_{name}.txt").write_text(table)
-                print(table, flush=True)
-            else:
-                run = train_run(**arguments)
+            run = train_run(**arguments)
             results[name] = {
                 k: run.get(k)
                 for k in (
@@ -534,13 +579,18 @@ def run_variants(cfg_params: dict, work: Path, out: Path, cache: CachedModel, sh
                     "peak_memory_gib",
                     "losses",
                     "grad_norms",
+                    "reference_pass",
+                    "reference_pass_by_batch",
                 )
+                if k in run
             }
         except Exception as error:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             cache.model = None
             reset_memory()
+        finally:
+            os.environ.pop(PROFILE_ENV, None)
         save(results)
     return results
 
@@ -740,6 +790,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None)
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--sections", default="training,generation,bertscore")
+    parser.add_argument("--variants", default=None, help=f"with --sections variants: some of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
 
     import torch
@@ -778,7 +829,7 @@ def main(argv=None) -> int:
         steps = (
             {"sft_fast": 6, "sft_seed": 3, "sft_low": 1, "dpo_fast": 3, "dpo_seed": 2}
             if args.tiny
-            else {"sft_fast": 24, "sft_seed": 6, "sft_low": 2, "dpo_fast": 12, "dpo_seed": 3}
+            else {"sft_fast": 48, "sft_seed": 6, "sft_low": 2, "dpo_fast": 24, "dpo_seed": 3}
         )
         data = write_instruction_data(
             Path(params["paths"]["prepared"]),
@@ -848,7 +899,8 @@ def main(argv=None) -> int:
                 save()
 
             try:
-                run_variants(params, work, out, cache, shape, steps["sft_fast"] // 2, save_variants)
+                chosen = args.variants.split(",") if args.variants else list(VARIANTS)
+                run_variants(params, work, out, cache, shape, steps["sft_fast"] // 2, save_variants, chosen)
             finally:
                 sft.load_model = dpo.load_model = load_model
                 cache.model = None

@@ -126,6 +126,73 @@ class LogThroughput(TrainerCallback):
         self.previous = (now, tokens)
 
 
+PROFILE_ENV = "STAGES_PROFILE"  # a folder: profile a few optimizer steps of sft/dpo there (see ProfileSteps)
+
+
+class ProfileSteps(TrainerCallback):
+    """Run the torch profiler over optimizer steps `first`..`first + count - 1` and write, per process, a table of the
+    busiest operations and a summary: wall time of those steps, kernel time, and the share of the wall the GPU was
+    busy with compute. Set STAGES_PROFILE=FOLDER to profile a stage as `dvc repro` runs it.
+
+    The later steps are profiled because the first ones compile (one shape, then dynamic shapes).
+    """
+
+    def __init__(self, folder: str, first: int = 8, count: int = 4):
+        self.folder, self.first, self.count = Path(folder), first, count
+        self.profiler = None
+        self.started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if state.global_step + 1 == self.first and self.profiler is None:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        from stages.launch import rank
+
+        if self.profiler is None or state.global_step != self.first + self.count - 1:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.started
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        on_device = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
+        kernels = sum(event.self_device_time_total for event in on_device) / 1e6
+        collectives = sum(event.self_device_time_total for event in on_device if "nccl" in event.key.lower()) / 1e6
+        summary = (
+            f"steps {self.first}-{state.global_step}: wall {wall:.3f} s ({wall / self.count:.3f} s per step), "
+            f"kernels {kernels:.3f} s of which collectives {collectives:.3f} s; "
+            f"GPU busy with compute {(kernels - collectives) / wall:.0%} of the wall\n"
+        )
+        tables = "".join(
+            f"\n--- sorted by {key}\n" + events.table(sort_by=key, row_limit=40)
+            for key in ("self_device_time_total", "self_cpu_time_total")
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"profile_rank{rank()}.txt").write_text(summary + tables)
+        print(f"profile: {summary.strip()} -> {self.folder / f'profile_rank{rank()}.txt'}", flush=True)
+        self.profiler = None
+
+
+def profile_callbacks() -> list[TrainerCallback]:
+    import os
+
+    folder = os.environ.get(PROFILE_ENV)
+    return [ProfileSteps(folder)] if folder else []
+
+
 def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None = None) -> list[TrainerCallback]:
     """Curves under metrics_dir/ (metrics.json + plots/metrics/*.tsv), kept out of dvc.yaml (dvcyaml=False), and
     `params` (what the stage resolved at run time, e.g. its GPU layout) in metrics_dir/params.yaml.
@@ -138,7 +205,7 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
     from stages.launch import is_main_process
 
     if not is_main_process():  # one writer: the other GPUs' processes only guard against NaNs
-        return [StopOnNonFiniteLoss()]
+        return [StopOnNonFiniteLoss(), *profile_callbacks()]
 
     from scmrepo.exceptions import SCMError
 
@@ -155,6 +222,7 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
         LogEveryStepToDvcLive(live),
         DVCLiveCallback(live=live),
         StopOnNonFiniteLoss(),
+        *profile_callbacks(),
     ]
 
 
