@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     cfg = validate_params(params)
     prepared = Path(cfg.paths.prepared)
     write_instruction_data(prepared, corpus_words(Path(params["paths"]["embedded"])), load_tokenizer(cfg.model),
-                           sft_rows=steps * EFFECTIVE_BATCH, pairs=8 * EFFECTIVE_BATCH, seed=0,
+                           sft_rows=steps * max(args.accumulations), pairs=8 * EFFECTIVE_BATCH, seed=0,
                            full_length_rows=0)  # fmt: skip
     write_jsonl(prepared / SFT_TEST, read_jsonl(prepared / SFT_TRAIN)[:96])
     write_jsonl(prepared / PREFERENCES_TEST, read_jsonl(prepared / PREFERENCES_TRAIN)[:16])

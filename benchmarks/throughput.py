@@ -512,7 +512,6 @@ EAGER_4BIT = {
 VARIANTS = {
     "fast": {},
     "fast_profiled": {"profile": True},
-    "fast_python_wrapper": {"plan": {"compiled_wrapper": "python"}},
     "fast_paged_adamw_8bit": {
         "kwargs": {"optim": "paged_adamw_8bit"},
         "plan": {"optimizer": "as written", "optimizer_waits": "none per tensor"},
@@ -527,7 +526,6 @@ VARIANTS = {
     "fast_effective_batch_32": {"trainer": {"gradient_accumulation_steps": 32}},
     "dpo_fast": {"stage": "dpo"},
     "dpo_profiled": {"stage": "dpo", "profile": True},
-    "dpo_python_wrapper": {"stage": "dpo", "plan": {"compiled_wrapper": "python"}},
     "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
     "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
 }

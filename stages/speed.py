@@ -154,7 +154,6 @@ class SpeedPlan:
     attention: str = "sdpa"  # the attention implementation the layout sets
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (see dequantize_base)
     optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
-    compiled_wrapper: str = "python"  # or "c++": what launches the compiled layers' kernels (see compile_decoder_layers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
 
 
@@ -280,7 +279,6 @@ def plan(
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
             f"(= the configured {per_device} x {accumulation})",
             compiled=True,
-            compiled_wrapper="c++",
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
             optimizer_waits="none per tensor" if runs_bnb else "as the optimizer does",
@@ -370,7 +368,7 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
         if chosen.compiled:
-            compile_decoder_layers(model, cpp_wrapper=chosen.compiled_wrapper == "c++")
+            compile_decoder_layers(model)
         if chosen.optimizer_waits == "none per tensor":
             unblock_bnb_optimizers()
         if chosen.mode == "fast" and chosen.checkpointing != "off":
@@ -397,7 +395,7 @@ def _no_wait(tensor) -> None:
     return None
 
 
-def compile_decoder_layers(model, cpp_wrapper: bool = False) -> int:
+def compile_decoder_layers(model) -> int:
     """Compile each decoder layer in place with torch.compile; returns how many.
 
     A QLoRA step in eager mode is bound by Python, not by the GPU: every decoder layer calls seven LoRA wrappers
@@ -417,12 +415,8 @@ def compile_decoder_layers(model, cpp_wrapper: bool = False) -> int:
     # A layer that fails to compile (an architecture or op the compiler cannot handle) runs eagerly, with the
     # compiler's warning in the log, instead of ending a training run: compiling is a speed-up, never a requirement.
     torch._dynamo.config.suppress_errors = True
-    # inductor's C++ wrapper launches the kernels of a compiled graph from C++ instead of generated Python: a LoRA
-    # layer's step is about 60 kernel launches and 56 matmuls, and at a few thousand tokens per batch their Python
-    # dispatch kept the GPU waiting (GPU busy 52% of the step in the H100 profile with the Python wrapper).
-    options = {"cpp_wrapper": True} if cpp_wrapper else None
     for layer in layers:
-        layer.compile(options=options)
+        layer.compile()
     return len(layers)
 
 
