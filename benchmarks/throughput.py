@@ -10,10 +10,10 @@ stages.metrics.bertscore_f1. The model is a random-weight Mistral-7B-v0.1 shape 
 and reused, so the benchmark measures steps rather than loading. The data are instruction-like: token lengths drawn
 log-normal (median about 250, a tail clipped at 1024), the text taken from the embedded corpus.
 
-Reported per configuration: non-padding tokens/s (TRL's own `num_tokens` count) over the steps after the first two,
-peak GPU memory (torch.cuda.max_memory_allocated), MFU against the H100's dense bf16 peak, loss and grad norms. The
-SFT seed and fast runs see the same examples in the same order at the same effective batch, so their per-step
-losses are compared (same math). Results go to OUT/throughput.json and OUT/throughput.md.
+Reported per configuration: non-padding tokens/s (TRL's own `num_tokens` count) over the steps after a warm-up that
+compiled no new graph, peak GPU memory (torch.cuda.max_memory_allocated), MFU against the H100's dense bf16 peak,
+loss and grad norms. The SFT seed and fast runs see the same examples in the same order at the same effective
+batch, so their per-step losses are compared (same math). Results go to OUT/throughput.json and OUT/throughput.md.
 """
 
 from __future__ import annotations
@@ -743,6 +743,7 @@ def markdown(result: dict) -> str:
                 if run["layout"] and run["layout"].get("compiled")
                 else ""
             )
+            + f", {t.get('optim')}"
         )
         losses = run["losses"]
         lines.append(
@@ -760,6 +761,30 @@ def markdown(result: dict) -> str:
             f"Same math (SFT seed vs fast, first {same['steps']} optimizer steps, same examples): largest "
             f"relative loss difference {same['max_relative_difference']} (tolerance {same['tolerance']})."
         )
+    dpo_fast = result.get("training", {}).get("dpo_fast", {})
+    if dpo_fast.get("reference_pass"):
+        lines.append(
+            f"DPO fast = 1 / (1 / training steps + 1 / reference pass): training steps "
+            f"{dpo_fast['tokens_per_s_training_only']:,.0f} tokens/s, TRL's reference pass "
+            f"{dpo_fast['reference_pass']['tokens_per_s']:,.0f} tokens/s."
+        )
+    lines.append(
+        "Rates are over the steps after the warm-up (4 steps for the fast layouts, 1 for the seed's, 0 for "
+        "low-memory) that compiled no new graph (compiling steps after the warm-up: "
+        + ", ".join(
+            f"{key} {run['compiling_steps_after_warmup']}"
+            for key, run in result.get("training", {}).items()
+            if isinstance(run, dict) and "compiling_steps_after_warmup" in run
+        )
+        + ")."
+    )
+    for key, run in result.get("variants", {}).items():
+        if "error" in run:
+            lines.append(f"- variant {key}: {run['error']}")
+        else:
+            lines.append(f"- variant {key}: {run['tokens_per_s']:,.0f} tokens/s, peak {run['peak_memory_gib']} GiB")
+    if result.get("carried_over"):
+        lines.append(f"- {result['carried_over']}")
     generation = result.get("generation", {})
     for key, run in generation.items():
         lines.append(

@@ -327,3 +327,25 @@ def test_the_fast_plan_keeps_a_bf16_copy_only_where_it_takes_a_quarter_of_the_gp
     assert on_80.memory_budget_gib == pytest.approx(
         (80 * GIB * 0.85 - static_bytes(MISTRAL_7B, quantized=True, dequantized=True)) / GIB, abs=0.01
     )
+
+
+def test_profile_steps_writes_a_table_of_the_chosen_steps_per_process(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from stages.training import PROFILE_ENV, ProfileSteps, profile_callbacks
+
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert profile_callbacks() == []
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profile"))
+    [callback] = profile_callbacks()
+    assert isinstance(callback, ProfileSteps)
+    callback.first, callback.count = 2, 2
+    weights = torch.randn(64, 64)
+    for step in range(4):  # Trainer order: on_step_begin, the step, then global_step += 1 and on_step_end
+        state = SimpleNamespace(global_step=step)
+        callback.on_step_begin(None, state, None)
+        (weights @ weights).sum()
+        state.global_step = step + 1
+        callback.on_step_end(None, state, None)
+    text = (tmp_path / "profile" / "profile_rank0.txt").read_text()
+    assert text.startswith("steps 2-3: wall ") and "aten::mm" in text and "sorted by self_cpu_time_total" in text
