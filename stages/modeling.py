@@ -31,6 +31,10 @@ MISTRAL_CHAT_TEMPLATE = (
 )
 
 
+# Name parts of the optimizers bitsandbytes provides (paged, 8-bit): they need CUDA.
+CUDA_ONLY_OPTIMIZERS = ("paged_", "8bit", "bnb")
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

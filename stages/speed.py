@@ -14,8 +14,9 @@ and loss normalisation of that run and changes only the layout:
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
   copy when that copy takes at most a quarter of the GPU, and AdamW as PyTorch's fused step (FUSED_ADAMW). Each
-  gives the same numbers as before, up to float rounding; what each bought is in benchmarks/results/
-  (throughput.md, and the profiles of the eager, compiled and fast steps).
+  gives the same numbers as before up to float rounding (the fused step's float32 states drop the 8-bit rounding
+  of bitsandbytes' states); what each bought is in benchmarks/results/ (throughput.md, and the profiles of the
+  eager, compiled and fast steps).
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from stages.errors import ConfigError
-from stages.training import CUDA_ONLY_OPTIMIZERS
+from stages.modeling import CUDA_ONLY_OPTIMIZERS
 
 GIB = 2**30
 # Bytes of saved activations per token per decoder layer, per unit of (hidden + intermediate) size, for a LoRA

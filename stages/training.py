@@ -11,9 +11,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from stages.errors import ConfigError, ProjectError
-from stages.modeling import has_cuda
-
-CUDA_ONLY_OPTIMIZERS = ("paged_", "8bit", "bnb")
+from stages.modeling import CUDA_ONLY_OPTIMIZERS, has_cuda
 
 
 def adapt_to_device(trainer_kwargs: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], list[str]]:
