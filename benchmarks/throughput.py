@@ -552,11 +552,12 @@ def run_variants(
         trainer = {**section.trainer, **variant.get("trainer", {})}
         fast, chosen = plan(stage, trainer, "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model))
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
+        run_steps = 12 if variant.get("profile") else steps  # ProfileSteps profiles steps 8-11
         arguments = {
             "name": f"variant_{name}",
             "stage": stage,
             "cfg": cfg,
-            "trainer_kwargs": {**fast, **variant.get("kwargs", {}), "max_steps": 12 if variant.get("profile") else steps},
+            "trainer_kwargs": {**fast, **variant.get("kwargs", {}), "max_steps": run_steps},
             "speed_plan": chosen,
             "install": installer(chosen, shape),
             "cache": cache,

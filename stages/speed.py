@@ -54,7 +54,9 @@ DEQUANTIZED_SHARE = 0.25
 # exist to save optimizer-state memory, which for a LoRA adapter is small (float32 states for 42M parameters:
 # 0.34 GB); the fused step keeps those states in float32, i.e. without 8-bit rounding.
 FUSED_ADAMW = "adamw_torch_fused"
-ADAMW_OPTIMIZERS = ("adamw_torch", FUSED_ADAMW, "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+ADAMW_OPTIMIZERS = (
+    "adamw_torch", FUSED_ADAMW, "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def test_fast_on_an_80_gb_gpu_is_one_real_batch_of_the_same_examples():
 
 
 def test_only_adamw_optimizers_are_swapped_for_the_fused_one():
-    for optim, runs in (("paged_lion_8bit", "paged_lion_8bit"), ("adafactor", "adafactor"), ("adamw_torch", "adamw_torch_fused")):
+    swaps = (("paged_lion_8bit", "paged_lion_8bit"), ("adafactor", "adafactor"), ("adamw_torch", "adamw_torch_fused"))
+    for optim, runs in swaps:
         kwargs, chosen = plan("sft", {**SEED, "optim": optim}, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
         assert kwargs["optim"] == runs
         assert chosen.optimizer == ("as written" if runs == optim else f"adamw_torch_fused (for {optim})")
