@@ -520,11 +520,14 @@ VARIANTS = {
         "kwargs": {"optim": "paged_adamw_8bit"},
         "plan": {"optimizer": "as written", "optimizer_waits": "as the optimizer does"},
     },
+    "fast_cpp_launcher": {"plan": {"kernel_launcher": "c++"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     "fast_4bit": {"plan": {"base_weights": "as loaded"}},
     "eager_4bit_sdpa": {"plan": EAGER_4BIT},
     "fast_effective_batch_32": {"trainer": {"gradient_accumulation_steps": 32}},
     "dpo_fast": {"stage": "dpo"},
+    "dpo_padded": {"stage": "dpo", "plan": {"padding_free": False}},
+    "dpo_cpp_launcher": {"stage": "dpo", "plan": {"kernel_launcher": "c++"}},
     "dpo_profiled": {"stage": "dpo", "profile": True},
     "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
     "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
@@ -543,6 +546,9 @@ def run_variants(
     results = {}
     adapter = work / "adapter_variants"
     for name in names:
+        import torch
+
+        torch._dynamo.reset()  # compile each variant afresh: dynamo's guards do not see inductor's options
         variant = VARIANTS[name]
         stage = variant.get("stage", "sft")
         cfg = config_of(cfg_params, **variant.get("config", {}))

@@ -158,6 +158,7 @@ class SpeedPlan:
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (see dequantize_base)
     optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
+    kernel_launcher: str = "python"  # or "c++": the code that runs a compiled layer's kernels (compile_decoder_layers)
 
 
 def _divisors_descending(n: int) -> list[int]:
@@ -274,7 +275,7 @@ def plan(
             "fast",
             batch,
             effective // batch,
-            stage == "sft",
+            True,
             checkpointing,
             worst,
             min(free_tokens, worst),
@@ -291,11 +292,12 @@ def plan(
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
 
 
-def checkpoint_as_needed(model, shape: ModelShape, budget: float) -> None:
+def checkpoint_as_needed(model, shape: ModelShape, budget: float, packs_padding: bool = False) -> None:
     """Before each training forward pass, checkpoint only as many decoder layers as the batch's size requires.
 
     Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
-    per-layer flags, so a short batch recomputes nothing.
+    per-layer flags, so a short batch recomputes nothing. With `packs_padding` (pack_padded_batches installed), a
+    padded batch that will be packed counts only its real tokens.
     """
     layers = _decoder_layers(model)
     if not layers:
@@ -306,7 +308,8 @@ def checkpoint_as_needed(model, shape: ModelShape, budget: float) -> None:
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
         if ids is None or not module.training:
             return None
-        tokens = int(ids.numel())
+        mask = kwargs.get("attention_mask")
+        tokens = int(mask.sum()) if packs_padding and _packable(ids, mask, kwargs) else int(ids.numel())
         bucket = math.ceil(tokens / 256) * 256
         if bucket not in cache:
             needed = layers_to_checkpoint(shape, bucket, budget)
@@ -371,13 +374,64 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
         if chosen.compiled:
-            compile_decoder_layers(model)
+            compile_decoder_layers(model, cpp_launcher=chosen.kernel_launcher == "c++")
         if chosen.optimizer_waits == "none per tensor":
             unblock_bnb_optimizers()
+        if chosen.padding_free:
+            pack_padded_batches(model.base_model)
         if chosen.mode == "fast" and chosen.checkpointing != "off":
-            checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB)
+            checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB, packs_padding=chosen.padding_free)
 
     return install
+
+
+def pack_padded_batches(backbone) -> None:
+    """Run the decoder stack on a right-padded batch as one padding-free row, and hand back the padded shape.
+
+    TRL 1.16's DPO collator pads chosen and rejected sequences to the longest of the batch (its own padding_free is
+    disabled), and its loss reads per-row log-probs of the padded shape. This wrapper around the backbone's forward
+    (the model minus its LM head) lays the rows' real tokens end to end with restarting position ids, so the
+    decoder layers see a block-diagonal causal mask and no padding, then scatters the hidden states back into the
+    padded rows (zeros at padding, where TRL's labels are -100 and nothing is scored). Each real token meets the
+    same weights, positions and attended tokens as in the padded batch, so the log-probs are the padded run's up to
+    float rounding (tests/test_speed.py), for the training steps and the reference pass alike. Batches without
+    padding, left-padded ones, packed ones (position ids given) and cached generation run unchanged.
+    """
+    padded_forward = backbone.forward
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        if not _packable(input_ids, attention_mask, kwargs):
+            return padded_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        real = attention_mask.bool()
+        position_ids = (attention_mask.cumsum(dim=1) - 1)[real].unsqueeze(0)
+        kwargs.pop("position_ids", None)  # None (checked): the packed row's own take its place
+        outputs = padded_forward(input_ids=input_ids[real].unsqueeze(0), position_ids=position_ids, **kwargs)
+        packed = outputs.last_hidden_state
+        hidden = packed.new_zeros(*real.shape, packed.size(-1))
+        hidden[real] = packed[0]
+        outputs.last_hidden_state = hidden
+        return outputs
+
+    backbone.forward = forward
+
+
+def _packable(input_ids, attention_mask, kwargs) -> bool:
+    """A right-padded 2-D batch with padding, no cache, positions or embeddings of its own, no extra outputs."""
+    if input_ids is None or attention_mask is None or attention_mask.dim() != 2:
+        return False
+    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        return False
+    if any(kwargs.get(key) is not None for key in ("position_ids", "inputs_embeds", "cache_position")):
+        return False
+    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+        return False
+    import torch
+
+    padding = attention_mask == 0
+    # Right padding only: once a row has padding it has nothing else (left padding shifts the padded run's
+    # positions, so packing would not be the same computation). Both checks in one device-to-host copy.
+    has_padding, left_padded = torch.stack([padding.any(), (padding[:, :-1] & ~padding[:, 1:]).any()]).tolist()
+    return has_padding and not left_padded
 
 
 def unblock_bnb_optimizers() -> None:
@@ -398,7 +452,7 @@ def _no_wait(tensor) -> None:
     return None
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, cpp_launcher: bool = False) -> int:
     """Compile each decoder layer in place with torch.compile; returns how many.
 
     A QLoRA step in eager mode is bound by Python, not by the GPU: every decoder layer calls seven LoRA wrappers
@@ -408,6 +462,10 @@ def compile_decoder_layers(model) -> int:
     compiled graph (torch's "regional compilation"), so compiling costs one layer's time, paid in the first steps;
     batches of new lengths reuse it through dynamic shapes. Compiling in place keeps the modules, hooks and the
     per-layer checkpointing flags where PEFT and the Trainer expect them.
+
+    `cpp_launcher`: inductor writes each graph's launch code (its buffer allocations, matmul calls and kernel
+    launches) in C++ instead of Python. Its kernels are then built when first run, and compiled artifacts are not
+    shared between processes (a C++ graph loaded from the cache of an earlier process failed on its first call).
     """
     import torch
 
@@ -418,8 +476,12 @@ def compile_decoder_layers(model) -> int:
     # A layer that fails to compile (an architecture or op the compiler cannot handle) runs eagerly, with the
     # compiler's warning in the log, instead of ending a training run: compiling is a speed-up, never a requirement.
     torch._dynamo.config.suppress_errors = True
+    options = None
+    if cpp_launcher:
+        options = {"cpp_wrapper": True, "triton.autotune_at_compile_time": False}
+        torch.compiler.config.force_disable_caches = True
     for layer in layers:
-        layer.compile()
+        layer.compile(options=options)
     return len(layers)
 
 

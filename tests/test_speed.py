@@ -27,6 +27,7 @@ from stages.speed import (
     installer,
     layers_to_checkpoint,
     model_shape,
+    pack_padded_batches,
     plan,
     speed_record,
     static_bytes,
@@ -85,11 +86,12 @@ def test_only_adamw_optimizers_are_swapped_for_the_fused_one():
     assert kwargs["optim"] == "paged_adamw_8bit" and chosen.optimizer == "as written"  # memory first
 
 
-def test_fast_dpo_batches_pairs_and_stays_padded():
+def test_fast_dpo_batches_pairs_and_packs_them_inside_the_model():
     dpo_seed = {**SEED, "max_length": 1024}
     kwargs, chosen = plan("dpo", dpo_seed, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 8
-    assert "padding_free" not in kwargs and chosen.padding_free is False
+    # TRL's collator still pads (its padding_free is disabled in 1.16); pack_padded_batches removes the padding.
+    assert "padding_free" not in kwargs and chosen.padding_free is True
     assert chosen.max_tokens_per_batch == kwargs["per_device_train_batch_size"] * 2 * 1024
 
 
@@ -153,6 +155,152 @@ def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
     assert [layer.gradient_checkpointing for layer in layers] == [i < needed for i in range(len(layers))]
     model(input_ids=torch.ones(2, 100, dtype=torch.long))  # 200 tokens: nothing to checkpoint
     assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.randint(3, vocab, (len(lengths), width), generator=generator)
+    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask}
+
+
+def record_layer_inputs(model) -> list[tuple[int, int]]:
+    """(rows, tokens) of each batch the first decoder layer receives."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = []
+    first = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+    first.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[:2])))
+    return calls
+
+
+def test_a_packed_padded_batch_gives_the_padded_batchs_log_probs_and_gradients(tiny_project):
+    """What TRL's DPO loss reads (per-token log-probs through its fused LM head) and what training changes (the LoRA
+    gradients), with and without packing: equal at every real token."""
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from stages.modeling import build_lora_config, load_model
+
+    cfg = load_config(tiny_project.params_path)
+    lora = dataclasses.replace(cfg.lora, dropout=0.0)
+    batch = right_padded_batch([37, 5, 64, 20, 64, 1], vocab=100)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :3] = -100  # a prompt, as in TRL's completion-only labels
+
+    def run(packed: bool):
+        torch.manual_seed(0)
+        base = load_model(cfg.model, for_training=True).float()
+        add_fused_lm_head(base)
+        calls = record_layer_inputs(base)
+        if packed:
+            pack_padded_batches(base.base_model)
+        model = get_peft_model(base, build_lora_config(lora))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # nonzero B, so the LoRA A matrices get gradients too
+                torch.nn.init.normal_(parameter, std=0.02)
+        out = model(**batch, labels=labels, use_cache=False, fused_lm_head=True)
+        (-out.log_probs.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.log_probs.detach(), grads, calls
+
+    padded_logps, padded_grads, _ = run(packed=False)
+    packed_logps, packed_grads, calls = run(packed=True)
+    assert calls == [(1, sum([37, 5, 64, 20, 64, 1]))]  # one padding-free row went through the layers
+    assert packed_logps.shape == padded_logps.shape
+    assert (padded_logps[labels[:, 1:] != -100] != 0).all()
+    torch.testing.assert_close(packed_logps, padded_logps, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 0
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_batches_that_packing_would_change_run_as_they_are(tiny_project):
+    from stages.modeling import load_model
+
+    cfg = load_config(tiny_project.params_path)
+    model = load_model(cfg.model, for_training=False).float()
+    batch = right_padded_batch([9, 4], vocab=100)
+    left = {key: value.flip(1) for key, value in batch.items()}  # left padding: the padded run's positions differ
+    full = right_padded_batch([6, 6], vocab=100)  # no padding: nothing to gain
+    with torch.no_grad():
+        unpacked = [model.base_model(**inputs).last_hidden_state for inputs in (left, full)]
+        pack_padded_batches(model.base_model)
+        calls = record_layer_inputs(model)
+        for inputs, expected in zip((left, full), unpacked):
+            torch.testing.assert_close(model.base_model(**inputs).last_hidden_state, expected)
+        model.base_model(**batch)
+    assert calls == [(2, 9), (2, 6), (1, 13)]
+
+
+def test_the_hook_counts_only_the_real_tokens_of_a_batch_that_will_be_packed(tiny_project):
+    from stages.modeling import load_model
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cfg = load_config(tiny_project.params_path)
+    model = load_model(cfg.model, for_training=True, gradient_checkpointing=True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    shape = model_shape(cfg.model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    budget = batch_bytes(shape, 512, 1)
+    checkpoint_as_needed(model, shape, budget, packs_padding=True)
+    pack_padded_batches(model.base_model)
+    model.train()
+    model(**right_padded_batch([500, 1], vocab=100))  # 1,000 padded tokens (2 layers), 501 real: one layer
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    model(**right_padded_batch([200, 1, 1, 1], vocab=100))  # 800 padded tokens, 203 real: none
+    assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_path, monkeypatch):
+    """The dpo stage's trainer over three steps, TRL's precomputed reference pass included, padded and packed."""
+    from peft import get_peft_model
+    from trl import DPOConfig
+
+    from stages import dpo
+    from stages.modeling import build_lora_config, load_model
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tiny_project.params_path)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    start = tmp_path / "start-adapter"
+    torch.manual_seed(0)
+    start_model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
+    for name, parameter in start_model.named_parameters():
+        if "lora_B" in name:  # an SFT adapter that moved: the reference is not the adapter-free base
+            torch.nn.init.normal_(parameter, std=0.02)
+    start_model.save_pretrained(start)
+    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(start)))
+    written = {
+        **cfg.dpo.trainer,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 3,
+        "save_steps": 1000,
+        "activation_checkpointing": False,
+    }
+    shape = model_shape(cfg.model)
+    fast, chosen = plan("dpo", written, "fast", shape, 80 * GIB, quantized=False)
+    assert fast["precompute_ref_log_probs"] is True and chosen.padding_free
+    eager = dataclasses.replace(chosen, compiled=False, attention="sdpa")  # flex attention has no CPU backward
+
+    def run(name, layout):
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, dpo_metrics=str(tmp_path / name)))
+        args = trainer_args(DPOConfig, "dpo", fast, str(tmp_path / f"{name}-checkpoints"))
+        trainer = dpo.build_trainer(run_cfg, args, resume=False, speed=layout, install=installer(layout, shape))
+        reference = list(trainer.train_dataset["ref_chosen_logps"])
+        calls = record_layer_inputs(trainer.model)
+        trainer.train()
+        assert {rows for rows, _ in calls} == {1 if layout.padding_free else 8}  # 4 pairs: chosen + rejected rows
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], reference
+
+    padded_losses, padded_reference = run("padded", dataclasses.replace(eager, padding_free=False))
+    packed_losses, packed_reference = run("packed", eager)
+    assert len(padded_losses) == 3
+    assert packed_reference == pytest.approx(padded_reference, rel=1e-4)
+    assert packed_losses == pytest.approx(padded_losses, rel=1e-4)
+    assert padded_losses[-1] != pytest.approx(padded_losses[0], rel=1e-3)  # training moved the policy
 
 
 def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_path, monkeypatch):
