@@ -464,8 +464,8 @@ def compile_decoder_layers(model, cpp_launcher: bool = False) -> int:
     per-layer checkpointing flags where PEFT and the Trainer expect them.
 
     `cpp_launcher`: inductor writes each graph's launch code (its buffer allocations, matmul calls and kernel
-    launches) in C++ instead of Python. Its kernels are then built when first run, and compiled artifacts are not
-    shared between processes (a C++ graph loaded from the cache of an earlier process failed on its first call).
+    launches) in C++ instead of Python. Compiled artifacts are then not shared between processes: a C++ graph
+    compiled from kernels that an earlier process had cached failed (CudaKernelParamCache not populated).
     """
     import torch
 
@@ -478,7 +478,7 @@ def compile_decoder_layers(model, cpp_launcher: bool = False) -> int:
     torch._dynamo.config.suppress_errors = True
     options = None
     if cpp_launcher:
-        options = {"cpp_wrapper": True, "triton.autotune_at_compile_time": False}
+        options = {"cpp_wrapper": True}
         torch.compiler.config.force_disable_caches = True
     for layer in layers:
         layer.compile(options=options)
