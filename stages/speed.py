@@ -158,7 +158,6 @@ class SpeedPlan:
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (see dequantize_base)
     optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
-    kernel_launcher: str = "python"  # or "c++": the code that runs a compiled layer's kernels (compile_decoder_layers)
 
 
 def _divisors_descending(n: int) -> list[int]:
@@ -374,7 +373,7 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
         if chosen.compiled:
-            compile_decoder_layers(model, cpp_launcher=chosen.kernel_launcher == "c++")
+            compile_decoder_layers(model)
         if chosen.optimizer_waits == "none per tensor":
             unblock_bnb_optimizers()
         if chosen.padding_free:
@@ -452,7 +451,7 @@ def _no_wait(tensor) -> None:
     return None
 
 
-def compile_decoder_layers(model, cpp_launcher: bool = False) -> int:
+def compile_decoder_layers(model) -> int:
     """Compile each decoder layer in place with torch.compile; returns how many.
 
     A QLoRA step in eager mode is bound by Python, not by the GPU: every decoder layer calls seven LoRA wrappers
@@ -462,10 +461,6 @@ def compile_decoder_layers(model, cpp_launcher: bool = False) -> int:
     compiled graph (torch's "regional compilation"), so compiling costs one layer's time, paid in the first steps;
     batches of new lengths reuse it through dynamic shapes. Compiling in place keeps the modules, hooks and the
     per-layer checkpointing flags where PEFT and the Trainer expect them.
-
-    `cpp_launcher`: inductor writes each graph's launch code (its buffer allocations, matmul calls and kernel
-    launches) in C++ instead of Python. Compiled artifacts are then not shared between processes: a C++ graph
-    compiled from kernels that an earlier process had cached failed (CudaKernelParamCache not populated).
     """
     import torch
 
@@ -476,12 +471,8 @@ def compile_decoder_layers(model, cpp_launcher: bool = False) -> int:
     # A layer that fails to compile (an architecture or op the compiler cannot handle) runs eagerly, with the
     # compiler's warning in the log, instead of ending a training run: compiling is a speed-up, never a requirement.
     torch._dynamo.config.suppress_errors = True
-    options = None
-    if cpp_launcher:
-        options = {"cpp_wrapper": True}
-        torch.compiler.config.force_disable_caches = True
     for layer in layers:
-        layer.compile(options=options)
+        layer.compile()
     return len(layers)
 
 
