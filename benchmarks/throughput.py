@@ -543,6 +543,8 @@ def run_variants(
 
     results = {}
     adapter = work / "adapter_variants"
+    if not adapter.exists() and (work / "adapter_fast").exists():  # the training section's SFT adapter
+        adapter = work / "adapter_fast"
     for name in names:
         import torch
 
