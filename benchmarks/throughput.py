@@ -721,6 +721,14 @@ def run_bertscore(
 # ---------------------------------------------------------------------------------------------- report
 
 
+def padding_of(trainer: dict, layout: dict | None) -> str:
+    if trainer.get("padding_free"):
+        return "padding-free"
+    if layout and layout.get("padding_free"):  # stages.speed.pack_padded_batches: TRL pads, the model packs
+        return "padding-free (packed in the model)"
+    return "padded"
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# Throughput: seed layout vs `speed: fast` (benchmarks/throughput.py)",
@@ -742,7 +750,7 @@ def markdown(result: dict) -> str:
         t = run["trainer"]
         layout = (
             f"{t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']}, "
-            f"{'padding-free' if t.get('padding_free') else 'padded'}, checkpointing "
+            f"{padding_of(t, run['layout'])}, checkpointing "
             f"{run['layout']['checkpointing'] if run['layout'] else t['activation_checkpointing']}"
             + (", ref log-probs precomputed" if t.get("precompute_ref_log_probs") else "")
             + (
@@ -789,7 +797,13 @@ def markdown(result: dict) -> str:
         if "error" in run:
             lines.append(f"- variant {key}: {run['error']}")
         else:
-            lines.append(f"- variant {key}: {run['tokens_per_s']:,.0f} tokens/s, peak {run['peak_memory_gib']} GiB")
+            parts = ""
+            if run.get("reference_pass"):
+                parts = (f" (training steps {run['tokens_per_s_training_only']:,.0f}, reference pass "
+                         f"{run['reference_pass']['tokens_per_s']:,.0f})")  # fmt: skip
+            lines.append(
+                f"- variant {key}: {run['tokens_per_s']:,.0f} tokens/s{parts}, peak {run['peak_memory_gib']} GiB"
+            )
     if result.get("carried_over"):
         lines.append(f"- {result['carried_over']}")
     generation = result.get("generation", {})
