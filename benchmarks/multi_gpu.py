@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -66,9 +67,11 @@ class GpuMemoryPoller:
         self.thread.join()
 
 
-def run_stage(args: list[str], params: dict, params_path: Path, cwd: Path, env: dict) -> dict:
-    """Runs the stage, its output streamed to LOGS/NAME.log as it goes (a run cut off by a time limit leaves its
-    log behind, with the stage's per-step lines)."""
+def run_stage(
+    args: list[str], params: dict, params_path: Path, cwd: Path, env: dict, timeout: float | None = None
+) -> dict:
+    """Runs the stage, its output streamed to LOGS/NAME.log as it goes. After `timeout` seconds the stage is sent
+    SIGABRT, on which Python's faulthandler writes every thread's stack to that log: where a stalled run was."""
     params_path.write_text(json.dumps(params))
     command = [sys.executable, "-m", *args, str(params_path)]
     print(f"$ {' '.join(command)}", flush=True)
@@ -76,7 +79,15 @@ def run_stage(args: list[str], params: dict, params_path: Path, cwd: Path, env: 
     log_path = LOGS / f"{params_path.stem}.log"
     started = time.perf_counter()
     with GpuMemoryPoller() as poller, log_path.open("w") as log:
-        returncode = subprocess.run(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        stage = subprocess.Popen(
+            command, cwd=cwd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            returncode = stage.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stage.send_signal(signal.SIGABRT)
+            stage.wait()
+            raise RuntimeError(f"{' '.join(args)} still running after {timeout:.0f} s; stacks in {log_path}")
     seconds = time.perf_counter() - started
     tail = log_path.read_text()[-4000:]
     if returncode != 0:
@@ -160,6 +171,7 @@ def main(argv=None) -> int:
         default=[EFFECTIVE_BATCH],
         help="effective batches (examples per optimizer step) to compare 1 and 2 GPUs at; the seed's is 8",
     )
+    parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's stacks are dumped")
     parser.add_argument(
         "--skip", default="", help="comma-separated parts to leave out: dpo, generate, sft_1gpu, sft_2gpu"
     )
@@ -240,7 +252,8 @@ def main(argv=None) -> int:
             for processes in counts:
                 name = f"{processes}gpu{suffix}"
                 run_params = variant(processes, name, sft__trainer=trainer)
-                run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env)
+                run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env,
+                                timeout=args.stage_timeout)  # fmt: skip
                 run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes,
                            effective_batch=accumulation)  # fmt: skip
                 result["sft"][name] = run
