@@ -6,8 +6,9 @@ and loss normalisation of that run and changes only the layout:
 
 - one real batch of (per-device batch x accumulation) examples instead of accumulated micro-batches (transformers
   normalises the loss by the tokens of the whole optimizer step either way, so the gradients are the same);
-- SFT batches are padding-free: examples are laid end to end with restarting position ids, which transformers turns
-  into a block-diagonal causal mask, so no example attends to another and no compute goes to padding;
+- batches are padding-free: examples are laid end to end with restarting position ids, which transformers turns
+  into a block-diagonal causal mask, so no example attends to another and no compute goes to padding (SFT through
+  TRL's padding-free collator; DPO, whose TRL 1.16 collator always pads, through pack_padded_batches);
 - activation checkpointing only for the layers and batches that need it: before each forward pass the batch's
   token count decides how many decoder layers recompute their activations, so short batches run at full speed and
   the longest possible batch still fits;
@@ -22,7 +23,7 @@ and loss normalisation of that run and changes only the layout:
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
 decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit: on the H100 benchmark
 (benchmarks/throughput.py) the fast SFT layout, with the bf16 copy and checkpointing nothing below 4,736 tokens per
-batch, peaked at 46.4 GiB of 80.
+batch, peaked at 45.0 GiB of 80.
 """
 
 from __future__ import annotations
@@ -175,9 +176,9 @@ def plan(
 ) -> tuple[dict[str, Any], SpeedPlan]:
     """The trainer keywords for `requested` speed, and the plan that explains them.
 
-    stage is "sft" (padding-free batches of single sequences) or "dpo" (padded batches of chosen + rejected pairs,
-    TRL 1.16 having no padding-free DPO). Without a GPU, or with `as_written`, the keywords are returned unchanged,
-    except that with `world` processes each one takes its share of every optimizer step.
+    stage is "sft" (padding-free batches of single sequences) or "dpo" (batches of chosen + rejected pairs, which
+    TRL pads and pack_padded_batches packs). Without a GPU, or with `as_written`, the keywords are returned
+    unchanged, except that with `world` processes each one takes its share of every optimizer step.
     """
     per_device = int(trainer.get("per_device_train_batch_size", 8))
     accumulation = int(trainer.get("gradient_accumulation_steps", 1))
@@ -363,7 +364,7 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
 
 def installer(chosen: SpeedPlan, shape: ModelShape | None):
     """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, compiled layers, optimizer waits,
-    per-batch checkpointing hook)."""
+    packing of padded batches, per-batch checkpointing hook)."""
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
