@@ -137,7 +137,9 @@ def test_memory_model_checkpoints_more_layers_for_longer_batches_and_never_excee
     assert layers_to_checkpoint(MISTRAL_7B, 10**7, budget) is None
 
 
-def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
+def checkpointable_tiny_model(tiny_project):
+    """(model with checkpointing enabled, its shape, its decoder layers, a budget that fits 512 tokens with one
+    layer checkpointed)."""
     from stages.modeling import load_model
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -146,7 +148,11 @@ def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     shape = model_shape(cfg.model)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    budget = batch_bytes(shape, 512, 1)  # 512 tokens fit with one layer checkpointed
+    return model, shape, layers, batch_bytes(shape, 512, 1)
+
+
+def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
+    model, shape, layers, budget = checkpointable_tiny_model(tiny_project)
     needed = layers_to_checkpoint(shape, 512, budget)
     assert needed == 1 and len(layers) == 2
     checkpoint_as_needed(model, shape, budget)
@@ -235,15 +241,7 @@ def test_batches_that_packing_would_change_run_as_they_are(tiny_project):
 
 
 def test_the_hook_counts_only_the_real_tokens_of_a_batch_that_will_be_packed(tiny_project):
-    from stages.modeling import load_model
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    cfg = load_config(tiny_project.params_path)
-    model = load_model(cfg.model, for_training=True, gradient_checkpointing=True)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    shape = model_shape(cfg.model)
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    budget = batch_bytes(shape, 512, 1)
+    model, shape, layers, budget = checkpointable_tiny_model(tiny_project)
     checkpoint_as_needed(model, shape, budget, packs_padding=True)
     pack_padded_batches(model.base_model)
     model.train()
