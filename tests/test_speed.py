@@ -251,6 +251,18 @@ def test_the_hook_counts_only_the_real_tokens_of_a_batch_that_will_be_packed(tin
     assert not any(layer.gradient_checkpointing for layer in layers)
 
 
+def three_steps(trainer: dict, batch: int, accumulation: int) -> dict:
+    """`trainer` for a 3-step test run of `batch` x `accumulation`, without checkpointing or saved checkpoints."""
+    return {
+        **trainer,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
+        "max_steps": 3,
+        "save_steps": 1000,
+        "activation_checkpointing": False,
+    }
+
+
 def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_path, monkeypatch):
     """The dpo stage's trainer over three steps, TRL's precomputed reference pass included, padded and packed."""
     from peft import get_peft_model
@@ -270,14 +282,7 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
             torch.nn.init.normal_(parameter, std=0.02)
     start_model.save_pretrained(start)
     cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(start)))
-    written = {
-        **cfg.dpo.trainer,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 3,
-        "save_steps": 1000,
-        "activation_checkpointing": False,
-    }
+    written = three_steps(cfg.dpo.trainer, batch=4, accumulation=1)
     shape = model_shape(cfg.model)
     fast, chosen = plan("dpo", written, "fast", shape, 80 * GIB, quantized=False)
     assert fast["precompute_ref_log_probs"] is True and chosen.padding_free
@@ -309,14 +314,7 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
     cfg = load_config(tiny_project.params_path)
     # No LoRA dropout: its random masks depend on the batch layout, and this test compares exact arithmetic.
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
-    seed = {
-        **cfg.sft.trainer,
-        "per_device_train_batch_size": 1,
-        "gradient_accumulation_steps": 4,
-        "max_steps": 3,
-        "save_steps": 1000,
-        "activation_checkpointing": False,
-    }
+    seed = three_steps(cfg.sft.trainer, batch=1, accumulation=4)
     shape = model_shape(cfg.model)
     fast, chosen = plan("sft", seed, "fast", shape, 80 * GIB, quantized=False)
     assert (fast["per_device_train_batch_size"], fast["gradient_accumulation_steps"], fast["padding_free"]) == (
