@@ -537,6 +537,8 @@ def run_variants(
 ) -> dict:
     """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
     after it); `*_profiled` runs stages.training.ProfileSteps over steps 8-11, writing OUT/profile_NAME/."""
+    import torch
+
     from stages.modeling import use_4bit
     from stages.speed import GIB, gpu_memory_bytes, installer, plan
     from stages.training import PROFILE_ENV
@@ -546,8 +548,6 @@ def run_variants(
     if not adapter.exists() and (work / "adapter_fast").exists():  # the training section's SFT adapter
         adapter = work / "adapter_fast"
     for name in names:
-        import torch
-
         torch._dynamo.reset()  # compile each variant afresh: dynamo's guards do not see inductor's options
         variant = VARIANTS[name]
         stage = variant.get("stage", "sft")
