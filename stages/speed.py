@@ -28,6 +28,7 @@ batch, peaked at 45.0 GiB of 80.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -292,12 +293,15 @@ def plan(
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
 
 
-def checkpoint_as_needed(model, shape: ModelShape, budget: float, packs_padding: bool = False) -> None:
+def checkpoint_as_needed(
+    model, shape: ModelShape, budget: float, packs_padding: bool = False, compiled: bool = False
+) -> None:
     """Before each training forward pass, checkpoint only as many decoder layers as the batch's size requires.
 
     Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
     per-layer flags, so a short batch recomputes nothing. With `packs_padding` (pack_padded_batches installed), a
-    padded batch that will be packed counts only its real tokens.
+    padded batch that will be packed counts only its real tokens. With `compiled` (compile_decoder_layers), a
+    checkpointed layer recomputes through its compiled forward (see recompute_compiled).
     """
     layers = _decoder_layers(model)
     if not layers:
@@ -316,9 +320,43 @@ def checkpoint_as_needed(model, shape: ModelShape, budget: float, packs_padding:
             cache[bucket] = len(layers) if needed is None else min(needed, len(layers))
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = index < cache[bucket]
+            if compiled and layer.gradient_checkpointing:
+                recompute_compiled(layer)
         return None
 
     model.register_forward_pre_hook(choose, with_kwargs=True)
+
+
+def recompute_compiled(layer) -> None:
+    """Checkpoint a compiled decoder layer around its compiled forward instead of inside it.
+
+    Compiled whole, a checkpointed layer puts torch's checkpoint into the graph, and on the H100 (torch 2.11, flex
+    attention, LoRA) inductor failed to partition it ("Node ... was invalid, but is output"), so every checkpointed
+    layer ran eagerly: 32 examples per step ran at 7,405 tokens/s against 10,125 at 8. Here the checkpoint stays
+    eager (hidden from the compiler) and calls the layer's forward compiled on its own, the graph the layer runs
+    without checkpointing; the layer's own checkpoint function (with its settings) still decides what is kept.
+    """
+    checkpoint = layer._gradient_checkpointing_func
+    if getattr(checkpoint, "recomputes_compiled", False):
+        return
+    import torch
+
+    @torch.compiler.disable
+    def checkpoint_compiled_forward(forward, *args):  # forward: functools.partial(Layer.forward, layer, **kwargs)
+        return checkpoint(functools.partial(_compiled(forward.func), *forward.args, **forward.keywords), *args)
+
+    checkpoint_compiled_forward.recomputes_compiled = True
+    layer._gradient_checkpointing_func = checkpoint_compiled_forward
+
+
+def torch_compiled_forward(forward):
+    """torch.compile of a layer class's forward: one function, shared by all the class's layers."""
+    import torch
+
+    return torch.compile(forward)
+
+
+_compiled = functools.cache(torch_compiled_forward)
 
 
 def gpu_memory_bytes() -> int | None:
@@ -380,7 +418,8 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
         if chosen.padding_free:
             pack_padded_batches(model.base_model)
         if chosen.mode == "fast" and chosen.checkpointing != "off":
-            checkpoint_as_needed(model, shape, chosen.memory_budget_gib * GIB, packs_padding=chosen.padding_free)
+            budget = chosen.memory_budget_gib * GIB
+            checkpoint_as_needed(model, shape, budget, packs_padding=chosen.padding_free, compiled=chosen.compiled)
 
     return install
 
@@ -395,24 +434,115 @@ def pack_padded_batches(backbone) -> None:
     padded rows (zeros at padding, where TRL's labels are -100 and nothing is scored). Each real token meets the
     same weights, positions and attended tokens as in the padded batch, so the log-probs are the padded run's up to
     float rounding (tests/test_speed.py), for the training steps and the reference pass alike. Batches without
-    padding, left-padded ones, packed ones (position ids given) and cached generation run unchanged.
+    padding, left-padded ones and cached generation run unchanged.
+
+    Under flex attention, every padding-free row (packed here, or by TRL's SFT collator) gets its block mask from
+    document_block_mask instead of transformers' compiled create_block_mask: on an H100 that compile stalled in
+    ptxas for over 5 minutes on the first row of about 11,000 tokens (32 examples per step).
     """
     padded_forward = backbone.forward
+    window = _uniform_sliding_window(backbone.config)
 
     def forward(input_ids=None, attention_mask=None, **kwargs):
-        if not _packable(input_ids, attention_mask, kwargs):
-            return padded_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        real = attention_mask.bool()
-        position_ids = (attention_mask.cumsum(dim=1) - 1)[real].unsqueeze(0)
-        kwargs.pop("position_ids", None)  # None (checked): the packed row's own take its place
-        outputs = padded_forward(input_ids=input_ids[real].unsqueeze(0), position_ids=position_ids, **kwargs)
-        packed = outputs.last_hidden_state
-        hidden = packed.new_zeros(*real.shape, packed.size(-1))
-        hidden[real] = packed[0]
-        outputs.last_hidden_state = hidden
-        return outputs
+        if kwargs.get("use_cache") is None:  # the config's default decides, as in the model's own forward
+            kwargs["use_cache"] = bool(getattr(backbone.config, "use_cache", False))
+        if _packable(input_ids, attention_mask, kwargs):
+            real = attention_mask.bool()
+            kwargs["position_ids"] = (attention_mask.cumsum(dim=1) - 1)[real].unsqueeze(0)
+            kwargs["attention_mask"] = _block_mask_for(backbone, window, kwargs)
+            outputs = padded_forward(input_ids=input_ids[real].unsqueeze(0), **kwargs)
+            packed = outputs.last_hidden_state
+            hidden = packed.new_zeros(*real.shape, packed.size(-1))
+            hidden[real] = packed[0]
+            outputs.last_hidden_state = hidden
+            return outputs
+        if attention_mask is None and _is_padding_free_row(kwargs):
+            attention_mask = _block_mask_for(backbone, window, kwargs)
+        return padded_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     backbone.forward = forward
+
+
+_NO_MASK_OF_OURS = object()  # the model's attention or layer types need transformers' own mask
+
+
+def _uniform_sliding_window(config):
+    """The sliding window every layer uses (None: full causal attention), or _NO_MASK_OF_OURS when layers differ."""
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if len(layer_types) > 1 or layer_types - {"full_attention", "sliding_attention"}:
+        return _NO_MASK_OF_OURS
+    if layer_types == {"full_attention"}:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _block_mask_for(backbone, window, kwargs):
+    """document_block_mask for the row's position ids under flex attention; None (transformers builds it) otherwise."""
+    if window is _NO_MASK_OF_OURS or backbone.config._attn_implementation != "flex_attention":
+        return None
+    return document_block_mask(kwargs["position_ids"], window)
+
+
+def _is_padding_free_row(kwargs) -> bool:
+    """Position ids given (documents laid end to end), nothing cached, no embeddings of its own."""
+    if kwargs.get("position_ids") is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        return False
+    return kwargs.get("inputs_embeds") is None and kwargs.get("cache_position") is None
+
+
+def document_block_mask(position_ids, sliding_window: int | None = None, block_size: int = 128):
+    """Flex attention's BlockMask for rows of documents laid end to end: causal within each document, and within
+    `sliding_window` tokens when the model has one. A document starts wherever a position id is not the previous
+    one plus 1 (transformers' rule for packed rows).
+
+    Built from per-block ranges of document ids, a few small tensor operations with no compilation: a block of
+    queries and one of keys are empty when they share no document, lie wholly in each other's future, or lie
+    wholly outside the window; full when both lie in one document with every key at or before every query and
+    within the window (blocks at a ragged end are never full, as in create_block_mask); partial otherwise, where
+    the kernel evaluates the per-token rule exactly. Empty and full are exact, so the attention is the per-token
+    rule's; the layout equals torch's create_block_mask for the same rule (tests/test_speed.py).
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, length = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    document = starts.cumsum(dim=1)  # (rows, length), from 1
+    blocks = math.ceil(length / block_size)
+    padded = torch.cat([document, document[:, -1:].expand(rows, blocks * block_size - length)], dim=1)
+    per_block = padded.view(rows, blocks, block_size)
+    low, high = per_block.amin(dim=-1), per_block.amax(dim=-1)  # (rows, blocks)
+
+    first = torch.arange(blocks, device=position_ids.device) * block_size
+    last = torch.clamp(first + block_size - 1, max=length - 1)
+    complete = (last - first + 1) == block_size
+    q_first, q_last, k_first, k_last = first[:, None], last[:, None], first[None, :], last[None, :]
+    shares_document = (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+    any_allowed = shares_document & (k_first <= q_last)
+    one_document = (low == high)[:, :, None] & (low == high)[:, None, :] & (low[:, :, None] == low[:, None, :])
+    all_allowed = one_document & (k_last <= q_first) & (complete[:, None] & complete[None, :])
+    if sliding_window is not None:
+        any_allowed &= (q_first - k_last) < sliding_window
+        all_allowed &= (q_last - k_first) < sliding_window
+    partial = any_allowed & ~all_allowed
+
+    def indices(chosen):  # (rows, 1, blocks) counts and (rows, 1, blocks, blocks) indices, the chosen ones first
+        order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
+        return chosen.sum(dim=-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    def same_document(batch, head, q_index, kv_index):
+        allowed = (document[batch, q_index] == document[batch, kv_index]) & (kv_index <= q_index)
+        if sliding_window is None:
+            return allowed
+        return allowed & (q_index - kv_index < sliding_window)  # mask functions must not write in place
+
+    kv_blocks, kv_order = indices(partial)
+    full_blocks, full_order = indices(all_allowed)
+    return BlockMask.from_kv_blocks(
+        kv_blocks, kv_order, full_blocks, full_order, BLOCK_SIZE=block_size, mask_mod=same_document,
+        seq_lengths=(length, length),
+    )  # fmt: skip
 
 
 def _packable(input_ids, attention_mask, kwargs) -> bool:

@@ -24,6 +24,8 @@ from stages.speed import (
     ModelShape,
     batch_bytes,
     checkpoint_as_needed,
+    compile_decoder_layers,
+    document_block_mask,
     installer,
     layers_to_checkpoint,
     model_shape,
@@ -163,6 +165,49 @@ def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
     assert not any(layer.gradient_checkpointing for layer in layers)
 
 
+def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(tiny_project, monkeypatch):
+    """The hook on compiled layers (the fast layout): a checkpointed layer runs its compiled forward, then again in
+    the backward pass, and the gradients are those of the compiled run without checkpointing. Compile errors raise
+    here instead of falling back to eager, as the stage would."""
+    from stages import speed
+
+    inputs = torch.randint(3, 100, (1, 512), generator=torch.Generator().manual_seed(0))
+    forward_calls = []
+
+    def counted(forward):
+        compiled = speed.torch_compiled_forward(forward)
+
+        def run(*args, **kwargs):
+            forward_calls.append(torch.is_grad_enabled())
+            return compiled(*args, **kwargs)
+
+        return run
+
+    def gradients(budget_tokens: int):
+        torch.manual_seed(0)
+        model, shape, layers, _ = checkpointable_tiny_model(tiny_project)
+        model.float()
+        compile_decoder_layers(model)
+        monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+        checkpoint_as_needed(model, shape, batch_bytes(shape, budget_tokens, 1), compiled=True)
+        model.train()
+        model(input_ids=inputs, labels=inputs).loss.backward()
+        return [layer.gradient_checkpointing for layer in layers], {
+            name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None
+        }
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(speed, "_compiled", counted)
+    flags, expected = gradients(budget_tokens=4096)
+    assert flags == [False, False] and forward_calls == []
+    flags, checkpointed = gradients(budget_tokens=512)
+    assert flags == [True, False]
+    assert forward_calls == [True, True]  # the forward pass, then its recompute in the backward pass
+    assert checkpointed.keys() == expected.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(checkpointed[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
 def right_padded_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -236,8 +281,75 @@ def test_batches_that_packing_would_change_run_as_they_are(tiny_project):
         calls = record_layer_inputs(model)
         for inputs, expected in zip((left, full), unpacked):
             torch.testing.assert_close(model.base_model(**inputs).last_hidden_state, expected)
-        model.base_model(**batch)
-    assert calls == [(2, 9), (2, 6), (1, 13)]
+        model.base_model(**batch, use_cache=True)  # a cache for generation: its rows must stay rows
+        model.config.use_cache = True
+        model.base_model(**batch)  # the same, asked for by the config's default
+        model.base_model(**batch, use_cache=False)
+    assert calls == [(2, 9), (2, 6), (2, 9), (2, 9), (1, 13)]
+
+
+def random_documents(lengths: list[int], rows: int = 1) -> torch.Tensor:
+    """Position ids of `rows` rows, each the documents of `lengths` laid end to end."""
+    return torch.cat([torch.arange(length) for length in lengths]).expand(rows, -1)
+
+
+@pytest.mark.parametrize(
+    "lengths, window, block_size",
+    [
+        ([300], None, 128),  # one document, a ragged last block
+        ([37, 5, 200, 1, 90, 256], None, 128),
+        ([37, 5, 200, 1, 90, 256], 4096, 128),
+        ([37, 5, 200, 1, 90, 256], 50, 16),  # a window shorter than the documents
+        ([64] * 8, 100, 32),  # documents on block boundaries
+        ([1] * 40 + [130], 7, 16),
+    ],
+)
+def test_the_document_block_mask_has_create_block_masks_layout(lengths, window, block_size):
+    """Which blocks flex attention skips, masks per token or takes whole: as torch's create_block_mask finds by
+    evaluating the per-token rule (causal within each document, within the window) everywhere."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    position_ids = random_documents(lengths, rows=2)
+    document = (position_ids == 0).cumsum(dim=1)
+
+    def rule(batch, head, q_index, kv_index):
+        allowed = (document[batch, q_index] == document[batch, kv_index]) & (kv_index <= q_index)
+        return allowed if window is None else allowed & (kv_index > q_index - window)
+
+    length = position_ids.shape[1]
+    expected = create_block_mask(rule, 2, None, length, length, device="cpu", BLOCK_SIZE=block_size)
+    ours = document_block_mask(position_ids, window, block_size)
+    assert torch.equal(ours.kv_num_blocks, expected.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, expected.full_kv_num_blocks)
+    assert torch.equal(ours.to_dense(), expected.to_dense())
+    q_index, kv_index = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+    for row in range(2):
+        assert torch.equal(ours.mask_mod(row, 0, q_index, kv_index), rule(row, 0, q_index, kv_index))
+
+
+def test_a_padding_free_row_under_flex_attention_gives_each_document_its_own_run(monkeypatch):
+    """Documents laid end to end in one row (TRL's padding-free SFT batches, packed DPO pairs): with the block mask
+    built without compiling, each document's hidden states are those of running it alone, with a sliding window
+    shorter than the documents; transformers' compiled create_block_mask is never called."""
+    import transformers.masking_utils
+    from transformers import MistralConfig, MistralModel
+
+    config = MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=40, attn_implementation="flex_attention",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralModel(config).eval()
+    lengths = [37, 5, 64, 1, 90]
+    input_ids = torch.randint(3, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    starts = [sum(lengths[:index]) for index in range(len(lengths))]
+    with torch.no_grad():
+        documents = [input_ids[:, start : start + length] for start, length in zip(starts, lengths)]
+        alone = torch.cat([model(input_ids=ids, use_cache=False).last_hidden_state for ids in documents], dim=1)
+        pack_padded_batches(model)
+        monkeypatch.setattr(transformers.masking_utils, "create_block_mask", None)  # calling it would fail
+        packed = model(input_ids=input_ids, position_ids=random_documents(lengths), use_cache=False).last_hidden_state
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_the_hook_counts_only_the_real_tokens_of_a_batch_that_will_be_packed(tiny_project):
