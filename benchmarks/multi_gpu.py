@@ -125,6 +125,10 @@ def read_answers(path: Path) -> list[str]:
     return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
 
 
+def peaks(by_gpu: dict) -> str:
+    return ", ".join(f"GPU {gpu}: {mib:,}" for gpu, mib in by_gpu.items())
+
+
 def markdown(result: dict) -> str:
     sft = result.get("sft", {})
     lines = ["# Multi-GPU: the stages on 1 and 2 GPUs (benchmarks/multi_gpu.py)", ""]
@@ -135,12 +139,13 @@ def markdown(result: dict) -> str:
                  f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
                  f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
     lines += ["", "| run | GPUs | examples per optimizer step | non-padding tokens/s | peak memory per GPU (MiB, "
-              "nvidia-smi) | steps | wall s |", "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
+              "nvidia-smi) | steps | wall s | date |",
+              "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
     for key, run in sft.items():
         if isinstance(run, dict) and "tokens_per_s" in run:
             lines.append(f"| sft | {run['gpus']} | {run.get('effective_batch', EFFECTIVE_BATCH)} | "
-                         f"{run['tokens_per_s']:,.0f} | {run['gpu_peak_mib']} | {run['steps']} | "
-                         f"{run['wall_s']} |")  # fmt: skip
+                         f"{run['tokens_per_s']:,.0f} | {peaks(run['gpu_peak_mib'])} | {run['steps']} | "
+                         f"{run['wall_s']} | {run.get('date', result['date'])} |")  # fmt: skip
     lines.append("")
     for key, scaling in sft.items():
         if key.startswith("scaling"):
@@ -155,6 +160,8 @@ def markdown(result: dict) -> str:
         g = result["generate"]
         lines.append(f"Generation (greedy) on 1 and {g['gpus']} GPUs: {g['answers']} answers, identical: "
                      f"{g['identical']}; wall {g['wall_s_1']} s vs {g['wall_s_n']} s.")  # fmt: skip
+    if result.get("notes"):
+        lines += ["", *[f"Note: {note}" for note in result["notes"]]]
     if result.get("errors"):
         lines += ["", "Errors:", *[f"- {k}: {v}" for k, v in result["errors"].items()]]
     return "\n".join(lines) + "\n"
