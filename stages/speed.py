@@ -499,8 +499,8 @@ def document_block_mask(position_ids, sliding_window: int | None = None, block_s
     queries and one of keys are empty when they share no document, lie wholly in each other's future, or lie
     wholly outside the window; full when both lie in one document with every key at or before every query and
     within the window (blocks at a ragged end are never full, as in create_block_mask); partial otherwise, where
-    the kernel evaluates the per-token rule exactly. Empty and full are exact, so the attention is the per-token
-    rule's; the layout equals torch's create_block_mask for the same rule (tests/test_speed.py).
+    the kernel evaluates the per-token rule. A block is only called empty or full when it certainly is, so the
+    attention is the per-token rule's; tests/test_speed.py checks the layout against torch's create_block_mask.
     """
     import torch
     from torch.nn.attention.flex_attention import BlockMask
