@@ -1,14 +1,16 @@
 """Multi-GPU proof: the sft, dpo and generate stages on 1 and 2 GPUs of one machine, run as `dvc repro` runs them.
 
     python benchmarks/multi_gpu.py            # on a machine with 2+ GPUs: Mistral-7B shape, random weights
-    python benchmarks/multi_gpu.py --tiny     # one process on a tiny model (a CPU smoke test of the flow)
+    python benchmarks/multi_gpu.py --strategies ddp,fsdp   # 2-GPU runs of each strategy (fsdp: FSDP2 sharding)
+    python benchmarks/multi_gpu.py --tiny     # a tiny model: one process on a CPU (a smoke test of the flow)
 
 `python -m stages.sft PARAMS` with `distributed.processes: 1` and then `2` (the stage re-runs itself under
 `accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
 steps over the same examples (each GPU takes half of every step). From the DVCLive curves the stage writes:
 non-padding tokens/s after the first two steps (TRL's num_tokens, summed over GPUs) and the per-step losses; peak
-memory per GPU is polled from nvidia-smi. Then dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy decoding,
-whose answers must be identical. Writes OUT/multi_gpu.json and OUT/multi_gpu.md.
+memory per GPU is polled from nvidia-smi; the two adapters are compared weight by weight. Then dpo on 2 GPUs, and
+generate on 1 and 2 GPUs with greedy decoding, whose answers must be identical. Writes OUT/multi_gpu.json and
+OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
 """
 
 from __future__ import annotations
@@ -89,11 +91,16 @@ def run_stage(
             stage.wait()
             raise RuntimeError(f"{' '.join(args)} still running after {timeout:.0f} s; stacks in {log_path}")
     seconds = time.perf_counter() - started
-    tail = log_path.read_text()[-4000:]
+    log_text = log_path.read_text()
+    tail = log_text[-4000:]
+    sharding = [line.removeprefix("fsdp: ") for line in log_text.splitlines() if line.startswith("fsdp: ")]
     if returncode != 0:
         print(tail, flush=True)
         raise RuntimeError(f"{' '.join(args)} exited with {returncode}")
-    return {"wall_s": round(seconds, 1), "gpu_peak_mib": poller.peaks, "log_tail": tail[-800:]}
+    run = {"wall_s": round(seconds, 1), "gpu_peak_mib": poller.peaks, "log_tail": tail[-800:]}
+    if sharding:  # what stages.training.ReportSharding logged
+        run["sharding"] = sharding[0]
+    return run
 
 
 def read_curve(folder: Path, name: str) -> list[tuple[int, float]]:
@@ -121,6 +128,24 @@ def training_summary(metrics_dir: Path, warmup: int = 4) -> dict:
     }
 
 
+def adapter_difference(first: Path, second: Path) -> dict:
+    """Relative differences ||a - b|| / ||a|| between two saved adapters: of all their weights together, and the
+    largest and median of single LoRA weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(folder / "adapter_model.safetensors")) for folder in (first, second))
+    if a.keys() != b.keys():
+        raise ValueError(f"{first} and {second} hold different weights")
+    each = sorted(float((a[key].float() - b[key].float()).norm() / a[key].float().norm()) for key in a)
+    whole_a, whole_b = (torch.cat([weights[key].float().flatten() for key in sorted(a)]) for weights in (a, b))
+    return {
+        "all_weights": round(float((whole_a - whole_b).norm() / whole_a.norm()), 5),
+        "largest_single": round(each[-1], 5),
+        "median_single": round(each[len(each) // 2], 5),
+    }
+
+
 def read_answers(path: Path) -> list[str]:
     return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
 
@@ -129,33 +154,49 @@ def peaks(by_gpu: dict) -> str:
     return ", ".join(f"GPU {gpu}: {mib:,}" for gpu, mib in by_gpu.items())
 
 
+def rate(tokens_per_s: float | None) -> str:
+    return "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}"  # None: too few steps after the warm-up
+
+
 def markdown(result: dict) -> str:
     sft = result.get("sft", {})
-    lines = ["# Multi-GPU: the stages on 1 and 2 GPUs (benchmarks/multi_gpu.py)", ""]
+    strategies = result.get("strategies", ["ddp"])
+    lines = [f"# Multi-GPU: the stages on 1 and 2 GPUs, 2-GPU strategies {', '.join(strategies)} "
+             "(benchmarks/multi_gpu.py)", ""]  # fmt: skip
     v = result["versions"]
     lines.append(f"Device: {v.get('gpu')} x {result.get('gpus')}; torch {v.get('torch')}, transformers "
                  f"{v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, "
                  f"accelerate {v.get('accelerate')}, "
                  f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
                  f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
-    lines += ["", "| run | GPUs | examples per optimizer step | non-padding tokens/s | peak memory per GPU (MiB, "
-              "nvidia-smi) | steps | wall s | date |",
-              "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
+    lines += ["", "| run | GPUs | strategy | examples per optimizer step | non-padding tokens/s | peak memory per GPU "
+              "(MiB, nvidia-smi) | steps | wall s | date |",
+              "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
     for key, run in sft.items():
         if isinstance(run, dict) and "tokens_per_s" in run:
-            lines.append(f"| sft | {run['gpus']} | {run.get('effective_batch', EFFECTIVE_BATCH)} | "
-                         f"{run['tokens_per_s']:,.0f} | {peaks(run['gpu_peak_mib'])} | {run['steps']} | "
+            lines.append(f"| sft | {run['gpus']} | {run.get('strategy', '-')} | "
+                         f"{run.get('effective_batch', EFFECTIVE_BATCH)} | "
+                         f"{rate(run['tokens_per_s'])} | {peaks(run['gpu_peak_mib'])} | {run['steps']} | "
                          f"{run['wall_s']} | {run.get('date', result['date'])} |")  # fmt: skip
     lines.append("")
+    for key, run in sft.items():
+        if isinstance(run, dict) and "sharding" in run:
+            lines.append(f"- sft {key}: {run['sharding']}.")
     for key, scaling in sft.items():
         if key.startswith("scaling"):
-            lines.append(f"- Scaling 1 -> 2 GPUs at {scaling['effective_batch']} examples per step: "
-                         f"{scaling['scaling']}x. Loss trajectories (same steps, same examples): largest relative "
-                         f"difference {scaling['max_relative_loss_difference']}.")  # fmt: skip
+            adapters = scaling.get("adapter_difference")
+            lines.append(f"- Scaling 1 -> 2 GPUs ({scaling.get('strategy', 'ddp')}) at {scaling['effective_batch']} "
+                         f"examples per step: {scaling['scaling']}x. Loss trajectories (same steps, same examples): "
+                         f"largest relative difference {scaling['max_relative_loss_difference']}.")  # fmt: skip
+            if adapters:
+                lines[-1] += (f" Adapters after the last step, relative difference: all weights together "
+                              f"{adapters['all_weights']}, single LoRA weights median {adapters['median_single']}, "
+                              f"largest {adapters['largest_single']}.")  # fmt: skip
     if "dpo" in result:
         d = result["dpo"]
-        lines.append(f"DPO on {d['gpus']} GPUs: {d['steps']} steps, {d['tokens_per_s']:,.0f} tokens/s, losses "
-                     f"{d['losses'][0]} -> {d['losses'][-1]}, peak {d['gpu_peak_mib']} MiB.")  # fmt: skip
+        lines.append(f"DPO on {d['gpus']} GPUs: {d['steps']} steps, {rate(d['tokens_per_s'])} tokens/s, losses "
+                     f"{d['losses'][0]} -> {d['losses'][-1]}, peak {d['gpu_peak_mib']} MiB"
+                     + (f"; {d['sharding']}." if "sharding" in d else "."))  # fmt: skip
     if "generate" in result:
         g = result["generate"]
         lines.append(f"Generation (greedy) on 1 and {g['gpus']} GPUs: {g['answers']} answers, identical: "
@@ -177,6 +218,12 @@ def main(argv=None) -> int:
         type=lambda text: [int(part) for part in text.split(",")],
         default=[EFFECTIVE_BATCH],
         help="effective batches (examples per optimizer step) to compare 1 and 2 GPUs at; the seed's is 8",
+    )
+    parser.add_argument(
+        "--strategies",
+        type=lambda text: [part for part in text.split(",") if part],
+        default=["ddp"],
+        help="comma-separated distributed.strategy values to run on 2 GPUs: ddp, fsdp",
     )
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's stacks are dumped")
     parser.add_argument(
@@ -230,15 +277,17 @@ def main(argv=None) -> int:
     write_jsonl(prepared / PREFERENCES_TEST, read_jsonl(prepared / PREFERENCES_TRAIN)[:16])
 
     result = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "gpus": max(gpus, 1),
-              "model": model_info, "errors": {}}  # fmt: skip
+              "strategies": args.strategies, "model": model_info, "errors": {}}  # fmt: skip
+    results_name = "_".join(["multi_gpu"] + ([] if args.strategies == ["ddp"] else args.strategies))
 
     def save():
-        (out / "multi_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "multi_gpu.md").write_text(markdown(result))
+        (out / f"{results_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{results_name}.md").write_text(markdown(result))
 
-    def variant(processes: int, name: str, **sections) -> dict:
+    def variant(processes: int, name: str, strategy: str = "ddp", **sections) -> dict:
         changed = json.loads(json.dumps(params))
         changed["distributed"]["processes"] = processes
+        changed["distributed"]["strategy"] = strategy
         changed["paths"]["sft_metrics"] = str(work / "metrics" / f"sft_{name}")
         changed["paths"]["sft_adapter"] = str(work / "models" / f"sft_{name}")
         for round_ in changed.get("self_rewarding", {}).get("rounds", {}).values():  # the chain starts at SFT
@@ -250,41 +299,52 @@ def main(argv=None) -> int:
             changed[section][field] = value
         return changed
 
-    counts = [1] if args.tiny else [count for count in (1, 2) if f"sft_{count}gpu" not in skip]
+    runs = [(1, "ddp")] if "sft_1gpu" not in skip or gpus < 2 else []
+    if gpus >= 2 and "sft_2gpu" not in skip:
+        runs += [(2, strategy) for strategy in args.strategies]
+
+    def run_name(processes: int, strategy: str) -> str:
+        return f"{processes}gpu" + ("" if strategy == "ddp" else f"_{strategy}")
+
     result["sft"] = {}
     for accumulation in args.accumulations:
         trainer = {**params["sft"]["trainer"], "max_steps": steps, "gradient_accumulation_steps": accumulation}
         suffix = "" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}"
         try:
-            for processes in counts:
-                name = f"{processes}gpu{suffix}"
-                run_params = variant(processes, name, sft__trainer=trainer)
+            for processes, strategy in runs:
+                name = run_name(processes, strategy) + suffix
+                run_params = variant(processes, name, strategy, sft__trainer=trainer)
                 run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env,
                                 timeout=args.stage_timeout)  # fmt: skip
                 run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes,
-                           effective_batch=accumulation)  # fmt: skip
+                           strategy=strategy, effective_batch=accumulation)  # fmt: skip
                 result["sft"][name] = run
                 print(f"[sft {name}] {json.dumps({k: run[k] for k in ('tokens_per_s', 'gpu_peak_mib', 'steps')})}",
                       flush=True)  # fmt: skip
                 save()
-            if len(counts) == 2:
-                one, two = result["sft"][f"1gpu{suffix}"], result["sft"][f"2gpu{suffix}"]
+            for processes, strategy in runs[1:] if runs and runs[0][0] == 1 else []:
+                name = run_name(processes, strategy) + suffix
+                one, two = result["sft"][f"1gpu{suffix}"], result["sft"][name]
                 pairs = list(zip(one["losses"], two["losses"]))
-                result["sft"][f"scaling{suffix}"] = {
+                result["sft"]["scaling" + name.removeprefix(f"{processes}gpu")] = {
+                    "strategy": strategy,
                     "effective_batch": accumulation,
                     "scaling": round(two["tokens_per_s"] / one["tokens_per_s"], 2),
                     "max_relative_loss_difference": round(max(abs(a - b) / abs(a) for a, b in pairs), 5),
+                    "adapter_difference": adapter_difference(
+                        work / "models" / f"sft_1gpu{suffix}", work / "models" / f"sft_{name}"
+                    ),
                 }
         except Exception as error:
             result["errors"][f"sft_batch{accumulation}"] = f"{type(error).__name__}: {error}"
         save()
 
-    n = counts[-1]
+    n, strategy = runs[-1] if runs else (1, "ddp")
     if "dpo" not in skip:
-        dpo_on(n, variant, work, params, env, result)
+        dpo_on(n, strategy, run_name(n, strategy), variant, work, params, env, result)
         save()
     if "generate" not in skip:
-        generate_on(n, variant, work, env, result)
+        generate_on(n, run_name(n, strategy), variant, work, env, result)
         save()
     if not args.tiny:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -292,26 +352,27 @@ def main(argv=None) -> int:
     return 1 if result["errors"] else 0
 
 
-def dpo_on(n: int, variant, work: Path, params: dict, env: dict, result: dict) -> None:
-    """stages.dpo on n GPUs from the n-GPU SFT adapter."""
+def dpo_on(n: int, strategy: str, sft_run: str, variant, work: Path, params: dict, env: dict, result: dict) -> None:
+    """stages.dpo on n GPUs with `strategy`, from the adapter of the SFT run `sft_run`."""
     try:
-        base = variant(n, f"{n}gpu")
+        base = variant(n, sft_run, strategy)
         base["paths"]["dpo_metrics"] = str(work / "metrics" / f"dpo_{n}gpu")
         base["paths"]["dpo_adapter"] = str(work / "models" / f"dpo_{n}gpu")
         base["dpo"]["trainer"] = {**params["dpo"]["trainer"], "max_steps": 10}
         run = run_stage(["stages.dpo"], base, work / "params_dpo.yaml", work, env)
-        run.update(training_summary(Path(base["paths"]["dpo_metrics"])), gpus=n)
+        run.update(training_summary(Path(base["paths"]["dpo_metrics"])), gpus=n, strategy=strategy)
         result["dpo"] = run
     except Exception as error:
         result["errors"]["dpo"] = f"{type(error).__name__}: {error}"
 
 
-def generate_on(n: int, variant, work: Path, env: dict, result: dict) -> None:
-    """stages.generate sft on 1 and n GPUs: greedy answers must be identical."""
+def generate_on(n: int, sft_run: str, variant, work: Path, env: dict, result: dict) -> None:
+    """stages.generate sft on 1 and n GPUs, from the adapter of the SFT run `sft_run`: greedy answers must be
+    identical."""
     try:
         walls, answers = {}, {}
         for processes in sorted({1, n}):
-            run_params = variant(processes, f"{n}gpu")  # the n-GPU SFT adapter, generated on 1 and n GPUs
+            run_params = variant(processes, sft_run)  # one SFT adapter, generated on 1 and n GPUs
             run_params["paths"]["generations"] = str(work / "generations" / f"{processes}gpu")
             run = run_stage(["stages.generate", "sft"], run_params, work / f"params_gen_{processes}.yaml", work, env)
             walls[processes] = run["wall_s"]

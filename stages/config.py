@@ -276,7 +276,7 @@ class PublishConfig:
     private: bool = True
 
 
-DISTRIBUTED_STRATEGIES = ("ddp",)  # FSDP for models that do not fit one GPU is not built yet
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,8 @@ class DistributedConfig:
     """How many GPUs sft and dpo train on (stages.launch runs the stage under `accelerate launch`)."""
 
     processes: int = _checked(lambda n: n >= 1, "be at least 1", default=1)  # 1: this process alone
-    strategy: str = _one_of(DISTRIBUTED_STRATEGIES, default="ddp")  # ddp: a full model copy per GPU
+    # ddp: a whole model on each GPU; fsdp: the weights sharded across the GPUs (FSDP2), for models too big for one
+    strategy: str = _one_of(DISTRIBUTED_STRATEGIES, default="ddp")
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ from stages.config import Config, ModelConfig, load_config
 from stages.data import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, read_jsonl
 from stages.errors import ConfigError, DataError, exit_on_error
 from stages.formats import InvalidRow, from_ultrafeedback
-from stages.launch import relaunch
+from stages.launch import relaunch, shards_weights
 from stages.modeling import load_model, load_tokenizer
 from stages.speed import SpeedPlan, layout, speed_record
 from stages.training import (
     checkpoint_to_resume,
     finish_run,
     live_callbacks,
-    save_atomically,
+    save_adapter,
     trainer_args,
     truncate_prompt,
 )
@@ -103,18 +103,22 @@ def build_dpo_trainer(
     reference_adapter: str | None = None,
     speed: SpeedPlan | None = None,
     install=None,
+    sharded: bool = False,
 ):
     """DPOTrainer over the adapter at `start_adapter` (trainable), with no separate reference model.
 
     Given a PeftModel and ref_model=None, TRL 1.16 freezes a copy of the loaded adapter as the "ref" adapter, so
     the reference is the starting model. (A fresh peft_config would instead make the adapter-free base the
     reference.) With `reference_adapter`, that adapter's weights replace the copy: the reference is that model.
+    `sharded`: the trainer runs FSDP (stages.launch.shards_weights).
     """
     from peft import PeftModel
     from trl import DPOTrainer
 
     tokenizer = load_tokenizer(model_cfg)
-    base = load_model(model_cfg, for_training=True, gradient_checkpointing=args.activation_checkpointing)
+    base = load_model(
+        model_cfg, for_training=True, gradient_checkpointing=args.activation_checkpointing, sharded=sharded
+    )
     if install is not None:
         install(base)
     model = PeftModel.from_pretrained(base, start_adapter, is_trainable=True)
@@ -155,18 +159,14 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         resume,
         speed=speed,
         install=install,
+        sharded=shards_weights(cfg.distributed),
     )
 
 
 def train_and_save(trainer, resume_from: str | None, adapter_dir: str, output_dir: str) -> None:
     """Train, save only the trained adapter (not the frozen "ref" copy) atomically, drop the checkpoints."""
     trainer.train(resume_from_checkpoint=resume_from)
-
-    def save(folder: str) -> None:
-        trainer.model.save_pretrained(folder, selected_adapters=["default"])
-        trainer.processing_class.save_pretrained(folder)
-
-    save_atomically(save, adapter_dir)
+    save_adapter(trainer, adapter_dir, adapters=["default"])
     finish_run(output_dir)
 
 
@@ -192,7 +192,8 @@ def main(params_path: str = "params.yaml") -> None:
     if launched is not None:
         sys.exit(launched)
     output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
-    trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed)
+    sharded = shards_weights(cfg.distributed)
+    trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded)
     args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
     resume_from = checkpoint_to_resume(output_dir, resume_settings(cfg))
     trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)

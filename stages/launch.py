@@ -1,8 +1,9 @@
 """Running a stage on several GPUs: the same stage script, re-run under `accelerate launch`, one process per GPU.
 
 `dvc repro sft` always runs `python -m stages.sft`; with `distributed.processes: N > 1` that process starts N copies
-of itself through accelerate (data-parallel DDP) and exits with their status. Inside them, RANK/WORLD_SIZE are set
-and only rank 0 writes metrics, adapters and checkpoints' bookkeeping.
+of itself through accelerate and exits with their status. Inside them, RANK/WORLD_SIZE are set and only rank 0
+writes metrics, adapters and checkpoints' bookkeeping. `distributed.strategy` picks data parallelism with a whole
+model per GPU (ddp) or with the weights sharded across the GPUs (fsdp: stages.speed.FSDP_SETTINGS for the Trainer).
 """
 
 from __future__ import annotations
@@ -91,3 +92,27 @@ def join_processes() -> None:
         from accelerate import PartialState
 
         PartialState()  # initialises torch.distributed from the launcher's environment and picks this GPU
+
+
+def shards_weights(settings: DistributedConfig) -> bool:
+    """Whether this process trains with FSDP: asked for, and launched as one of several processes."""
+    return settings.strategy == "fsdp" and world_size() > 1
+
+
+
+def sharding_summary(model) -> str | None:
+    """How FSDP split the model into units (each gathered whole while it runs), or None when it is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from stages.speed import decoder_layers
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not units:
+        return None
+    layers = decoder_layers(model)
+    sharded_layers = sum(isinstance(layer, FSDPModule) for layer in layers)
+    return (
+        f"{len(units)} FSDP units across {world_size()} processes; {sharded_layers} of {len(layers)} decoder layers "
+        "are units of their own"
+    )
+

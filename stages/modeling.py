@@ -60,8 +60,13 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def build_bnb_config():
-    """QLoRA's quantization: 4-bit NormalFloat weights, double quantization, bf16 compute."""
+def build_bnb_config(sharded: bool = False):
+    """QLoRA's quantization: 4-bit NormalFloat weights, double quantization, bf16 compute.
+
+    `sharded` (FSDP): the packed 4-bit values are stored in bf16-typed tensors instead of uint8 ones. The bytes are
+    the same; FSDP shards and gathers only floating-point tensors, and keeps a layer's bf16 weights in one flat
+    buffer with its other bf16 parameters.
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -69,6 +74,7 @@ def build_bnb_config():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16 if sharded else torch.uint8,
     )
 
 
@@ -92,11 +98,15 @@ def use_4bit(model_cfg: ModelConfig) -> bool:
     return model_cfg.load_in_4bit and has_cuda()
 
 
-def load_model(model_cfg: ModelConfig, *, for_training: bool, gradient_checkpointing: bool = False):
+def load_model(
+    model_cfg: ModelConfig, *, for_training: bool, gradient_checkpointing: bool = False, sharded: bool = False
+):
     """The causal LM from a hub id or a local folder: safetensors only, remote code only if allowed.
 
     For training a 4-bit model, PEFT's prepare_model_for_kbit_training freezes the base weights and upcasts the
-    norms so the LoRA gradients are stable.
+    norms so the LoRA gradients are stable. `sharded`: the model is about to be sharded with FSDP (see
+    build_bnb_config); each process still quantizes the whole model onto its own GPU first, so the 4-bit model must
+    fit one GPU while it loads.
     """
     from transformers import AutoModelForCausalLM
 
@@ -108,7 +118,7 @@ def load_model(model_cfg: ModelConfig, *, for_training: bool, gradient_checkpoin
         "dtype": torch.bfloat16 if has_cuda() else torch.float32,
     }
     if quantized:
-        kwargs["quantization_config"] = build_bnb_config()
+        kwargs["quantization_config"] = build_bnb_config(sharded)
     if has_cuda():  # straight onto the GPU: a 7B model never passes through host memory in full
         local_rank = os.environ.get("LOCAL_RANK")  # under `accelerate launch`, this process's GPU
         kwargs["device_map"] = {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}

@@ -16,16 +16,10 @@ from pathlib import Path
 from stages.config import Config, load_config
 from stages.data import SFT_TRAIN, load_split
 from stages.errors import exit_on_error
-from stages.launch import relaunch
+from stages.launch import relaunch, shards_weights
 from stages.modeling import build_lora_config, load_model, load_tokenizer
 from stages.speed import SpeedPlan, layout, speed_record
-from stages.training import (
-    checkpoint_to_resume,
-    finish_run,
-    live_callbacks,
-    save_atomically,
-    trainer_args,
-)
+from stages.training import checkpoint_to_resume, finish_run, live_callbacks, save_adapter, trainer_args
 
 
 def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
@@ -36,7 +30,12 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
     from trl import SFTTrainer
 
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, for_training=True, gradient_checkpointing=args.activation_checkpointing)
+    model = load_model(
+        cfg.model,
+        for_training=True,
+        gradient_checkpointing=args.activation_checkpointing,
+        sharded=shards_weights(cfg.distributed),
+    )
     if install is not None:
         install(model)
     train = load_split(cfg.paths.prepared, SFT_TRAIN, columns=("prompt", "completion"))
@@ -75,13 +74,14 @@ def main(params_path: str = "params.yaml") -> None:
     if launched is not None:
         sys.exit(launched)
     output_dir = str(Path(cfg.paths.checkpoints) / "sft")
-    trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed)
+    sharded = shards_weights(cfg.distributed)
+    trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, sharded=sharded)
     args = trainer_args(SFTConfig, "sft", trainer_kwargs, output_dir)
     settings = {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "sft": asdict(cfg.sft)}
     resume_from = checkpoint_to_resume(output_dir, settings)
     trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
     trainer.train(resume_from_checkpoint=resume_from)
-    save_atomically(trainer.save_model, cfg.paths.sft_adapter)
+    save_adapter(trainer, cfg.paths.sft_adapter)
     finish_run(output_dir)
 
 

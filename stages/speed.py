@@ -28,6 +28,7 @@ batch, peaked at 45.0 GiB of 80.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import asdict, dataclass
@@ -102,10 +103,17 @@ def model_shape(model_cfg) -> ModelShape:
     )
 
 
-def static_bytes(shape: ModelShape, quantized: bool, dequantized: bool = False) -> float:
-    """Weights on the GPU before the first batch (`dequantized`: the 4-bit weights held as their bf16 values)."""
+def static_bytes(shape: ModelShape, quantized: bool, dequantized: bool = False, shards: int = 1) -> float:
+    """Weights on the GPU before the first batch (`dequantized`: the 4-bit weights held as their bf16 values).
+
+    With the weights sharded across `shards` GPUs (FSDP), each holds its share plus, while a layer runs, that
+    layer's gathered weights.
+    """
     per_param = NF4_BYTES if quantized and not dequantized else 2.0
-    return shape.quantized_params * per_param + shape.other_params * 4.0
+    whole = shape.quantized_params * per_param + shape.other_params * 4.0
+    if shards == 1:
+        return whole
+    return whole / shards + shape.quantized_params * per_param / shape.layers
 
 
 def keeps_dequantized_copy(shape: ModelShape, quantized: bool, gpu_bytes: int) -> bool:
@@ -160,6 +168,22 @@ class SpeedPlan:
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (see dequantize_base)
     optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
+    sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
+
+
+# distributed.strategy fsdp: TrainingArguments' FSDP settings. FSDP2 (PyTorch's fully_shard, the version transformers
+# supports); each decoder layer its own unit (accelerate wraps the model's _no_split_modules), its weights gathered
+# for its forward and again for its backward; checkpoints whole, so they do not depend on the number of GPUs.
+FSDP_SETTINGS = {
+    "fsdp": True,
+    "fsdp_config": {
+        "version": 2,
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,  # transformers cannot load bitsandbytes weights onto the meta device
+    },
+}
+SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
 
 
 def _divisors_descending(n: int) -> list[int]:
@@ -174,12 +198,17 @@ def plan(
     gpu_bytes: int | None,
     quantized: bool,
     world: int = 1,
+    sharded: bool = False,
 ) -> tuple[dict[str, Any], SpeedPlan]:
     """The trainer keywords for `requested` speed, and the plan that explains them.
 
     stage is "sft" (padding-free batches of single sequences) or "dpo" (batches of chosen + rejected pairs, which
     TRL pads and pack_padded_batches packs). Without a GPU, or with `as_written`, the keywords are returned
-    unchanged, except that with `world` processes each one takes its share of every optimizer step.
+    unchanged, except that with `world` processes each one takes its share of every optimizer step, and with
+    `sharded` (distributed.strategy fsdp) they shard the weights (FSDP_SETTINGS).
+
+    Sharded, the fast layout keeps the 4-bit weights as they are (a bf16 copy would undo what sharding saves) and
+    runs the layers uncompiled (the compiled layers are only measured with whole weights on each GPU).
     """
     per_device = int(trainer.get("per_device_train_batch_size", 8))
     accumulation = int(trainer.get("gradient_accumulation_steps", 1))
@@ -193,8 +222,13 @@ def plan(
     max_length = int(trainer.get("max_length") or 1024)
     sequences = 2 if stage == "dpo" else 1
     written = dict(trainer)
-    if world > 1:  # the same optimizer step, split across the GPUs
+    sharded = sharded and world > 1
+    if sharded:
+        for key, value in FSDP_SETTINGS.items():
+            written.setdefault(key, copy.deepcopy(value))  # TrainingArguments rewrites fsdp_config in place
+    elif world > 1:
         written.setdefault("ddp_find_unused_parameters", False)  # LoRA: the frozen weights have no gradients
+    if world > 1:  # the same optimizer step, split across the GPUs
         if effective % per_device:
             per_device = math.gcd(per_device, effective)
         accumulation = effective // per_device
@@ -213,6 +247,7 @@ def plan(
             None,
             None,
             reason,
+            sharding=SHARDING if sharded else "none",
         )
 
     if requested == "as_written":
@@ -220,8 +255,8 @@ def plan(
     if gpu_bytes is None or shape is None:
         return unchanged("no CUDA device: the trainer settings run as written")
 
-    dequantized = keeps_dequantized_copy(shape, quantized, gpu_bytes)
-    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized)
+    dequantized = keeps_dequantized_copy(shape, quantized, gpu_bytes) and not sharded
+    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, world if sharded else 1)
     budget_gib = round(budget / GIB, 2)
     low_memory = {
         **written,
@@ -240,6 +275,7 @@ def plan(
         0,
         budget_gib,
         "",
+        sharding=SHARDING if sharded else "none",
     )
     if requested == "low_memory":
         return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": "speed: low_memory"})
@@ -283,11 +319,12 @@ def plan(
             budget_gib,
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
             f"(= the configured {per_device} x {accumulation})",
-            compiled=True,
+            compiled=not sharded,
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
             optimizer_waits="none per tensor" if runs_bnb else "as the optimizer does",
             optimizer=optimizer,
+            sharding=SHARDING if sharded else "none",
         )
     reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
@@ -303,7 +340,7 @@ def checkpoint_as_needed(
     padded batch that will be packed counts only its real tokens. With `compiled` (compile_decoder_layers), a
     checkpointed layer recomputes through its compiled forward (see recompute_compiled).
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not layers:
         return
     cache: dict[int, int] = {}
@@ -380,8 +417,9 @@ def attention_for_varying_shapes() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
+def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str, sharded: bool = False):
     """(trainer keywords, plan, install) for a stage; `install(model)` adds the per-batch checkpointing hook.
+    `sharded`: this process trains with FSDP (stages.launch.shards_weights).
 
     Prints the plan: which layout runs, and why, belongs in the log of every run.
     """
@@ -391,11 +429,12 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str):
     attention_for_varying_shapes()
     gpu = gpu_memory_bytes()
     shape = model_shape(model_cfg) if gpu is not None and requested != "as_written" else None
-    kwargs, chosen = plan(stage, trainer, requested, shape, gpu, use_4bit(model_cfg), world=world_size())
+    quantized = use_4bit(model_cfg)
+    kwargs, chosen = plan(stage, trainer, requested, shape, gpu, quantized, world=world_size(), sharded=sharded)
     print(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
-        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}"
+        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, sharding {chosen.sharding}"
     )
     return kwargs, chosen, installer(chosen, shape)
 
@@ -595,7 +634,7 @@ def compile_decoder_layers(model) -> int:
     """
     import torch
 
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     # Training and evaluation mode, with and without checkpointing, static then dynamic shapes: a handful of graphs
     # for the one code object all layers share; the default limit of 8 would silently send later ones to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -607,7 +646,7 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def _decoder_layers(model) -> list:
+def decoder_layers(model) -> list:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]

@@ -106,6 +106,17 @@ class LogPeakMemory(TrainerCallback):
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
 
+class ReportSharding(TrainerCallback):
+    """Print how FSDP sharded the model once the Trainer has wrapped it (see stages.launch.sharding_summary)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from stages.launch import sharding_summary
+
+        summary = sharding_summary(model) if model is not None else None
+        if summary:
+            print(f"fsdp: {summary}", flush=True)
+
+
 class LogThroughput(TrainerCallback):
     """Add the non-padding tokens per second since the previous log line (from TRL's `num_tokens`), so every run
     records its own speed next to its loss."""
@@ -216,6 +227,7 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
     # Ours runs first: transformers' callback logs at live.step, then advances it.
     return [
         LogPeakMemory(),
+        ReportSharding(),
         LogThroughput(),
         LogEveryStepToDvcLive(live),
         DVCLiveCallback(live=live),
@@ -285,6 +297,32 @@ def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) ->
         ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
         messages[-1]["content"] = tokenizer.decode(ids[excess:], skip_special_tokens=True).strip()
     return messages
+
+
+def save_adapter(trainer, destination: str, adapters: list[str] | None = None) -> None:
+    """The trained model's adapters (`adapters`: which, default all) and tokenizer, written atomically to destination.
+
+    Under FSDP each process holds a shard of every weight, so all of them first join in gathering the trainable
+    weights (the adapter; not the frozen base, which would be gigabytes), then the main process writes them.
+    """
+    weights = gathered_trainable_weights(trainer.model) if getattr(trainer, "is_fsdp_enabled", False) else None
+
+    def save(folder: str) -> None:
+        trainer.model.save_pretrained(folder, state_dict=weights, selected_adapters=adapters)
+        trainer.processing_class.save_pretrained(folder)
+
+    save_atomically(save, destination)
+
+
+def gathered_trainable_weights(model) -> dict[str, Any]:
+    """Every trainable parameter whole, on the CPU. A sharded one (FSDP2's DTensor) is gathered from all processes,
+    so every process must call this, for the same parameters in the same order."""
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            whole = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+            weights[name] = whole.detach().cpu()
+    return weights
 
 
 def save_atomically(save, destination: str) -> None:
