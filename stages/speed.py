@@ -223,9 +223,21 @@ def plan(
     sequences = 2 if stage == "dpo" else 1
     written = dict(trainer)
     sharded = sharded and world > 1
+    optimizer = "as written"
     if sharded:
         for key, value in FSDP_SETTINGS.items():
             written.setdefault(key, copy.deepcopy(value))  # TrainingArguments rewrites fsdp_config in place
+        optim = str(written.get("optim", ""))
+        # bitsandbytes' kernels take each weight as a plain tensor, which FSDP2's sharded weights are not
+        # (bitsandbytes issue 1633).
+        if any(marker in optim for marker in CUDA_ONLY_OPTIMIZERS):
+            if optim not in ADAMW_OPTIMIZERS:
+                raise ConfigError(
+                    f"{stage}.trainer.optim: {optim} is a bitsandbytes optimizer, which cannot step FSDP's sharded "
+                    "weights; use an AdamW variant or distributed.strategy ddp"
+                )
+            written["optim"] = FUSED_ADAMW
+            optimizer = f"{FUSED_ADAMW} (for {optim}: bitsandbytes' optimizers cannot step sharded weights)"
     elif world > 1:
         written.setdefault("ddp_find_unused_parameters", False)  # LoRA: the frozen weights have no gradients
     if world > 1:  # the same optimizer step, split across the GPUs
@@ -247,6 +259,7 @@ def plan(
             None,
             None,
             reason,
+            optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
         )
 
@@ -275,6 +288,7 @@ def plan(
         0,
         budget_gib,
         "",
+        optimizer=optimizer,
         sharding=SHARDING if sharded else "none",
     )
     if requested == "low_memory":
@@ -295,7 +309,6 @@ def plan(
             "activation_checkpointing": free_tokens < worst,
         }
         written_optim = written.get("optim")
-        optimizer = "as written"
         if written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
         runs_bnb = any(marker in str(kwargs.get("optim", "")) for marker in CUDA_ONLY_OPTIMIZERS)

@@ -5,6 +5,7 @@ processes (tests/fsdp_worker.py): the sharding summary the stages log, and the a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_speed import MISTRAL_7B, SEED
+from trl import SFTConfig
 
 from stages.config import ConfigError, load_config
 from stages.modeling import build_bnb_config
@@ -33,7 +35,7 @@ def test_fsdp_shards_the_weights_and_keeps_the_other_levers_of_the_fast_layout()
     assert (sharded.padding_free, sharded.attention) == (True, "flex_attention")
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] * 2 == 8
 
-    args = trainer_args(__import__("trl").SFTConfig, "sft", kwargs, "unused")  # TRL's config takes them as they are
+    args = trainer_args(SFTConfig, "sft", kwargs, "unused")  # TRL's config takes them as they are
     assert args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
     # TrainingArguments rewrites its fsdp_config in place; the plan's settings are left as they were.
@@ -44,6 +46,20 @@ def test_fsdp_shards_the_weights_and_keeps_the_other_levers_of_the_fast_layout()
     assert "fsdp" not in alone and single.sharding == "none"  # one process has nothing to shard across
     written, as_written = plan("dpo", SEED, "as_written", MISTRAL_7B, 80 * GIB, quantized=True, world=2, sharded=True)
     assert written["fsdp"] is True and as_written.sharding != "none"  # the strategy holds whatever the speed
+
+
+def test_fsdp_never_runs_a_bitsandbytes_optimizer():
+    # bitsandbytes' optimizers hand each weight to their CUDA kernels as a plain tensor, which FSDP2's sharded weights
+    # are not (bitsandbytes issue 1633): the AdamW ones become PyTorch's fused AdamW in every layout, the others are
+    # a config error.
+    for speed in ("low_memory", "as_written", "fast"):
+        kwargs, chosen = plan("sft", SEED, speed, MISTRAL_7B, 24 * GIB, quantized=True, world=2, sharded=True)
+        assert kwargs["optim"] == "adamw_torch_fused" and "paged_adamw_8bit" in chosen.optimizer, speed
+    kwargs, _ = plan("sft", SEED, "low_memory", MISTRAL_7B, 24 * GIB, quantized=True, world=2)
+    assert kwargs["optim"] == "paged_adamw_8bit"  # DDP keeps what the recipe wrote
+    lion = {**SEED, "optim": "paged_lion_8bit"}
+    with pytest.raises(ConfigError, match=r"sft.trainer.optim: paged_lion_8bit is a bitsandbytes optimizer"):
+        plan("sft", lion, "fast", MISTRAL_7B, 24 * GIB, quantized=True, world=2, sharded=True)
 
 
 def test_the_strategy_is_checked_by_the_config_loader(tmp_path):
@@ -70,7 +86,7 @@ def test_two_processes_shard_the_adapter_and_save_it_whole(tmp_path):
     report, adapter = tmp_path / "report.json", tmp_path / "adapter"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "fsdp_worker.py"), str(report), str(adapter)]  # fmt: skip
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     seen = json.loads(report.read_text())
