@@ -2,7 +2,7 @@
 
     python benchmarks/multi_gpu.py            # on a machine with 2+ GPUs: Mistral-7B shape, random weights
     python benchmarks/multi_gpu.py --strategies ddp,fsdp   # 2-GPU runs of each strategy (fsdp: FSDP2 sharding)
-    python benchmarks/multi_gpu.py --tiny     # a tiny model: one process on a CPU (a smoke test of the flow)
+    python benchmarks/multi_gpu.py --tiny     # a tiny model; on a CPU one process (a smoke test of the flow)
 
 `python -m stages.sft PARAMS` with `distributed.processes: 1` and then `2` (the stage re-runs itself under
 `accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
