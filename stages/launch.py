@@ -99,7 +99,6 @@ def shards_weights(settings: DistributedConfig) -> bool:
     return settings.strategy == "fsdp" and world_size() > 1
 
 
-
 def sharding_summary(model) -> str | None:
     """How FSDP split the model into units (each gathered whole while it runs), or None when it is not sharded."""
     from torch.distributed.fsdp import FSDPModule
@@ -115,4 +114,3 @@ def sharding_summary(model) -> str | None:
         f"{len(units)} FSDP units across {world_size()} processes; {sharded_layers} of {len(layers)} decoder layers "
         "are units of their own"
     )
-

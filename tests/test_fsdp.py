@@ -87,7 +87,7 @@ def test_two_processes_shard_the_adapter_and_save_it_whole(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "fsdp_worker.py"), str(report), str(adapter)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     seen = json.loads(report.read_text())
     assert seen["unsharded_summary"] is None
@@ -101,4 +101,3 @@ def test_two_processes_shard_the_adapter_and_save_it_whole(tmp_path):
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     assert saved.keys() == expected.keys()
     assert all(torch.equal(saved[key], expected[key]) for key in expected)
-
