@@ -38,6 +38,7 @@ for entry in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(entry))
 
 from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
+import idle_gaps  # noqa: E402
 
 SEED_RECIPE = "seed000-mistral-dolly-dpo"
 H100_BF16_DENSE_FLOPS = 989.4e12  # the H100 SXM's published dense bf16 peak; MFU is measured against it
@@ -155,7 +156,6 @@ def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
                 "save_total_limit": 1,
                 "seed": 0,
                 "max_length": MAX_LENGTH,
-                "dataloader_num_workers": 0,
             }
         )
         if tiny:
@@ -187,7 +187,9 @@ class CachedModel:
         self.load_model = load_model
         self.model = None
 
-    def __call__(self, model_cfg, *, for_training: bool, gradient_checkpointing: bool = False):
+    def __call__(self, model_cfg, *, for_training: bool, gradient_checkpointing: bool = False, sharded: bool = False):
+        if sharded:
+            raise ValueError("the throughput benchmark runs one process; FSDP runs are benchmarks/multi_gpu.py's")
         if self.model is None:
             self.model = self.load_model(model_cfg, for_training=for_training, gradient_checkpointing=True)
         if gradient_checkpointing:
@@ -212,6 +214,8 @@ class CachedModel:
         restore_bnb_optimizer_waits()
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
+        elif any("forward" in vars(module) for module in self.model.modules()):
+            self.model = None  # stages.fusion routed layers through stacked weights: start from a fresh load
 
 
 def restore_bnb_optimizer_waits() -> None:
@@ -512,6 +516,11 @@ EAGER_4BIT = {
 VARIANTS = {
     "fast": {},
     "fast_profiled": {"profile": True},
+    "fast_profiled_python": {"profile": True, "python_frames": True},
+    "fast_loader_in_process": {
+        "kwargs": {"dataloader_num_workers": 0, "dataloader_persistent_workers": False},
+        "plan": {"batches_from": "as written"},
+    },
     "fast_paged_adamw_8bit": {
         "kwargs": {"optim": "paged_adamw_8bit"},
         "plan": {"optimizer": "as written", "optimizer_waits": "none per tensor"},
@@ -520,6 +529,7 @@ VARIANTS = {
         "kwargs": {"optim": "paged_adamw_8bit"},
         "plan": {"optimizer": "as written", "optimizer_waits": "as the optimizer does"},
     },
+    "fast_separate_projections": {"plan": {"projections": "separate"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     "fast_4bit": {"plan": {"base_weights": "as loaded"}},
     "eager_4bit_sdpa": {"plan": EAGER_4BIT},
@@ -536,12 +546,13 @@ def run_variants(
     cfg_params: dict, work: Path, out: Path, cache: CachedModel, shape, steps: int, save, names: list[str]
 ) -> dict:
     """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
-    after it); `*_profiled` runs stages.training.ProfileSteps over steps 8-11, writing OUT/profile_NAME/."""
+    after it); `*_profiled*` runs stages.training.ProfileSteps over steps 8-11, writing OUT/profile_NAME/ with
+    benchmarks/idle_gaps.py's report of where the GPU waited."""
     import torch
 
     from stages.modeling import use_4bit
     from stages.speed import GIB, gpu_memory_bytes, installer, plan
-    from stages.training import PROFILE_ENV
+    from stages.training import PROFILE_ENV, PROFILE_STACKS_ENV
 
     results = {}
     adapter = work / "adapter_variants"
@@ -573,6 +584,7 @@ def run_variants(
         }
         if variant.get("profile"):
             os.environ[PROFILE_ENV] = str(out / f"profile_{name}")
+            os.environ[PROFILE_STACKS_ENV] = "1" if variant.get("python_frames") else "0"
         try:
             run = train_run(**arguments)
             results[name] = {
@@ -596,6 +608,10 @@ def run_variants(
             reset_memory()
         finally:
             os.environ.pop(PROFILE_ENV, None)
+            os.environ.pop(PROFILE_STACKS_ENV, None)
+        trace = out / f"profile_{name}" / "trace_rank0.json.gz"
+        if trace.is_file():  # where the GPU waited, next to the profile
+            (trace.parent / "idle_gaps.txt").write_text(idle_gaps.report(trace))
         save(results)
     return results
 

@@ -169,6 +169,8 @@ class SpeedPlan:
     optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
+    projections: str = "separate"  # or FUSED_PROJECTIONS (see stages.fusion)
+    batches_from: str = "as written"  # or LOADER_WORKERS processes (see the fast layout in plan)
 
 
 # distributed.strategy fsdp: TrainingArguments' FSDP settings. FSDP2 (PyTorch's fully_shard, the version transformers
@@ -183,6 +185,10 @@ FSDP_SETTINGS = {
         "cpu_ram_efficient_loading": False,  # transformers cannot load bitsandbytes weights onto the meta device
     },
 }
+# The fast layout collates the next batches in this many worker processes, unless the trainer settings choose: in
+# the training process each collation (about 4-8 ms on the H100 machine) was time the GPU waited.
+LOADER_WORKERS = 2
+FUSED_PROJECTIONS = "q/k/v and gate/up fused, one product each for frozen weights, LoRA A and LoRA B"
 SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
 
 
@@ -312,6 +318,10 @@ def plan(
         if written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
         runs_bnb = any(marker in str(kwargs.get("optim", "")) for marker in CUDA_ONLY_OPTIMIZERS)
+        batches_from = "as written"
+        if "dataloader_num_workers" not in written:
+            kwargs.update(dataloader_num_workers=LOADER_WORKERS, dataloader_persistent_workers=True)
+            batches_from = f"{LOADER_WORKERS} worker processes"
         if stage == "sft":
             kwargs["padding_free"] = True
         else:
@@ -338,6 +348,9 @@ def plan(
             optimizer_waits="none per tensor" if runs_bnb else "as the optimizer does",
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
+            # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
+            projections=FUSED_PROJECTIONS if not sharded and (dequantized or not quantized) else "separate",
+            batches_from=batches_from,
         )
     reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
@@ -447,14 +460,15 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str, shard
     print(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
-        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, sharding {chosen.sharding}"
+        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, projections {chosen.projections}, "
+        f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
     )
     return kwargs, chosen, installer(chosen, shape)
 
 
 def installer(chosen: SpeedPlan, shape: ModelShape | None):
-    """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, compiled layers, optimizer waits,
-    packing of padded batches, per-batch checkpointing hook)."""
+    """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, fused projections, compiled layers,
+    optimizer waits, packing of padded batches, per-batch checkpointing hook)."""
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
@@ -463,6 +477,10 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
             dequantize_base(model)
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
+        if chosen.projections != "separate":
+            from stages.fusion import fuse_projections
+
+            fuse_projections(model)
         if chosen.compiled:
             compile_decoder_layers(model)
         if chosen.optimizer_waits == "none per tensor":

@@ -8,6 +8,8 @@ Same examples, same order, same normalisation: the per-step losses must agree to
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import pytest
 import torch
 import yaml
@@ -20,6 +22,7 @@ from stages.config import DistributedConfig, load_config
 from stages.errors import ConfigError
 from stages.launch import launch_command, relaunch
 from stages.speed import (
+    FUSED_PROJECTIONS,
     GIB,
     ModelShape,
     batch_bytes,
@@ -75,6 +78,13 @@ def test_fast_on_an_80_gb_gpu_is_one_real_batch_of_the_same_examples():
     assert kwargs["activation_checkpointing"] is True
     assert 1024 < chosen.tokens_without_checkpointing < 8 * 1024
     assert chosen.checkpointing.startswith("as memory needs")
+    # The bf16 copy's frozen weights stacked per sibling group; the next batches collated in worker processes,
+    # unless the trainer settings say how.
+    assert chosen.projections == FUSED_PROJECTIONS
+    assert (kwargs["dataloader_num_workers"], kwargs["dataloader_persistent_workers"]) == (2, True)
+    assert chosen.batches_from == "2 worker processes"
+    kept, kept_plan = plan("sft", {**SEED, "dataloader_num_workers": 0}, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
+    assert kept["dataloader_num_workers"] == 0 and kept_plan.batches_from == "as written"
 
 
 def test_only_adamw_optimizers_are_swapped_for_the_fused_one():
@@ -435,6 +445,7 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
         True,
     )
     assert chosen.compiled and chosen.checkpointing == "off"
+    assert chosen.projections == FUSED_PROJECTIONS  # unquantized weights: stacked as they are
 
     def losses(name, kwargs, install=None):
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
@@ -506,11 +517,12 @@ def test_the_stage_reruns_itself_under_accelerate_launch_with_one_process_per_gp
 
 
 def test_only_the_first_process_writes_curves_and_adapters(tmp_path, monkeypatch):
-    from stages.training import StopOnNonFiniteLoss, live_callbacks, save_atomically
+    from stages.training import StopOnNonFiniteLoss, WalkModulesOnce, live_callbacks, save_atomically
 
     monkeypatch.setenv("RANK", "1")
     callbacks = live_callbacks(str(tmp_path / "metrics"), resume=False)
-    assert [type(c) for c in callbacks] == [StopOnNonFiniteLoss] and not (tmp_path / "metrics").exists()
+    assert [type(c) for c in callbacks] == [WalkModulesOnce, StopOnNonFiniteLoss]
+    assert not (tmp_path / "metrics").exists()
     save_atomically(lambda folder: Path(folder).mkdir(), str(tmp_path / "adapter"))
     assert not (tmp_path / "adapter").exists()
     monkeypatch.setenv("RANK", "0")
@@ -606,3 +618,6 @@ def test_profile_steps_writes_a_table_of_the_chosen_steps_per_process(tmp_path, 
         callback.on_step_end(None, state, None)
     text = (tmp_path / "profile" / "profile_rank0.txt").read_text()
     assert text.startswith("steps 2-3: wall ") and "aten::mm" in text and "sorted by self_cpu_time_total" in text
+    with gzip.open(tmp_path / "profile" / "trace_rank0.json.gz", "rt") as trace:
+        events = json.load(trace)["traceEvents"]
+    assert sum(event.get("name") == "aten::mm" for event in events) == 2  # steps 2 and 3, not 1 or 4

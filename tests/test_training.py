@@ -479,6 +479,71 @@ def test_finite_and_missing_values_pass_the_guard():
     guard.on_log(None, State(), None, logs=None)
 
 
+def test_walk_modules_once_sets_modes_and_clears_gradients_like_the_module_methods(tiny_project):
+    from peft import get_peft_model
+
+    from stages.modeling import build_lora_config
+    from stages.training import WalkModulesOnce
+
+    cfg = load_config(tiny_project.params_path)
+    model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
+    counted = model.num_parameters(exclude_embeddings=True)
+    WalkModulesOnce().on_train_begin(None, None, None, model=model)
+    assert model.train(False) is model and not any(module.training for module in model.modules())
+    model.train()
+    assert all(module.training for module in model.modules())
+    model(input_ids=torch.ones(1, 8, dtype=torch.long)).logits.sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in trainable)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert model.num_parameters(exclude_embeddings=True) == counted
+
+
+def test_walk_modules_once_leaves_models_whose_modules_train_differently_alone():
+    from stages.training import WalkModulesOnce
+
+    class CountsModeChanges(torch.nn.Linear):
+        changes = 0
+
+        def train(self, mode: bool = True):
+            CountsModeChanges.changes += 1
+            return super().train(mode)
+
+    model = torch.nn.Sequential(CountsModeChanges(2, 2))
+    WalkModulesOnce().on_train_begin(None, None, None, model=model)
+    model.train()
+    assert CountsModeChanges.changes == 1
+
+
+def test_log_lines_do_not_reparse_the_run_for_studio_when_studio_is_off(tmp_path, monkeypatch):
+    """DVCLive 3.49 builds Studio's payload at every log line (re-reading params.yaml and every curve) even when no
+    Studio is configured; the stages skip that work, and still write the curves and the params."""
+    import dvclive.live
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.integrations import DVCLiveCallback
+
+    from stages.training import live_callbacks
+
+    for name in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN", "DVC_STUDIO_REPO_URL", "STUDIO_REPO_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    parsed = []
+    monkeypatch.setattr(dvclive.live, "load_yaml", lambda path: parsed.append(path) or {})
+    callbacks = live_callbacks(str(tmp_path / "metrics"), resume=False, params={"speed": {"mode": "fast"}})
+    [dvclive_callback] = [callback for callback in callbacks if isinstance(callback, DVCLiveCallback)]
+    args, state, control = TrainingArguments(str(tmp_path / "out"), report_to="none"), TrainerState(), TrainerControl()
+    for step in range(1, 4):
+        state.global_step = step
+        for callback in callbacks:
+            callback.on_log(args, state, control, logs={"loss": 1.0 / step})
+    assert parsed == []
+    curve = (tmp_path / "metrics" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert len(curve) == 4  # header and three steps
+    assert "mode: fast" in (tmp_path / "metrics" / "params.yaml").read_text()
+
+
 @pytest.mark.slow
 def test_diverging_sft_exits_with_one_error_line_and_saves_no_adapter(tiny_project, capsys):
     def edit(params):

@@ -1,0 +1,192 @@
+"""A decoder layer's sibling LoRA projections as one matrix product each, where the frozen weights are plain tensors.
+
+q, k and v read the same input, as do gate and up. PEFT runs each as its own LoRA layer: three products apiece
+(frozen weight, A, B) forward and five backward, 56 per Mistral layer and step. At the seed's 8 examples per
+optimizer step the fast layout is bound by the CPU issuing them (benchmarks/results/throughput_profile_fast_h100.txt:
+1,794 products per step, the GPU busy 52% of the time). Fused, each sibling group takes one product for its frozen
+weights (stacked once into one tensor, the layers' own weights becoming views of it, so no memory is added), one
+batched product for the A matrices and one for the B matrices (block-diagonal), 32 per layer in all (12 forward).
+
+The arithmetic is PEFT's: `base(x) + B(A(dropout(x))) * scaling` with the same casts, every projection drawing its
+own dropout mask as PEFT's separate dropout modules do (tests/test_fusion.py compares outputs and gradients with
+the unfused model). With the adapter disabled (DPO's reference pass) a group takes its one frozen product; merged
+adapters, several active ones, DoRA or LoRA biases run PEFT's layers one by one.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj")
+# Attention classes whose forward _attention_forward reproduces, and whether they pass their sliding window.
+ATTENTION_CLASSES = {"MistralAttention": True, "LlamaAttention": False}
+MLP_CLASSES = ("MistralMLP", "LlamaMLP")
+FUSED_WEIGHT = {ATTENTION_PROJECTIONS: "fused_qkv_weight", MLP_PROJECTIONS: "fused_gate_up_weight"}
+
+
+def fuse_projections(model) -> int:
+    """Stack the frozen weights of every supported layer's q/k/v and gate/up groups and route those layers through
+    grouped_projections; returns how many groups. Runs before or after PEFT adds its LoRA layers.
+
+    Needs plain frozen weights: nn.Linear, or the fast layout's bf16 copy of 4-bit ones
+    (stages.modeling.DequantizedLinear), without bias. Other groups stay as they are.
+    """
+    fused = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in ATTENTION_CLASSES and _stack_weights(module, ATTENTION_PROJECTIONS):
+            module.forward = types.MethodType(_attention_forward, module)
+            fused += 1
+        elif name in MLP_CLASSES and _stack_weights(module, MLP_PROJECTIONS):
+            module.forward = types.MethodType(_mlp_forward, module)
+            fused += 1
+    return fused
+
+
+def _frozen(layer):
+    from peft.tuners.lora import LoraLayer
+
+    return layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
+
+
+def _stack_weights(parent, names: tuple[str, ...]) -> bool:
+    """Stack the group's weights into one parameter of `parent`, the layers' weights becoming views of it."""
+    from stages.modeling import DequantizedLinear
+
+    bases = [_frozen(getattr(parent, name, None)) for name in names]
+    kinds = {type(base) for base in bases}
+    if len(kinds) != 1 or not kinds <= {torch.nn.Linear, DequantizedLinear}:
+        return False
+    if any(base.bias is not None for base in bases):
+        return False
+    weights = [base.weight for base in bases]
+    if len({(weight.dtype, weight.device, weight.shape[1], weight.requires_grad) for weight in weights}) > 1:
+        return False
+    stacked = torch.nn.Parameter(
+        torch.cat([weight.data for weight in weights]), requires_grad=weights[0].requires_grad
+    )
+    parent.register_parameter(FUSED_WEIGHT[names], stacked)
+    offset = 0
+    for base in bases:
+        # Each layer keeps its weight as a plain view: the stacked weight is the one parameter, counted, frozen by
+        # PEFT and moved once. A merge into a layer's weight (PEFT's merge_and_unload) writes into it.
+        del base._parameters["weight"]
+        base.weight = stacked.data[offset : offset + base.out_features]
+        offset += base.out_features
+    return True
+
+
+_UNSUPPORTED = object()  # a LoRA state grouped_projections does not reproduce: PEFT's own forward runs
+
+
+class LoraUpdate(NamedTuple):
+    layer: torch.nn.Module
+    weight_a: torch.Tensor  # (rank, in)
+    weight_b: torch.Tensor  # (out, rank)
+    dropout: torch.nn.Module
+    scaling: float
+
+
+def _lora_update(layer):
+    """What a layer adds to its frozen product: a LoraUpdate, None for nothing (a plain layer, or its adapters
+    disabled), or _UNSUPPORTED."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(layer, LoraLayer):
+        return None
+    if layer.merged:
+        return _UNSUPPORTED
+    if layer.disable_adapters:
+        return None
+    active = [adapter for adapter in layer.active_adapters if adapter in layer.lora_A]
+    if not active:
+        return None
+    if len(active) > 1 or active[0] in layer.lora_variant or layer.lora_bias.get(active[0], False):
+        return _UNSUPPORTED
+    adapter = active[0]
+    return LoraUpdate(
+        layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.lora_dropout[adapter],
+        layer.scaling[adapter],
+    )  # fmt: skip
+
+
+def _dropout_rate(dropout) -> float:
+    return dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+
+
+def grouped_projections(parent, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of `parent`'s layers `names` applied to x, as PEFT's (or the plain layer's) forward computes it."""
+    from stages.modeling import DequantizedLinear
+
+    layers = [getattr(parent, name) for name in names]
+    updates = [_lora_update(layer) for layer in layers]
+    stacked = getattr(parent, FUSED_WEIGHT[names])
+    lora = [update for update in updates if update is not None]
+    agree = len({(u.weight_a.shape, u.weight_a.dtype, _dropout_rate(u.dropout), u.scaling) for u in lora}) <= 1
+    if any(update is _UNSUPPORTED for update in updates) or not agree:
+        return tuple(layer(x) for layer in layers)
+    if type(_frozen(layers[0])) is DequantizedLinear:
+        base = F.linear(x.to(stacked.dtype), stacked).to(x.dtype)  # its dtype contract
+    else:
+        base = F.linear(x, stacked)
+    sizes = [_frozen(layer).out_features for layer in layers]
+    if not lora:
+        return base.split(sizes, dim=-1)
+    first = lora[0]
+    lora_x = first.layer._cast_input_dtype(x, first.weight_a.dtype)
+    if _dropout_rate(first.dropout) > 0:
+        # One mask per projection, as PEFT's separate dropout modules draw them.
+        count = len(lora)
+        dropped = first.dropout(lora_x.unsqueeze(0).expand(count, *lora_x.shape)).reshape(count, -1, lora_x.shape[-1])
+        # (projections, tokens, rank)
+        hidden = torch.bmm(dropped, torch.stack([u.weight_a for u in lora]).transpose(1, 2))
+        hidden = hidden.transpose(0, 1).reshape(*lora_x.shape[:-1], -1)
+    else:
+        hidden = F.linear(first.dropout(lora_x), torch.cat([u.weight_a for u in lora]))
+    # Block-diagonal B: each projection's B reads its own A's output; a projection without LoRA gets no columns.
+    blocks = [u.weight_b if u is not None else first.weight_b.new_zeros(size, 0) for u, size in zip(updates, sizes)]
+    update = F.linear(hidden, torch.block_diag(*blocks))
+    return (base + update * first.scaling).to(base.dtype).split(sizes, dim=-1)
+
+
+def _mlp_forward(self, x):
+    gate, up = grouped_projections(self, MLP_PROJECTIONS, x)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    """The attention of Mistral and Llama (transformers 5), with q, k and v from grouped_projections."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model_code = sys.modules[type(self).__module__]
+    tokens = hidden_states.shape[:-1]
+    query, key, value = (
+        states.view(*tokens, -1, self.head_dim).transpose(1, 2)
+        for states in grouped_projections(self, ATTENTION_PROJECTIONS, hidden_states)
+    )
+    cos, sin = position_embeddings
+    query, key = model_code.apply_rotary_pos_emb(query, key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, model_code.eager_attention_forward
+    )
+    if ATTENTION_CLASSES[type(self).__name__]:
+        kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+    output, weights = attend(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    return self.o_proj(output.reshape(*tokens, -1).contiguous()), weights
