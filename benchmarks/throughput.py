@@ -151,7 +151,6 @@ def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
         trainer.pop("num_train_epochs", None)
         trainer.update(
             {
-                "logging_steps": 1,
                 "save_steps": 100000,
                 "save_total_limit": 1,
                 "seed": 0,
@@ -202,6 +201,7 @@ class CachedModel:
         """Take the LoRA layers out again, so the next configuration starts from the bare model."""
         from peft import PeftModel
 
+        from stages.fusion import FUSED_WEIGHT
         from stages.modeling import DequantizedLinear
 
         if isinstance(trainer_model, PeftModel):
@@ -214,8 +214,8 @@ class CachedModel:
         restore_bnb_optimizer_waits()
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
-        elif any("forward" in vars(module) for module in self.model.modules()):
-            self.model = None  # stages.fusion routed layers through stacked weights: start from a fresh load
+        elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
+            self.model = None  # stages.fusion stacked the weights of unquantized layers: start from a fresh load
 
 
 def restore_bnb_optimizer_waits() -> None:
@@ -227,12 +227,17 @@ def restore_bnb_optimizer_waits() -> None:
 
 
 def step_meter():
+    """Marks each optimizer step (time, TRL's token count, compilations so far) and keeps each step's loss, without
+    making the GPU wait: the Trainer's running loss sum is copied on the GPU and read after training. Only the last
+    step waits for the GPU, so the last mark is not early. (A synchronising meter, or logging every step, adds a wait
+    per step that the stages, logging every `logging_steps`, do not have.)"""
     from transformers import TrainerCallback
 
     class StepMeter(TrainerCallback):
         def __init__(self):
             self.trainer = None
-            self.marks: list[tuple[float, int, int]] = []  # (time, TRL's token count, compilations so far)
+            self.marks: list[tuple[float, int, int]] = []
+            self.loss_sums: list[tuple[object, bool]] = []  # (running sum after the step, reset by logging after it)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), 0, compilations()))
@@ -240,9 +245,18 @@ def step_meter():
         def on_step_end(self, args, state, control, **kwargs):
             import torch
 
-            if torch.cuda.is_available():
+            if state.global_step >= state.max_steps and torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens), compilations()))
+            self.loss_sums.append((self.trainer._tr_loss.detach().clone(), bool(control.should_log)))
+
+        def losses(self) -> list[float]:
+            """Each step's loss: the growth of the Trainer's running sum, which logging resets to zero."""
+            losses, previous = [], 0.0
+            for running, reset in self.loss_sums:
+                losses.append(float(running) - previous)
+                previous = 0.0 if reset else float(running)
+            return losses
 
     return StepMeter()
 
@@ -328,7 +342,7 @@ def train_run(
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]  # every logging_steps
     marks = meter.marks
     rate = steady_rate(marks, warmup if len(marks) > warmup + 2 else 0)
     result = {
@@ -346,6 +360,8 @@ def train_run(
                 "optim",
                 "bf16",
                 "max_length",
+                "logging_steps",
+                "dataloader_num_workers",
             )
         },
         "steps": len(marks) - 1,
@@ -356,7 +372,8 @@ def train_run(
         "tokens_per_s_overall": round(marks[-1][1] / wall, 1) if marks else None,
         **rate,
         "peak_memory_gib": peak_gib(),
-        "losses": [round(entry["loss"], 5) for entry in history],
+        "losses": [round(loss, 5) for loss in meter.losses()],
+        "logged_losses": [round(entry["loss"], 5) for entry in history],
         "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
     }
     if stage == "dpo" and trainer.args.precompute_ref_log_probs:
@@ -517,6 +534,7 @@ VARIANTS = {
     "fast": {},
     "fast_profiled": {"profile": True},
     "fast_profiled_python": {"profile": True, "python_frames": True},
+    "fast_logging_every_step": {"kwargs": {"logging_steps": 1}},
     "fast_loader_in_process": {
         "kwargs": {"dataloader_num_workers": 0, "dataloader_persistent_workers": False},
         "plan": {"batches_from": "as written"},
@@ -774,7 +792,13 @@ def markdown(result: dict) -> str:
                 if run["layout"] and run["layout"].get("compiled")
                 else ""
             )
+            + (
+                ", q/k/v and gate/up fused"
+                if run["layout"] and run["layout"].get("projections", "separate") != "separate"
+                else ""
+            )
             + f", {t.get('optim')}"
+            + (f", {t['dataloader_num_workers']} loader workers" if t.get("dataloader_num_workers") else "")
         )
         losses = run["losses"]
         lines.append(
@@ -807,7 +831,8 @@ def markdown(result: dict) -> str:
             for key, run in result.get("training", {}).items()
             if isinstance(run, dict) and "compiling_steps_after_warmup" in run
         )
-        + ")."
+        + "). The trainers log every `logging_steps` of the recipe, as the stages do; the per-step losses come from "
+        "the Trainer's running loss, read after training, so measuring makes no step wait for the GPU."
     )
     for key, run in result.get("variants", {}).items():
         if "error" in run:

@@ -137,6 +137,12 @@ class WalkModulesOnce(TrainerCallback):
         model.train, model.zero_grad = train, zero_grad
         model.num_parameters = functools.cache(model.num_parameters)
 
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # Back to the module methods: the lists would otherwise keep every module of the run alive with the model.
+        for name in ("train", "zero_grad", "num_parameters"):
+            if model is not None:
+                model.__dict__.pop(name, None)
+
 
 class LogPeakMemory(TrainerCallback):
     """Add the peak GPU memory so far to every log line: memory is what decides which GPU a recipe needs."""

@@ -499,6 +499,8 @@ def test_walk_modules_once_sets_modes_and_clears_gradients_like_the_module_metho
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     assert model.num_parameters(exclude_embeddings=True) == counted
+    WalkModulesOnce().on_train_end(None, None, None, model=model)
+    assert not {"train", "zero_grad", "num_parameters"} & set(vars(model))  # the module methods again
 
 
 def test_walk_modules_once_leaves_models_whose_modules_train_differently_alone():
