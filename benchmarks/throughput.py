@@ -914,7 +914,7 @@ def main(argv=None) -> int:
         steps = (
             {"sft_fast": 6, "sft_seed": 3, "sft_low": 1, "dpo_fast": 3, "dpo_seed": 2}
             if args.tiny
-            else {"sft_fast": 48, "sft_seed": 6, "sft_low": 2, "dpo_fast": 24, "dpo_seed": 3}
+            else {"sft_fast": 96, "sft_seed": 6, "sft_low": 2, "dpo_fast": 24, "dpo_seed": 3}
         )
         data = write_instruction_data(
             Path(params["paths"]["prepared"]),
@@ -985,7 +985,7 @@ def main(argv=None) -> int:
 
             try:
                 chosen = args.variants.split(",") if args.variants else list(VARIANTS)
-                run_variants(params, work, out, cache, shape, steps["sft_fast"] // 2, save_variants, chosen)
+                run_variants(params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen)
             finally:
                 sft.load_model = dpo.load_model = load_model
                 cache.model = None

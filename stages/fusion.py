@@ -149,10 +149,23 @@ def grouped_projections(parent, names: tuple[str, ...], x: torch.Tensor) -> tupl
         hidden = hidden.transpose(0, 1).reshape(*lora_x.shape[:-1], -1)
     else:
         hidden = F.linear(first.dropout(lora_x), torch.cat([u.weight_a for u in lora]))
-    # Block-diagonal B: each projection's B reads its own A's output; a projection without LoRA gets no columns.
-    blocks = [u.weight_b if u is not None else first.weight_b.new_zeros(size, 0) for u, size in zip(updates, sizes)]
-    update = F.linear(hidden, torch.block_diag(*blocks))
+    update = F.linear(hidden, _block_diagonal(updates, sizes, first.weight_b))
     return (base + update * first.scaling).to(base.dtype).split(sizes, dim=-1)
+
+
+def _block_diagonal(updates, sizes: list[int], like: torch.Tensor) -> torch.Tensor:
+    """(sum of outputs, LoRA layers x rank): each projection's B in the columns of its own A's output, zeros elsewhere
+    (a projection without LoRA has zero rows). Built by masking the B matrices stacked by rows and tiled, not with
+    torch.block_diag: then each B's gradient is a contiguous row block, which the optimizer takes as it is, where
+    block_diag's would be a strided slice that autograd copies (5 copy kernels per Mistral layer and step)."""
+    rank = like.shape[1]
+    rows = torch.cat([u.weight_b if u is not None else like.new_zeros(size, rank) for u, size in zip(updates, sizes)])
+    row_owner, layers = [], 0  # which LoRA layer's columns each row reads (-1: none)
+    for update, size in zip(updates, sizes):
+        row_owner.append(torch.full((size,), layers if update is not None else -1, device=like.device))
+        layers += update is not None
+    column_owner = torch.arange(layers * rank, device=like.device) // rank
+    return rows.repeat(1, layers) * (torch.cat(row_owner)[:, None] == column_owner[None, :])
 
 
 def _mlp_forward(self, x):
