@@ -48,18 +48,47 @@ def idle_gaps(events: list[dict], min_gap_us: float) -> tuple[list[tuple[float, 
     return gaps, spans[-1][1] - spans[0][0] if len(spans) > 1 else 0.0, busy
 
 
-def idle_time_inside(events: list[dict], gaps: list[tuple[float, float]]) -> collections.Counter:
-    """For each main-thread event name, the idle time that fell within its occurrences."""
+def main_thread_events(events: list[dict]) -> list[dict]:
     cpu = [e for e in events if e.get("cat") in CPU_CATEGORIES]
-    if not cpu or not gaps:
-        return collections.Counter()
+    if not cpu:
+        return []
     main_thread = collections.Counter(e["tid"] for e in cpu if e.get("cat") == "cpu_op").most_common(1)
     tid = main_thread[0][0] if main_thread else cpu[0]["tid"]
+    return [e for e in cpu if e["tid"] == tid]
+
+
+def idle_outside_operators(events: list[dict], gaps: list[tuple[float, float]]) -> float:
+    """Idle time during which the main thread ran no operator or annotation: plain Python (logging, data loading
+    in the training process, the Trainer's bookkeeping), or waiting on something the profiler does not record."""
+    covered, start, end = 0.0, None, None
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in main_thread_events(events) if e["cat"] != "python_function")
+    merged = []
+    for begin, finish in spans:
+        if end is None or begin > end:
+            if end is not None:
+                merged.append((start, end))
+            start, end = begin, finish
+        else:
+            end = max(end, finish)
+    if end is not None:
+        merged.append((start, end))
+    starts = [begin for begin, _ in merged]
+    for gap_start, gap_end in gaps:
+        index = max(bisect.bisect_right(starts, gap_start) - 1, 0)
+        while index < len(merged) and merged[index][0] < gap_end:
+            covered += max(0.0, min(gap_end, merged[index][1]) - max(gap_start, merged[index][0]))
+            index += 1
+    return sum(end - start for start, end in gaps) - covered
+
+
+def idle_time_inside(events: list[dict], gaps: list[tuple[float, float]]) -> collections.Counter:
+    """For each main-thread event name, the idle time that fell within its occurrences."""
+    cpu = main_thread_events(events)
+    if not cpu or not gaps:
+        return collections.Counter()
     gap_ends = [end for _, end in gaps]
     credited: collections.Counter = collections.Counter()
     for event in cpu:
-        if event["tid"] != tid:
-            continue
         begin, finish = event["ts"], event["ts"] + event["dur"]
         index = bisect.bisect_right(gap_ends, begin)
         while index < len(gaps) and gaps[index][0] < finish:
@@ -79,6 +108,8 @@ def report(path: Path, top: int = 40, min_gap_us: float = 20.0) -> str:
     lines = [
         f"{path.name}: {span / 1e3:.1f} ms from the first to the last GPU activity, kernels {busy / 1e3:.1f} ms, "
         f"idle {idle / 1e3:.1f} ms ({idle / span:.0%}) in {len(gaps)} gaps of {min_gap_us:g} us or more",
+        f"{idle_outside_operators(events, gaps) / 1e3:.1f} ms of it outside every main-thread operator "
+        "(Python between operators: logging, the Trainer's bookkeeping, collating in the training process)",
         f"idle time inside each main-thread operator, annotation or Python frame (top {top}):",
     ]
     for name, micros in idle_time_inside(events, gaps).most_common(top):

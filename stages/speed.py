@@ -14,16 +14,17 @@ and loss normalisation of that run and changes only the layout:
   the longest possible batch still fits;
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
-  copy when that copy takes at most a quarter of the GPU, and AdamW as PyTorch's fused step (FUSED_ADAMW). Each
-  gives the same numbers as before up to float rounding (the fused step's float32 states drop the 8-bit rounding
-  of bitsandbytes' states); what each bought is in benchmarks/results/ (throughput.md, and the profiles of the
-  eager, compiled and fast steps).
+  copy when that copy takes at most a quarter of the GPU, q/k/v and gate/up as one matrix product each over that
+  copy (stages.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before up
+  to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
+  bought is in benchmarks/results/ (throughput.md, and the profiles of the eager, compiled and fast steps);
+- the next batches collated in LOADER_WORKERS processes, unless the trainer settings choose.
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
 decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit: on the H100 benchmark
 (benchmarks/throughput.py) the fast SFT layout, with the bf16 copy and checkpointing nothing below 4,736 tokens per
-batch, peaked at 45.0 GiB of 80.
+batch, peaked at 52.5 GiB of 80 over 96 steps.
 """
 
 from __future__ import annotations

@@ -135,12 +135,13 @@ class WalkModulesOnce(TrainerCallback):
                     parameter.grad.detach_().zero_()
 
         model.train, model.zero_grad = train, zero_grad
-        model.num_parameters = functools.cache(model.num_parameters)
+        if hasattr(model, "num_parameters"):  # transformers' models
+            model.num_parameters = functools.cache(model.num_parameters)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         # Back to the module methods: the lists would otherwise keep every module of the run alive with the model.
-        for name in ("train", "zero_grad", "num_parameters"):
-            if model is not None:
+        if model is not None:
+            for name in ("train", "zero_grad", "num_parameters"):
                 model.__dict__.pop(name, None)
 
 
