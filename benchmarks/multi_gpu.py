@@ -8,8 +8,9 @@
 `accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
 steps over the same examples (each GPU takes half of every step). From the DVCLive curves the stage writes:
 non-padding tokens/s after the first two steps (TRL's num_tokens, summed over GPUs) and the per-step losses; peak
-memory per GPU is polled from nvidia-smi; the two adapters are compared weight by weight. Then dpo on 2 GPUs, and
-generate on 1 and 2 GPUs with greedy decoding, whose answers must be identical. Writes OUT/multi_gpu.json and
+memory per GPU is polled from nvidia-smi; the two adapters are compared weight by weight. Then a kill-and-resume
+check on 2 GPUs with the last strategy (resume_on), dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy
+decoding, whose answers must be identical. Writes OUT/multi_gpu.json and
 OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
 """
 
@@ -19,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,7 +115,7 @@ def read_curve(folder: Path, name: str) -> list[tuple[int, float]]:
 def training_summary(metrics_dir: Path, warmup: int = 4) -> dict:
     """Losses, and tokens/s over the steps after `warmup` (compiling: the first shape, then dynamic shapes) from the
     stage's own tokens_per_second curve."""
-    losses = read_curve(metrics_dir, "loss")
+    losses = sorted(dict(read_curve(metrics_dir, "loss")).items())  # a resumed run logs its replayed steps again
     tokens = dict(read_curve(metrics_dir, "num_tokens"))
     rates = dict(read_curve(metrics_dir, "tokens_per_second"))
     steps = [step for step in sorted(rates) if step > warmup] or sorted(rates)[1:]  # a short smoke run: all but 1
@@ -169,9 +171,10 @@ def markdown(result: dict) -> str:
                  f"accelerate {v.get('accelerate')}, "
                  f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
                  f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
-    lines += ["", "| run | GPUs | strategy | examples per optimizer step | non-padding tokens/s | peak memory per GPU "
-              "(MiB, nvidia-smi) | steps | wall s | date |",
-              "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
+    if any(isinstance(run, dict) and "tokens_per_s" in run for run in sft.values()):
+        lines += ["", "| run | GPUs | strategy | examples per optimizer step | non-padding tokens/s | peak memory per "
+                  "GPU (MiB, nvidia-smi) | steps | wall s | date |",
+                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
     for key, run in sft.items():
         if isinstance(run, dict) and "tokens_per_s" in run:
             lines.append(f"| sft | {run['gpus']} | {run.get('strategy', '-')} | "
@@ -197,6 +200,16 @@ def markdown(result: dict) -> str:
         lines.append(f"DPO on {d['gpus']} GPUs: {d['steps']} steps, {rate(d['tokens_per_s'])} tokens/s, losses "
                      f"{d['losses'][0]} -> {d['losses'][-1]}, peak {d['gpu_peak_mib']} MiB"
                      + (f"; {d['sharding']}." if "sharding" in d else "."))  # fmt: skip
+    if "resume" in result:
+        r = result["resume"]
+        adapters = r.get("adapter_difference")
+        lines.append(f"Resume ({r['strategy']}, {r['gpus']} GPUs): {r['processes_killed']} processes killed after "
+                     f"{r['killed_after']}; the rerun logged {r['resumed_from']!r} and ended after {r['steps']} "
+                     "steps.")  # fmt: skip
+        if adapters:
+            lines[-1] += (f" Against an uninterrupted run: largest relative loss difference after the checkpoint "
+                          f"{r['max_relative_loss_difference_after_checkpoint']}; adapters, all weights together "
+                          f"{adapters['all_weights']}, largest single {adapters['largest_single']}.")  # fmt: skip
     if "generate" in result:
         g = result["generate"]
         lines.append(f"Generation (greedy) on 1 and {g['gpus']} GPUs: {g['answers']} answers, identical: "
@@ -227,7 +240,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's stacks are dumped")
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: dpo, generate, sft_1gpu, sft_2gpu"
+        "--skip", default="", help="comma-separated parts to leave out: dpo, generate, resume, sft_1gpu, sft_2gpu"
     )
     args = parser.parse_args(argv)
 
@@ -257,6 +270,10 @@ def main(argv=None) -> int:
     params = benchmark_params(work, model_dir, args.tiny)
     params["embedded"].update({"sft_rows": 300, "preference_rows": 40})
     params["sft"]["speed"] = params["dpo"]["speed"] = "fast"
+    for section in ("sft", "dpo"):  # a curve point per step: the 1- and 2-GPU losses are compared step by step
+        params[section]["trainer"]["logging_steps"] = 1
+        if args.tiny and gpus:  # on GPUs the tiny model trains as the recipe says (bf16 is what FSDP shards with)
+            params[section]["trainer"].update(bf16=True, optim="paged_adamw_8bit")
     params["evaluate"]["generation"].update({"max_new_tokens": 64, "batch_size": 64, "speed": "fast"})
     params_path = work / "params.yaml"
     params_path.write_text(json.dumps(params))
@@ -339,6 +356,9 @@ def main(argv=None) -> int:
             result["errors"][f"sft_batch{accumulation}"] = f"{type(error).__name__}: {error}"
         save()
 
+    if "resume" not in skip:
+        resume_on(2 if gpus >= 2 else 1, args.strategies[-1], variant, work, params, env, result, save)
+        save()
     n, strategy = runs[-1] if runs else (1, "ddp")
     if "dpo" not in skip:
         dpo_on(n, strategy, run_name(n, strategy), variant, work, params, env, result)
@@ -364,6 +384,66 @@ def dpo_on(n: int, strategy: str, sft_run: str, variant, work: Path, params: dic
         result["dpo"] = run
     except Exception as error:
         result["errors"]["dpo"] = f"{type(error).__name__}: {error}"
+
+
+def resume_on(n: int, strategy: str, variant, work: Path, params: dict, env: dict, result: dict, save) -> None:
+    """stages.sft on n GPUs with `strategy`, killed once it has saved a checkpoint, then run again as `dvc repro`
+    would rerun it: it must resume from that checkpoint and end where an uninterrupted run ends (the same losses
+    after the checkpoint, the same adapter)."""
+    save_steps, steps = 3, 8
+    trainer = {**params["sft"]["trainer"], "max_steps": steps, "save_steps": save_steps, "logging_steps": 1}
+    try:
+        runs = {}
+        for name in ("resumed", "uninterrupted"):
+            run_params = variant(n, f"{strategy}_{name}", strategy, sft__trainer=trainer)
+            run_params["paths"]["checkpoints"] = str(work / "checkpoints" / name)
+            params_path = work / f"params_sft_{strategy}_{name}.yaml"
+            if name == "resumed":
+                killed = run_until_checkpoint(run_params, params_path, work, env, save_steps)
+            run = run_stage(["stages.sft"], run_params, params_path, work, env)
+            run.update(training_summary(Path(run_params["paths"]["sft_metrics"]), warmup=0))
+            runs[name] = run
+            if name == "resumed":
+                log = (LOGS / f"{params_path.stem}.log").read_text()
+                resumed_from = re.findall(r"resuming from \S+?checkpoint-\d+", log)  # each process prints it
+                result["resume"] = {"gpus": n, "strategy": strategy, **killed, "steps": run["steps"],
+                                    "resumed_from": resumed_from[0] if resumed_from else None,
+                                    "losses_resumed": run["losses"]}  # fmt: skip
+                save()
+        after = slice(save_steps, steps)
+        pairs = list(zip(runs["resumed"]["losses"][after], runs["uninterrupted"]["losses"][after]))
+        result["resume"].update(
+            losses_uninterrupted=runs["uninterrupted"]["losses"],
+            max_relative_loss_difference_after_checkpoint=round(max(abs(a - b) / abs(b) for a, b in pairs), 5),
+            adapter_difference=adapter_difference(
+                work / "models" / f"sft_{strategy}_resumed", work / "models" / f"sft_{strategy}_uninterrupted"
+            ),
+        )
+    except Exception as error:
+        result["errors"]["resume"] = f"{type(error).__name__}: {error}"
+
+
+def run_until_checkpoint(params: dict, params_path: Path, cwd: Path, env: dict, save_steps: int) -> dict:
+    """Start stages.sft and kill it with every process it started (the launcher and each GPU's worker, which
+    torch's launcher starts in sessions of their own), as a crash or a pre-empted machine would, as soon as the
+    Trainer has finished writing its first checkpoint. Returns that checkpoint and how many processes died."""
+    import psutil
+
+    params_path.write_text(json.dumps(params))
+    done = Path(params["paths"]["checkpoints"]) / "sft" / f"checkpoint-{save_steps}" / "trainer_state.json"
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with (LOGS / f"{params_path.stem}_killed.log").open("w") as log:
+        stage = subprocess.Popen([sys.executable, "-m", "stages.sft", str(params_path)], cwd=cwd, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        while not done.is_file():
+            if stage.poll() is not None:
+                raise RuntimeError(f"stages.sft ended (exit {stage.returncode}) before saving {done.parent.name}")
+            time.sleep(0.2)
+        processes = [psutil.Process(stage.pid), *psutil.Process(stage.pid).children(recursive=True)]
+        for process in processes:
+            process.kill()
+        psutil.wait_procs(processes, timeout=60)
+    return {"killed_after": done.parent.name, "processes_killed": len(processes)}
 
 
 def generate_on(n: int, sft_run: str, variant, work: Path, env: dict, result: dict) -> None:
