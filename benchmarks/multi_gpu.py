@@ -6,9 +6,11 @@
 
 `python -m stages.sft PARAMS` with `distributed.processes: 1` and then `2` (the stage re-runs itself under
 `accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
-steps over the same examples (each GPU takes half of every step). From the DVCLive curves the stage writes:
-non-padding tokens/s after the first two steps (TRL's num_tokens, summed over GPUs) and the per-step losses; peak
-memory per GPU is polled from nvidia-smi; the two adapters are compared weight by weight. Then a kill-and-resume
+steps over the same examples (each GPU takes a share of every step: stages.balance splits it by tokens). From the
+DVCLive curves the stage writes at the recipe's logging interval: non-padding tokens/s over the intervals after the
+first four steps (TRL's num_tokens, summed over GPUs) and the logged losses; peak memory per GPU is polled from
+nvidia-smi; the two adapters are compared weight by weight. `--profile` profiles steps 8-11 of each sft run
+(stages.training.ProfileSteps; benchmarks/idle_gaps.py reads the traces) and leaves their intervals out of the rate. Then a kill-and-resume
 check on 2 GPUs with the last strategy (resume_on), dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy
 decoding, whose answers must be identical. Writes OUT/multi_gpu.json and
 OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
@@ -112,21 +114,27 @@ def read_curve(folder: Path, name: str) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row[name.split("/")[-1]])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
-def training_summary(metrics_dir: Path, warmup: int = 4) -> dict:
-    """Losses, and tokens/s over the steps after `warmup` (compiling: the first shape, then dynamic shapes) from the
-    stage's own tokens_per_second curve."""
+def training_summary(metrics_dir: Path, warmup: int = 4, profiled: range = range(0)) -> dict:
+    """Logged losses, and tokens/s from the stage's own tokens_per_second curve over the logging intervals that
+    start after `warmup` (compiling: the first shape, then dynamic shapes) and hold no `profiled` step (the profiler
+    slows them)."""
     losses = sorted(dict(read_curve(metrics_dir, "loss")).items())  # a resumed run logs its replayed steps again
     tokens = dict(read_curve(metrics_dir, "num_tokens"))
     rates = dict(read_curve(metrics_dir, "tokens_per_second"))
-    steps = [step for step in sorted(rates) if step > warmup] or sorted(rates)[1:]  # a short smoke run: all but 1
-    seconds = sum((tokens[step] - tokens[step - 1]) / rates[step] for step in steps)
-    counted = sum(tokens[step] - tokens[step - 1] for step in steps)
+    logged = sorted(tokens)
+    intervals = [(start, end) for start, end in zip(logged, logged[1:]) if end in rates]  # (start, end] each
+    kept = [(a, b) for a, b in intervals if a >= warmup and not any(a < step <= b for step in profiled)]
+    kept = kept or intervals[1:] or intervals  # a short smoke run
+    seconds = sum((tokens[end] - tokens[start]) / rates[end] for start, end in kept)
+    counted = sum(tokens[end] - tokens[start] for start, end in kept)
     return {
-        "steps": len(losses),
+        "steps": losses[-1][0],
+        "logged_steps": [step for step, _ in losses],
         "losses": [round(value, 5) for _, value in losses],
         "grad_norm_min": min(value for _, value in read_curve(metrics_dir, "grad_norm")),
         "tokens": int(max(tokens.values())),
         "tokens_per_s": round(counted / seconds, 1) if seconds else None,
+        "rate_steps": sum(end - start for start, end in kept),
     }
 
 
@@ -171,6 +179,8 @@ def markdown(result: dict) -> str:
                  f"accelerate {v.get('accelerate')}, "
                  f"bitsandbytes {v.get('bitsandbytes')}. Date {result['date']}. Model {result['model']['shape']} "
                  f"shape, random weights, 4-bit NF4; recipe seed000 with sft.speed fast.")  # fmt: skip
+    if result.get("sft_trainer"):
+        lines[-1] += f" sft.trainer also set: {json.dumps(result['sft_trainer'])}."
     if any(isinstance(run, dict) and "tokens_per_s" in run for run in sft.values()):
         lines += ["", "| run | GPUs | strategy | examples per optimizer step | non-padding tokens/s | peak memory per "
                   "GPU (MiB, nvidia-smi) | steps | wall s | date |",
@@ -238,6 +248,12 @@ def main(argv=None) -> int:
         default=["ddp"],
         help="comma-separated distributed.strategy values to run on 2 GPUs: ddp, fsdp",
     )
+    parser.add_argument(
+        "--sft-trainer", type=json.loads, default={}, help="JSON: sft.trainer values for these runs (a DDP setting)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile optimizer steps 8-11 of each sft run into OUT/profiles/NAME"
+    )
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's stacks are dumped")
     parser.add_argument(
         "--skip", default="", help="comma-separated parts to leave out: dpo, generate, resume, sft_1gpu, sft_2gpu"
@@ -252,7 +268,7 @@ def main(argv=None) -> int:
     if not args.tiny and gpus < 2 and not one_gpu_only:
         print("multi_gpu: needs 2 GPUs; use --tiny for a CPU smoke test", file=sys.stderr)
         return 2
-    steps = args.steps or (4 if args.tiny else 24)
+    steps = args.steps or (4 if args.tiny else 30)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/multi_gpu_tiny" if args.tiny else "/tmp/multi_gpu").resolve()
@@ -266,12 +282,16 @@ def main(argv=None) -> int:
     from stages.data import PREFERENCES_TEST, PREFERENCES_TRAIN, SFT_TEST, SFT_TRAIN, read_jsonl, write_jsonl
     from stages.dry_run import validate_params
     from stages.modeling import load_tokenizer
+    from stages.training import PROFILE_ENV, ProfileSteps
 
     params = benchmark_params(work, model_dir, args.tiny)
     params["embedded"].update({"sft_rows": 300, "preference_rows": 40})
     params["sft"]["speed"] = params["dpo"]["speed"] = "fast"
-    for section in ("sft", "dpo"):  # a curve point per step: the 1- and 2-GPU losses are compared step by step
-        params[section]["trainer"]["logging_steps"] = 1
+    for section in ("sft", "dpo"):
+        # The recipe's logging interval, as the stages run; the 1- and 2-GPU losses are compared at each logged step.
+        # A smoke run is too short for it: a point per step.
+        if args.tiny:
+            params[section]["trainer"]["logging_steps"] = 1
         if args.tiny and gpus:  # on GPUs the tiny model trains as the recipe says (bf16 is what FSDP shards with)
             params[section]["trainer"].update(bf16=True, optim="paged_adamw_8bit")
     params["evaluate"]["generation"].update({"max_new_tokens": 64, "batch_size": 64, "speed": "fast"})
@@ -295,6 +315,8 @@ def main(argv=None) -> int:
 
     result = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "gpus": max(gpus, 1),
               "strategies": args.strategies, "model": model_info, "errors": {}}  # fmt: skip
+    if args.sft_trainer:
+        result["sft_trainer"] = args.sft_trainer
     results_name = "_".join(["multi_gpu"] + ([] if args.strategies == ["ddp"] else args.strategies))
 
     def save():
@@ -325,16 +347,20 @@ def main(argv=None) -> int:
 
     result["sft"] = {}
     for accumulation in args.accumulations:
-        trainer = {**params["sft"]["trainer"], "max_steps": steps, "gradient_accumulation_steps": accumulation}
+        trainer = {**params["sft"]["trainer"], "max_steps": steps, "gradient_accumulation_steps": accumulation,
+                   **args.sft_trainer}  # fmt: skip
         suffix = "" if accumulation == EFFECTIVE_BATCH else f"_batch{accumulation}"
         try:
             for processes, strategy in runs:
                 name = run_name(processes, strategy) + suffix
                 run_params = variant(processes, name, strategy, sft__trainer=trainer)
-                run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, env,
+                profiler = ProfileSteps(out / "profiles" / name) if args.profile else None
+                run_env = {**env, PROFILE_ENV: str(profiler.folder)} if profiler else env
+                run = run_stage(["stages.sft"], run_params, work / f"params_sft_{name}.yaml", work, run_env,
                                 timeout=args.stage_timeout)  # fmt: skip
-                run.update(training_summary(Path(run_params["paths"]["sft_metrics"])), gpus=processes,
-                           strategy=strategy, effective_batch=accumulation)  # fmt: skip
+                profiled = range(profiler.first, profiler.first + profiler.count) if profiler else range(0)
+                run.update(training_summary(Path(run_params["paths"]["sft_metrics"]), profiled=profiled),
+                           gpus=processes, strategy=strategy, effective_batch=accumulation)  # fmt: skip
                 result["sft"][name] = run
                 print(f"[sft {name}] {json.dumps({k: run[k] for k in ('tokens_per_s', 'gpu_peak_mib', 'steps')})}",
                       flush=True)  # fmt: skip

@@ -172,6 +172,7 @@ class SpeedPlan:
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     projections: str = "separate"  # or FUSED_PROJECTIONS (see stages.fusion)
     batches_from: str = "as written"  # or LOADER_WORKERS processes (see the fast layout in plan)
+    shares: str = "in sampler order"  # or BALANCED_SHARES: how each step's examples are split across the GPUs
 
 
 # distributed.strategy fsdp: TrainingArguments' FSDP settings. FSDP2 (PyTorch's fully_shard, the version transformers
@@ -190,6 +191,7 @@ FSDP_SETTINGS = {
 # the training process each collation (about 4-8 ms on the H100 machine) was time the GPU waited.
 LOADER_WORKERS = 2
 FUSED_PROJECTIONS = "q/k/v and gate/up fused, one product each for frozen weights, LoRA A and LoRA B"
+BALANCED_SHARES = "by token count (stages.balance)"
 SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
 
 
@@ -352,6 +354,8 @@ def plan(
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
             projections=FUSED_PROJECTIONS if not sharded and (dequantized or not quantized) else "separate",
             batches_from=batches_from,
+            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see stages.balance).
+            shares=BALANCED_SHARES if stage == "sft" and world > 1 else "in sampler order",
         )
     reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
@@ -463,6 +467,7 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str, shard
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
         f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, projections {chosen.projections}, "
         f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
+        + (f", each step split across the GPUs {chosen.shares}" if world_size() > 1 else "")
     )
     return kwargs, chosen, installer(chosen, shape)
 
