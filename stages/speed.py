@@ -18,7 +18,9 @@ and loss normalisation of that run and changes only the layout:
   copy (stages.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before up
   to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
   bought is in benchmarks/results/ (throughput.md, and the profiles of the eager, compiled and fast steps);
-- the next batches collated in LOADER_WORKERS processes, unless the trainer settings choose.
+- the next batches collated in LOADER_WORKERS processes, unless the trainer settings choose;
+- on several GPUs, each SFT step's examples split among them by token count (stages.balance), so that no GPU waits
+  for one with longer examples: the same examples per step, only which GPU takes which changes.
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA

@@ -228,9 +228,17 @@ class ProfileSteps(TrainerCallback):
         wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
         events = self.profiler.key_averages()
-        on_device = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
-        kernels = sum(event.self_device_time_total for event in on_device) / 1e6
-        collectives = sum(event.self_device_time_total for event in on_device if "nccl" in event.key.lower()) / 1e6
+        # Device time of kernels, copies and memsets. Annotations on the GPU's timeline (DDP's forward, NCCL's
+        # calls) span other work and would count it twice.
+        on_device = [
+            event
+            for event in self.profiler.events()
+            if event.device_type != torch.autograd.DeviceType.CPU
+            and not getattr(event, "is_user_annotation", False)
+            and "annotation" not in str(getattr(event, "activity_type", ""))
+        ]
+        kernels = sum(event.device_time_total for event in on_device) / 1e6
+        collectives = sum(event.device_time_total for event in on_device if "nccl" in event.name.lower()) / 1e6
         summary = (
             f"steps {self.first}-{state.global_step}: wall {wall:.3f} s ({wall / self.count:.3f} s per step), "
             f"kernels {kernels:.3f} s of which collectives {collectives:.3f} s; "
