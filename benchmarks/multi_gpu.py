@@ -9,11 +9,11 @@
 steps over the same examples (each GPU takes a share of every step: stages.balance splits it by tokens). From the
 DVCLive curves the stage writes at the recipe's logging interval: non-padding tokens/s over the intervals after the
 first four steps (TRL's num_tokens, summed over GPUs) and the logged losses; peak memory per GPU is polled from
-nvidia-smi; the two adapters are compared weight by weight. `--profile` profiles steps 8-11 of each sft run
-(stages.training.ProfileSteps; benchmarks/idle_gaps.py reads the traces) and leaves their intervals out of the rate. Then a kill-and-resume
-check on 2 GPUs with the last strategy (resume_on), dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy
-decoding, whose answers must be identical. Writes OUT/multi_gpu.json and
-OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
+nvidia-smi; the two adapters are compared weight by weight. Then a kill-and-resume check on 2 GPUs with the last
+strategy (resume_on), dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy decoding, whose answers must be
+identical. Writes OUT/multi_gpu.json and OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
+`--profile` profiles steps 8-11 of each sft run (stages.training.ProfileSteps; benchmarks/idle_gaps.py reads the
+traces) and leaves the logging intervals that hold them out of the rate.
 """
 
 from __future__ import annotations

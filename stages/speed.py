@@ -356,8 +356,11 @@ def plan(
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
             projections=FUSED_PROJECTIONS if not sharded and (dequantized or not quantized) else "separate",
             batches_from=batches_from,
-            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see stages.balance).
-            shares=BALANCED_SHARES if stage == "sft" and world > 1 else "in sampler order",
+            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see stages.balance). A
+            # sampler the trainer settings name (train_sampling_strategy) is theirs to choose.
+            shares=BALANCED_SHARES
+            if stage == "sft" and world > 1 and "train_sampling_strategy" not in written
+            else "in sampler order",
         )
     reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})

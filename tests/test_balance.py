@@ -110,7 +110,7 @@ def test_the_sft_trainer_draws_the_split_batches(tiny_project, tmp_path):
     assert sorted(sum(balanced_batches[2 * full_steps :], [])) == sorted(sum(default_batches[2 * full_steps :], []))
 
 
-def test_only_sft_on_several_gpus_splits_by_tokens():
+def test_only_sft_on_several_gpus_splits_by_tokens_unless_the_settings_name_a_sampler():
     from stages.speed import ModelShape
 
     shape = ModelShape(7_000_000_000, 260_000_000, 32, 4096, 14336, 32000)
@@ -119,3 +119,5 @@ def test_only_sft_on_several_gpus_splits_by_tokens():
     assert plan("sft", seed, "fast", shape, 80 * gib, quantized=True, world=2)[1].shares == BALANCED_SHARES
     assert plan("sft", seed, "fast", shape, 80 * gib, quantized=True, world=1)[1].shares != BALANCED_SHARES
     assert plan("dpo", seed, "fast", shape, 80 * gib, quantized=True, world=2)[1].shares != BALANCED_SHARES
+    chosen = {**seed, "train_sampling_strategy": "group_by_length"}  # the settings' own sampler stays
+    assert plan("sft", chosen, "fast", shape, 80 * gib, quantized=True, world=2)[1].shares != BALANCED_SHARES
