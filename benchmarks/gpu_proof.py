@@ -7,7 +7,7 @@ Run from the repository root on a CUDA machine with the project installed (`pip 
 
 No model hub is needed: a MistralConfig with Mistral-7B-v0.1's shape is initialised at random in bf16 directly on
 the GPU and saved with save_pretrained (safetensors), with a BPE tokenizer built by the project's own
-stages.tiny_model.train_tokenizer on the embedded corpus (its ids stay below the 32000 rows of the embedding).
+finetune.embedded.tiny_model.train_tokenizer on the embedded corpus (its ids stay below the 32000 rows of the embedding).
 Then `python -m stages.{embedded,prepare,sft,dpo} PARAMS` run as subprocesses on a params file derived from
 params.yaml (model.name_or_path = that folder, load_in_4bit true, paths in a scratch folder, few steps), and the
 DVCLive curves they write are summarised in gpu_proof.json and gpu_proof.md.
@@ -85,7 +85,7 @@ def write_params(args, work: Path, model_dir: Path):
     """params.yaml with the model, paths, data size and trainer settings of the proof; validated by load_config."""
     from ruamel.yaml import YAML
 
-    from stages.config import load_config
+    from finetune.config import load_config
 
     yaml = YAML(typ="safe", pure=True)
     params = yaml.load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -157,8 +157,8 @@ def build_random_model(arch: dict, embedded: Path, model_dir: Path, seed: int) -
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from stages.base import read_corpus
-    from stages.tiny_model import train_tokenizer
+    from finetune.embedded.files import read_corpus
+    from finetune.embedded.tiny_model import train_tokenizer
 
     started = time.perf_counter()
     texts, _ = read_corpus(embedded)

@@ -2,7 +2,7 @@
 doing meanwhile.
 
 A training step bound by the CPU leaves the GPU idle whenever Python has not issued the next kernel yet. This reads a
-trace written by stages.training.ProfileSteps (trace_rankN.json.gz; with STAGES_PROFILE_STACKS=1 it holds Python
+trace written by finetune.training.runs.ProfileSteps (trace_rankN.json.gz; with STAGES_PROFILE_STACKS=1 it holds Python
 frames too), finds every stretch with no kernel, copy or memset running, and credits each operator, annotation and
 Python frame of the main thread with the idle time that fell inside it (a frame is credited for its callees too).
 

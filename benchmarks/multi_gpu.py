@@ -6,13 +6,13 @@
 
 `python -m stages.sft PARAMS` with `distributed.processes: 1` and then `2` (the stage re-runs itself under
 `accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
-steps over the same examples (each GPU takes a share of every step: stages.balance splits it by tokens). From the
+steps over the same examples (each GPU takes a share of every step: finetune.layout.balance splits it by tokens). From the
 DVCLive curves the stage writes at the recipe's logging interval: non-padding tokens/s over the intervals after the
 first four steps (TRL's num_tokens, summed over GPUs) and the logged losses; peak memory per GPU is polled from
 nvidia-smi; the two adapters are compared weight by weight. Then a kill-and-resume check on 2 GPUs with the last
 strategy (resume_on), dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy decoding, whose answers must be
 identical. Writes OUT/multi_gpu.json and OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
-`--profile` profiles steps 8-11 of each sft run (stages.training.ProfileSteps; benchmarks/idle_gaps.py reads the
+`--profile` profiles steps 8-11 of each sft run (finetune.training.runs.ProfileSteps; benchmarks/idle_gaps.py reads the
 traces) and leaves the logging intervals that hold them out of the rate.
 """
 
@@ -102,7 +102,7 @@ def run_stage(
         print(tail, flush=True)
         raise RuntimeError(f"{' '.join(args)} exited with {returncode}")
     run = {"wall_s": round(seconds, 1), "gpu_peak_mib": poller.peaks, "log_tail": tail[-800:]}
-    if sharding:  # what stages.training.ReportSharding logged
+    if sharding:  # what finetune.training.runs.ReportSharding logged
         run["sharding"] = sharding[0]
     return run
 
@@ -278,11 +278,11 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))  # fmt: skip
 
+    from finetune.data.rows import PREFERENCES_TEST, PREFERENCES_TRAIN, SFT_TEST, SFT_TRAIN, read_jsonl, write_jsonl
+    from finetune.model.loading import load_tokenizer
+    from finetune.tools.dry_run import validate_params
+    from finetune.training.runs import PROFILE_ENV, ProfileSteps
     from stages import embedded
-    from stages.data import PREFERENCES_TEST, PREFERENCES_TRAIN, SFT_TEST, SFT_TRAIN, read_jsonl, write_jsonl
-    from stages.dry_run import validate_params
-    from stages.modeling import load_tokenizer
-    from stages.training import PROFILE_ENV, ProfileSteps
 
     params = benchmark_params(work, model_dir, args.tiny)
     params["embedded"].update({"sft_rows": 300, "preference_rows": 40})

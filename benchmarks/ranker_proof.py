@@ -10,8 +10,8 @@ Each model is built from a shipped architecture config (recipes/architectures/ll
 mistralai--Mistral-7B-v0.1.json) with random weights, saved with save_pretrained (safetensors) next to a tokenizer
 trained here on the embedded corpus (PairRM: a [CLS] … [SEP] BPE tokenizer with PairRM's marker tokens; reward model:
 the project's own BPE tokenizer with Mistral's chat template; both vocabularies are far below the embeddings' rows).
-Then the stage's own code loads and runs them: stages.preferences.load_ranker (from_pretrained, safetensors only) and
-stages.preferences.rank_candidates on a few dozen candidate sets made from the embedded corpus, and build_pairs.
+Then the stage's own code loads and runs them: finetune.preferences.pairs.load_ranker (from_pretrained, safetensors only) and
+finetune.preferences.pairs.rank_candidates on a few dozen candidate sets made from the embedded corpus, and build_pairs.
 
 Written to $OUT (or --out): ranker_proof.json and ranker_proof.md with device, versions, parameter counts, shapes,
 timings, peak memory, whether every score is finite, and position-bias checks: with both orders the scores must not
@@ -74,7 +74,7 @@ def candidate_sets(n: int, seed: int, repeats: int) -> tuple[list[list[dict]], l
     """(prompts, candidates, references) from the embedded corpus: each instruction with its own answer, another
     row's answer, half of its answer, a refusal, and its answer `repeats` times (at 40, long enough to be truncated by
     PairRM's 412-token candidate limit: the real shapes then run the full 2048-token rows)."""
-    from stages.corpus import make_dolly_rows
+    from finetune.embedded.corpus import make_dolly_rows
 
     rows = [r for r in make_dolly_rows(seed, 4 * n) if isinstance(r.get("response"), str) and r["response"].strip()]
     rows = rows[:n]
@@ -91,7 +91,7 @@ def candidate_sets(n: int, seed: int, repeats: int) -> tuple[list[list[dict]], l
 
 
 def corpus_texts(seed: int) -> list[str]:
-    from stages.corpus import make_dolly_rows
+    from finetune.embedded.corpus import make_dolly_rows
 
     return [" ".join(str(v) for v in row.values() if isinstance(v, str)) for row in make_dolly_rows(seed, 400)]
 
@@ -102,7 +102,7 @@ def pairrm_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from stages.ranking import PAIRRM_SPECIAL_TOKENS
+    from finetune.preferences.ranking import PAIRRM_SPECIAL_TOKENS
 
     specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", *PAIRRM_SPECIAL_TOKENS]
     core = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -218,7 +218,7 @@ def _reset_peak():
 
 
 def _pair_summary(rows_prompts, candidates, ranking) -> dict:
-    from stages.preferences import build_pairs
+    from finetune.preferences.pairs import build_pairs
 
     rows = [{"id": f"set{i}", "prompt": p, "completion": [{"role": "assistant", "content": "-"}], "category": "x"}
             for i, p in enumerate(rows_prompts)]  # fmt: skip
@@ -229,9 +229,9 @@ def _pair_summary(rows_prompts, candidates, ranking) -> dict:
 def prove_pairrm(args, folder: Path, prompts, candidates, references, texts) -> dict:
     from transformers import DebertaV2Config
 
-    from stages.config import ModelConfig, RankerConfig
-    from stages.preferences import load_ranker, rank_candidates
-    from stages.ranking import PairRMModel, pairrm_config_ids, pairrm_preference
+    from finetune.config import ModelConfig, RankerConfig
+    from finetune.preferences.pairs import load_ranker, rank_candidates
+    from finetune.preferences.ranking import PairRMModel, pairrm_config_ids, pairrm_preference
 
     tokenizer = pairrm_tokenizer(texts)
     values = architecture(PAIRRM_ARCHITECTURE, TINY_PAIRRM if args.tiny else None)
@@ -289,9 +289,9 @@ def prove_pairrm(args, folder: Path, prompts, candidates, references, texts) -> 
 def prove_reward_model(args, folder: Path, prompts, candidates, references, texts) -> dict:
     from transformers import MistralConfig, MistralForSequenceClassification
 
-    from stages.config import ModelConfig, RankerConfig
-    from stages.preferences import load_ranker, rank_candidates
-    from stages.tiny_model import train_tokenizer
+    from finetune.config import ModelConfig, RankerConfig
+    from finetune.embedded.tiny_model import train_tokenizer
+    from finetune.preferences.pairs import load_ranker, rank_candidates
 
     tokenizer = train_tokenizer(texts, TOKENIZER_VOCAB)
     values = architecture(REWARD_ARCHITECTURE, TINY_REWARD if args.tiny else None)

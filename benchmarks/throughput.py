@@ -1,12 +1,12 @@
-"""Throughput benchmark: the project's own sft, dpo, generation and BERTScore code, seed layout vs stages.speed.
+"""Throughput benchmark: the project's own sft, dpo, generation and BERTScore code, seed layout vs finetune.layout.speed.
 
     python benchmarks/throughput.py                  # on a CUDA machine: Mistral-7B shape, random weights
     python benchmarks/throughput.py --tiny           # the same flow on a tiny model; a CPU smoke test
 
 Every configuration runs through the pipeline's code: stages.sft.build_trainer / stages.dpo.build_trainer with the
-trainer keywords stages.speed.plan makes of the seed-000 recipe (`as_written` is the seed's layout: batch 1 x
-accumulation 8, every layer checkpointed), stages.generation.load_variant + generate_answers, and
-stages.metrics.bertscore_f1. The model is a random-weight Mistral-7B-v0.1 shape (no hub here), loaded once in 4 bits
+trainer keywords finetune.layout.speed.plan makes of the seed-000 recipe (`as_written` is the seed's layout: batch 1 x
+accumulation 8, every layer checkpointed), finetune.evaluation.generation.load_variant + generate_answers, and
+finetune.evaluation.metrics.bertscore_f1. The model is a random-weight Mistral-7B-v0.1 shape (no hub here), loaded once in 4 bits
 and reused, so the benchmark measures steps rather than loading. The data are instruction-like: token lengths drawn
 log-normal (median about 250, a tail clipped at 1024), the text taken from the embedded corpus.
 
@@ -37,8 +37,8 @@ for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
-from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
 import idle_gaps  # noqa: E402
+from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
 
 SEED_RECIPE = "seed000-mistral-dolly-dpo"
 H100_BF16_DENSE_FLOPS = 989.4e12  # the H100 SXM's published dense bf16 peak; MFU is measured against it
@@ -50,7 +50,7 @@ EFFECTIVE_BATCH = 8  # the seed recipe's 1 x 8
 
 
 def corpus_words(embedded: Path) -> list[str]:
-    from stages.base import read_corpus
+    from finetune.embedded.files import read_corpus
 
     texts, _ = read_corpus(embedded)
     return " ".join(texts).split()
@@ -70,7 +70,7 @@ def write_instruction_data(
     folder: Path, words: list[str], tokenizer, sft_rows: int, pairs: int, seed: int, full_length_rows: int
 ) -> dict:
     """prepared/sft_train.jsonl, preferences_train.jsonl and a full-length sft_train.jsonl in folder/long/."""
-    from stages.data import PREFERENCES_TRAIN, SFT_TRAIN, write_jsonl
+    from finetune.data.rows import PREFERENCES_TRAIN, SFT_TRAIN, write_jsonl
 
     rng = random.Random(seed)
     sample = " ".join(words[:2000])
@@ -136,7 +136,7 @@ def write_instruction_data(
 
 def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
     """The seed-000 recipe, with paths in the scratch folder and the random model; validated by load_config."""
-    from stages.dry_run import compose_params
+    from finetune.tools.dry_run import compose_params
 
     params = compose_params(SEED_RECIPE)
     # Outputs into the scratch folder; the probe prompts ship with the repository.
@@ -167,7 +167,7 @@ def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
 
 
 def config_of(params: dict, **sections):
-    from stages.dry_run import validate_params
+    from finetune.tools.dry_run import validate_params
 
     merged = json.loads(json.dumps(params))
     for path, value in sections.items():
@@ -201,13 +201,13 @@ class CachedModel:
         """Take the LoRA layers out again, so the next configuration starts from the bare model."""
         from peft import PeftModel
 
-        from stages.fusion import FUSED_WEIGHT
-        from stages.modeling import DequantizedLinear
+        from finetune.layout.fusion import FUSED_WEIGHT
+        from finetune.model.loading import DequantizedLinear
 
         if isinstance(trainer_model, PeftModel):
             self.model = trainer_model.unload()
         hooks = getattr(self.model, "_forward_pre_hooks", {})
-        hooks.clear()  # the per-batch checkpointing hook of stages.speed, if installed
+        hooks.clear()  # the per-batch checkpointing hook of finetune.layout.speed, if installed
         for module in self.model.modules():  # and the compiled decoder layers
             module._compiled_call_impl = None
         self.model.set_attn_implementation("sdpa")
@@ -215,11 +215,11 @@ class CachedModel:
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
         elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
-            self.model = None  # stages.fusion stacked the weights of unquantized layers: start from a fresh load
+            self.model = None  # finetune.layout.fusion stacked the weights of unquantized layers: start from a fresh load
 
 
 def restore_bnb_optimizer_waits() -> None:
-    """Undo stages.speed.unblock_bnb_optimizers, so the next configuration runs bitsandbytes as shipped."""
+    """Undo finetune.layout.speed.unblock_bnb_optimizers, so the next configuration runs bitsandbytes as shipped."""
     import bitsandbytes.optim.optimizer as bnb_optimizer
     import bitsandbytes.utils
 
@@ -325,8 +325,8 @@ def train_run(
     `reference_batches` pairs per batch)."""
     from trl import DPOConfig, SFTConfig
 
+    from finetune.training.runs import trainer_args
     from stages import dpo, sft
-    from stages.training import trainer_args
 
     reset_memory()
     output_dir = str(Path(cfg.paths.checkpoints) / name)
@@ -456,8 +456,8 @@ def on_this_device(chosen):
 
 
 def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: bool, steps: dict) -> dict:
-    from stages.modeling import use_4bit
-    from stages.speed import gpu_memory_bytes, installer, plan
+    from finetune.layout.speed import gpu_memory_bytes, installer, plan
+    from finetune.model.loading import use_4bit
 
     results: dict = {}
     gpu = gpu_memory_bytes()
@@ -523,7 +523,7 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
     return results
 
 
-# name -> what differs from the stage's own fast layout (stages.speed.plan + installer): "plan" fields replaced
+# name -> what differs from the stage's own fast layout (finetune.layout.speed.plan + installer): "plan" fields replaced
 EAGER_4BIT = {
     "compiled": False,
     "attention": "sdpa",
@@ -564,13 +564,13 @@ def run_variants(
     cfg_params: dict, work: Path, out: Path, cache: CachedModel, shape, steps: int, save, names: list[str]
 ) -> dict:
     """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
-    after it); `*_profiled*` runs stages.training.ProfileSteps over steps 8-11, writing OUT/profile_NAME/ with
+    after it); `*_profiled*` runs finetune.training.runs.ProfileSteps over steps 8-11, writing OUT/profile_NAME/ with
     benchmarks/idle_gaps.py's report of where the GPU waited."""
     import torch
 
-    from stages.modeling import use_4bit
-    from stages.speed import GIB, gpu_memory_bytes, installer, plan
-    from stages.training import PROFILE_ENV, PROFILE_STACKS_ENV
+    from finetune.layout.speed import GIB, gpu_memory_bytes, installer, plan
+    from finetune.model.loading import use_4bit
+    from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV
 
     results = {}
     adapter = work / "adapter_variants"
@@ -637,8 +637,8 @@ def run_variants(
 def run_generation(cfg_params: dict, work: Path, prompts: int, tiny: bool) -> dict:
     import torch
 
-    from stages.data import SFT_TRAIN, read_jsonl
-    from stages.generation import generate_answers, load_variant, render_prompt
+    from finetune.data.rows import SFT_TRAIN, read_jsonl
+    from finetune.evaluation.generation import generate_answers, load_variant, render_prompt
 
     results = {}
     rows = read_jsonl(Path(cfg_params["paths"]["prepared"]) / SFT_TRAIN)
@@ -706,8 +706,8 @@ def random_roberta_large(folder: Path, tokenizer_source: Path, tiny: bool) -> Pa
 def run_bertscore(
     work: Path, model_dir: Path, words: list[str], pairs: int, tiny: bool, profile_to: Path | None = None
 ) -> dict:
-    from stages.config import BertScoreConfig
-    from stages.metrics import bertscore_f1
+    from finetune.config import BertScoreConfig
+    from finetune.evaluation.metrics import bertscore_f1
 
     folder = random_roberta_large(work / "roberta-large-random", model_dir, tiny)
     rng = random.Random(1)
@@ -758,7 +758,7 @@ def run_bertscore(
 def padding_of(trainer: dict, layout: dict | None) -> str:
     if trainer.get("padding_free"):
         return "padding-free"
-    if layout and layout.get("padding_free"):  # stages.speed.pack_padded_batches: TRL pads, the model packs
+    if layout and layout.get("padding_free"):  # finetune.layout.speed.pack_padded_batches: TRL pads, the model packs
         return "padding-free (packed in the model)"
     return "padded"
 
@@ -889,9 +889,9 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir(args.tiny)
 
+    from finetune.layout.speed import attention_for_varying_shapes, model_shape
+    from finetune.model.loading import load_model, load_tokenizer
     from stages import dpo, embedded, sft
-    from stages.modeling import load_model, load_tokenizer
-    from stages.speed import attention_for_varying_shapes, model_shape
 
     params = benchmark_params(work, model_dir, args.tiny)
     params["embedded"].update({"sft_rows": 300, "preference_rows": 40})
@@ -926,10 +926,10 @@ def main(argv=None) -> int:
             full_length_rows=steps["sft_low"] * EFFECTIVE_BATCH,
         )
         shape = model_shape(cfg.model)
-        attention_for_varying_shapes()  # as stages.speed.layout does in every training stage
+        attention_for_varying_shapes()  # as finetune.layout.speed.layout does in every training stage
         result = {
-            "what": "stages.sft / stages.dpo / stages.generation / stages.metrics on a random-weight model: the seed "
-            "recipe's layout vs stages.speed's fast and low-memory layouts, in one process",
+            "what": "stages.sft / stages.dpo / finetune.evaluation.generation / finetune.evaluation.metrics on a random-weight model: the seed "
+            "recipe's layout vs finetune.layout.speed's fast and low-memory layouts, in one process",
             "date": time.strftime("%Y-%m-%d"),
             "versions": versions(),
             "model": model_info,

@@ -10,33 +10,13 @@ tokenizer with the Mistral chat template) and curves under paths.base_metrics.
 from __future__ import annotations
 
 import sys
-
-import json
 from pathlib import Path
 
-from stages.config import load_config
-from stages.embedded import PRETRAIN_FILE
-from stages.errors import exit_on_error
-from stages.tiny_model import build_model, pack_blocks, train_tokenizer
-from stages.training import checkpoint_to_resume, finish_run, live_callbacks, save_atomically, trainer_args
-
-
-def _strings(value) -> list[str]:
-    """Every string inside a JSON value, for tokenizer training."""
-    if isinstance(value, str):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return [text for item in items for text in _strings(item)]
-
-
-def read_corpus(folder: Path) -> tuple[list[str], list[str]]:
-    """(all texts of the embedded data, the pre-training paragraphs)."""
-    paragraphs = [p for p in (folder / PRETRAIN_FILE).read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    texts = list(paragraphs)
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            texts += _strings(json.loads(line))
-    return texts, paragraphs
+from finetune.config import load_config
+from finetune.embedded.files import read_corpus
+from finetune.embedded.tiny_model import build_model, pack_blocks, train_tokenizer
+from finetune.errors import exit_on_error
+from finetune.training.runs import checkpoint_to_resume, finish_run, live_callbacks, save_atomically, trainer_args
 
 
 @exit_on_error

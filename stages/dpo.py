@@ -6,7 +6,7 @@ adapter as "ref" (not the bare base model, the usual PEFT trap; tests/test_train
 Reads params `model`, `dpo` and `paths`, paths.sft_adapter and paths.prepared/preferences_train.jsonl; writes the
 adapter to paths.dpo_adapter and curves (loss, rewards, margins, accuracies) to paths.dpo_metrics. With
 `dpo.source: generated` it trains on all of paths.preference_data/pairs.jsonl (stage preference_data) instead, read
-through the UltraFeedback adapter of stages.formats.
+through the UltraFeedback adapter of finetune.data.formats.
 
 The training functions here (`load_pairs`, `build_dpo_trainer`, `use_reference_adapter`, `train_and_save`) are also
 what every self-rewarding round trains with (stages.self_rewarding).
@@ -22,14 +22,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.config import Config, ModelConfig, load_config
-from stages.data import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, read_jsonl
-from stages.errors import ConfigError, DataError, exit_on_error
-from stages.formats import InvalidRow, from_ultrafeedback
-from stages.launch import relaunch, shards_weights
-from stages.modeling import load_model, load_tokenizer
-from stages.speed import SpeedPlan, layout, speed_record
-from stages.training import (
+from finetune.config import Config, ModelConfig, load_config
+from finetune.data.formats import InvalidRow, from_ultrafeedback
+from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, read_jsonl
+from finetune.errors import ConfigError, DataError, exit_on_error
+from finetune.layout.speed import SpeedPlan, layout, speed_record
+from finetune.model.loading import load_model, load_tokenizer
+from finetune.training.launch import relaunch, shards_weights
+from finetune.training.runs import (
     checkpoint_to_resume,
     finish_run,
     live_callbacks,
@@ -110,7 +110,7 @@ def build_dpo_trainer(
     Given a PeftModel and ref_model=None, TRL 1.16 freezes a copy of the loaded adapter as the "ref" adapter, so
     the reference is the starting model. (A fresh peft_config would instead make the adapter-free base the
     reference.) With `reference_adapter`, that adapter's weights replace the copy: the reference is that model.
-    `sharded`: the trainer runs FSDP (stages.launch.shards_weights).
+    `sharded`: the trainer runs FSDP (finetune.training.launch.shards_weights).
     """
     from peft import PeftModel
     from trl import DPOTrainer

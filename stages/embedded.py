@@ -1,4 +1,4 @@
-"""embedded: write the offline default data, generated from a seed by stages/corpus.py.
+"""embedded: write the offline default data, generated from a seed by finetune/embedded/corpus.py.
 
 Reads params `embedded` and `paths`; writes paths.embedded/ with
   dolly.jsonl          instruction rows in the databricks-dolly-15k schema (incl. some too long and invalid rows)
@@ -11,20 +11,12 @@ Reads params `embedded` and `paths`; writes paths.embedded/ with
 from __future__ import annotations
 
 import sys
-
-import json
 from pathlib import Path
 
-from stages.config import load_config
-from stages.corpus import make_dolly_rows, make_pretraining_text, make_ultrafeedback_rows
-from stages.errors import exit_on_error
-
-DOLLY_FILE, ULTRAFEEDBACK_FILE, PRETRAIN_FILE = "dolly.jsonl", "ultrafeedback.jsonl", "pretrain.txt"
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    # No sort_keys: invalid rows keep their odd shapes, and the key order matches the real datasets' files.
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+from finetune.config import load_config
+from finetune.embedded.corpus import make_dolly_rows, make_pretraining_text, make_ultrafeedback_rows
+from finetune.embedded.files import DOLLY_FILE, PRETRAIN_FILE, ULTRAFEEDBACK_FILE, write_rows
+from finetune.errors import exit_on_error
 
 
 @exit_on_error
@@ -33,8 +25,8 @@ def main(params_path: str = "params.yaml") -> None:
     out_dir = Path(cfg.paths.embedded)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = cfg.embedded.seed
-    _write_rows(out_dir / DOLLY_FILE, make_dolly_rows(seed, cfg.embedded.sft_rows))
-    _write_rows(out_dir / ULTRAFEEDBACK_FILE, make_ultrafeedback_rows(seed, cfg.embedded.preference_rows))
+    write_rows(out_dir / DOLLY_FILE, make_dolly_rows(seed, cfg.embedded.sft_rows))
+    write_rows(out_dir / ULTRAFEEDBACK_FILE, make_ultrafeedback_rows(seed, cfg.embedded.preference_rows))
     (out_dir / PRETRAIN_FILE).write_text("\n\n".join(make_pretraining_text(seed)) + "\n", encoding="utf-8")
     print(f"embedded: wrote {cfg.embedded.sft_rows} instruction rows and {cfg.embedded.preference_rows} pairs to {out_dir}")
 

@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.comparison import by_category, compare, preference_accuracy
-from stages.config import load_config
-from stages.data import read_jsonl
-from stages.errors import DataError, exit_on_error
-from stages.generation import VARIANTS
-from stages.metrics import METRICS, bertscore_description, score_rows
+from finetune.config import load_config
+from finetune.data.rows import read_jsonl
+from finetune.errors import DataError, exit_on_error
+from finetune.evaluation.comparison import by_category, compare, preference_accuracy
+from finetune.evaluation.generation import VARIANTS
+from finetune.evaluation.metrics import METRICS, bertscore_description, score_rows
 
 
 def _read_generations(folder: Path, suffix: str) -> dict[str, list[dict[str, Any]]]:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages.config import load_config
-from stages.data import PREFERENCES_TEST, evaluation_prompts, read_jsonl, write_jsonl
-from stages.errors import ConfigError, exit_on_error
-from stages.generation import VARIANTS, completion_logps, generate_answers, load_variant, render_prompt
-from stages.launch import is_main_process, join_processes, relaunch
-from stages.training import truncate_prompt
+from finetune.config import load_config
+from finetune.data.rows import PREFERENCES_TEST, evaluation_prompts, read_jsonl, write_jsonl
+from finetune.errors import ConfigError, exit_on_error
+from finetune.evaluation.generation import VARIANTS, completion_logps, generate_answers, load_variant, render_prompt
+from finetune.training.launch import is_main_process, join_processes, relaunch
+from finetune.training.runs import truncate_prompt
 
 
 @exit_on_error

@@ -6,7 +6,7 @@ Reads params `preference_data`, `model` and `paths`; a deterministic sample (pre
 preference_data.prompts instructions from paths.prepared/sft_train.jsonl; the base model, plus paths.sft_adapter when
 preference_data.policy is sft. Samples preference_data.candidates answers per instruction and scores them with
 preference_data.ranker (reference: F1 + ROUGE-L against the gold answer; pairrm; reward_model; judge), through
-stages.preferences, the code the self-rewarding rounds use too. Writes to paths.preference_data:
+finetune.preferences.pairs, the code the self-rewarding rounds use too. Writes to paths.preference_data:
   pairs.jsonl       UltraFeedback-binarized pairs (chosen = best, rejected = worst), all candidates and scores
   candidates.jsonl  every prompt with its candidates, scores (judge: verdicts) and outcome: pair, tie or invalid
   metrics.json      pairs, ties dropped, tie rate, mean score, chosen-rejected gap, answer length, judge parse failures
@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.config import Config, load_config
-from stages.data import GENERATED_PAIRS, SFT_TRAIN, read_jsonl
-from stages.errors import DataError, exit_on_error
-from stages.preferences import generate_pairs, select_prompts, write_pairs
+from finetune.config import Config, load_config
+from finetune.data.rows import GENERATED_PAIRS, SFT_TRAIN, read_jsonl
+from finetune.errors import DataError, exit_on_error
+from finetune.preferences.pairs import generate_pairs, select_prompts, write_pairs
 
 
 def make_pairs(cfg: Config) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def make_pairs(cfg: Config) -> dict[str, Any]:
     if not rows:
         raise DataError(f"{Path(cfg.paths.prepared) / SFT_TRAIN}: no rows to take instructions from")
     chosen_rows = select_prompts(rows, settings.prompts, settings.seed)
-    from stages.generation import sampling
+    from finetune.evaluation.generation import sampling
 
     gen = sampling(settings, settings.seed)
     adapter = cfg.paths.sft_adapter if settings.policy == "sft" else None

@@ -8,13 +8,13 @@ conversational formats, and paths.data_metrics (rows read, kept, dropped per rea
 
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 from pathlib import Path
 
-from stages.config import load_config
-from stages.data import (
+from finetune.config import load_config
+from finetune.data.formats import PREFERENCE_FORMATS, SFT_FORMATS
+from finetune.data.rows import (
     PREFERENCES_TEST,
     PREFERENCES_TRAIN,
     SFT_TEST,
@@ -25,8 +25,7 @@ from stages.data import (
     summarize,
     write_jsonl,
 )
-from stages.errors import DataError, exit_on_error
-from stages.formats import PREFERENCE_FORMATS, SFT_FORMATS
+from finetune.errors import DataError, exit_on_error
 
 
 @exit_on_error

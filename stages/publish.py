@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.config import Config, PublishConfig, load_config
-from stages.data import PREFERENCES_TEST, PREFERENCES_TRAIN, is_local_source, read_jsonl
-from stages.errors import ConfigError, DataError, ProjectError, exit_on_error
-from stages.model_card import DATA_KEYS, EVAL_KEYS, dataset_card, missing_keys, model_card
+from finetune.cards.model_card import DATA_KEYS, EVAL_KEYS, dataset_card, missing_keys, model_card
+from finetune.config import Config, PublishConfig, load_config
+from finetune.data.rows import PREFERENCES_TEST, PREFERENCES_TRAIN, is_local_source, read_jsonl
+from finetune.errors import ConfigError, DataError, ProjectError, exit_on_error
 
 TOKEN_VARIABLE = "HF_TOKEN"
 MODEL_DIR, DATASET_DIR, PUBLISHED_FILE = "model", "dataset", "published.json"

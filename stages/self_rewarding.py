@@ -10,7 +10,7 @@ an earlier round's), to M_t+1:
 - pairs: M_t samples self_rewarding.candidates answers to self_rewarding.prompts instructions of
   paths.prepared/sft_train.jsonl, drawn by the round's seed among those no earlier round used; the ranker scores them
   (judge with no model: M_t judges itself, as the paper; the offline default is `reference`); best vs worst. Writes
-  paths.round_data/NAME/{pairs,candidates}.jsonl and metrics.json, with stages.preferences (as preference_data).
+  paths.round_data/NAME/{pairs,candidates}.jsonl and metrics.json, with finetune.preferences.pairs (as preference_data).
 - train: DPO trains M_t+1 from M_t on those pairs (self_rewarding.trainer, trl.DPOConfig keywords), the reference
   policy being M_t (`reference: previous`) or the SFT model (`sft`), with the dpo stage's training functions.
   Writes the adapter to paths.rounds/NAME and its curves to paths.round_metrics/NAME/. Then M_t+1 answers the first
@@ -29,12 +29,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stages.comparison import answer_lengths
-from stages.config import Config, RoundConfig, load_config, round_adapter
-from stages.data import GENERATED_PAIRS, SFT_TRAIN, evaluation_prompts, read_jsonl, write_jsonl
-from stages.errors import ConfigError, DataError, exit_on_error
-from stages.metrics import METRICS, mean_scores, paired_bootstrap, score_rows
-from stages.preferences import METRICS_FILE, generate_pairs, select_prompts, write_pairs
+from finetune.config import Config, RoundConfig, load_config, round_adapter
+from finetune.data.rows import GENERATED_PAIRS, SFT_TRAIN, evaluation_prompts, read_jsonl, write_jsonl
+from finetune.errors import ConfigError, DataError, exit_on_error
+from finetune.evaluation.comparison import answer_lengths
+from finetune.evaluation.metrics import METRICS, mean_scores, paired_bootstrap, score_rows
+from finetune.preferences.pairs import METRICS_FILE, generate_pairs, select_prompts, write_pairs
 
 EVAL_FILE = "eval.jsonl"  # inside paths.round_data/NAME: the round model's held-out answers and scores
 REPORT_FILE = "plots/rounds.csv"  # inside paths.reports
@@ -73,7 +73,7 @@ def make_round_pairs(cfg: Config, name: str) -> dict[str, Any]:
     prompts = round_prompts(cfg, name, rows)
     if not prompts:
         raise DataError(f"{Path(cfg.paths.prepared) / SFT_TRAIN}: no instructions left for round {name}")
-    from stages.generation import sampling
+    from finetune.evaluation.generation import sampling
 
     gen = sampling(section, settings.seed)
     ranker = section.ranker
@@ -92,8 +92,8 @@ def train_round(cfg: Config, name: str) -> None:
     """DPO of M_t on the round's pairs into M_t+1, with the dpo stage's functions; resumable like dpo."""
     from trl import DPOConfig
 
+    from finetune.training.runs import checkpoint_to_resume, trainer_args
     from stages.dpo import build_dpo_trainer, file_sha256, load_pairs, train_and_save
-    from stages.training import checkpoint_to_resume, trainer_args
 
     _, settings = round_settings(cfg, name)
     pairs_path = Path(cfg.paths.round_data) / name / GENERATED_PAIRS
@@ -142,7 +142,7 @@ def sft_answers(cfg: Config, prompts: list[dict[str, Any]], texts: list[str]) ->
 
 def evaluate_round(cfg: Config, name: str) -> dict[str, Any]:
     """M_t+1's greedy answers to the held-out prompts, scored and compared with the SFT model's: (summary, rows)."""
-    from stages.generation import generate_answers, load_variant, render_prompt
+    from finetune.evaluation.generation import generate_answers, load_variant, render_prompt
 
     settings = cfg.evaluate
     prompts = held_out_prompts(cfg)

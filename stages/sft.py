@@ -9,24 +9,23 @@ tokenizer to paths.sft_adapter and curves to paths.sft_metrics. An interrupted r
 from __future__ import annotations
 
 import sys
-
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.config import Config, load_config
-from stages.data import SFT_TRAIN, load_split
-from stages.errors import exit_on_error
-from stages.launch import relaunch, shards_weights
-from stages.modeling import build_lora_config, load_model, load_tokenizer
-from stages.speed import BALANCED_SHARES, SpeedPlan, layout, speed_record
-from stages.training import checkpoint_to_resume, finish_run, live_callbacks, save_adapter, trainer_args
+from finetune.config import Config, load_config
+from finetune.data.rows import SFT_TRAIN, load_split
+from finetune.errors import exit_on_error
+from finetune.layout.speed import BALANCED_SHARES, SpeedPlan, layout, speed_record
+from finetune.model.loading import build_lora_config, load_model, load_tokenizer
+from finetune.training.launch import relaunch, shards_weights
+from finetune.training.runs import checkpoint_to_resume, finish_run, live_callbacks, save_adapter, trainer_args
 
 
 def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
     """SFTTrainer over the base model with a fresh LoRA adapter, on the prepared SFT train split.
 
     `speed` (recorded with the curves; it may split steps across GPUs by tokens) and `install` (applies the plan to
-    the model) come from stages.speed.layout.
+    the model) come from finetune.layout.speed.layout.
     """
     from trl import SFTTrainer
 
@@ -57,7 +56,7 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         args.max_length = max_length
         trainer.train_dataset = truncate_examples(trainer.train_dataset, max_length, args.truncation_mode)
     if speed is not None and speed.shares == BALANCED_SHARES:
-        from stages.balance import balance_shares
+        from finetune.layout.balance import balance_shares
 
         balance_shares(trainer)
     return trainer

@@ -30,9 +30,9 @@ def main(report: str, adapter_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from stages.launch import rank, sharding_summary
-    from stages.speed import decoder_layers
-    from stages.training import gathered_trainable_weights, save_adapter
+    from finetune.model.loading import decoder_layers
+    from finetune.training.launch import rank, sharding_summary
+    from finetune.training.runs import gathered_trainable_weights, save_adapter
 
     dist.init_process_group("gloo")  # without CUDA, FSDP2's default mesh is the CPUs
     model = tiny_lora_model()

@@ -1,4 +1,4 @@
-"""stages.balance: each optimizer step's examples split across GPUs by tokens, the same examples per step as the
+"""finetune.layout.balance: each optimizer step's examples split across GPUs by tokens, the same examples per step as the
 Trainer's own sampler, and the split installed in a real SFTTrainer's data loader."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import statistics
 import pytest
 import torch
 
+from finetune.config import load_config
+from finetune.layout.balance import TokenBalancedSampler, balanced_shares
+from finetune.layout.speed import BALANCED_SHARES, plan
+from finetune.training.runs import trainer_args
 from stages import sft
-from stages.balance import TokenBalancedSampler, balanced_shares
-from stages.config import load_config
-from stages.speed import BALANCED_SHARES, plan
-from stages.training import trainer_args
 
 
 def benchmark_lengths(count: int, seed: int = 0) -> list[int]:
@@ -111,7 +111,7 @@ def test_the_sft_trainer_draws_the_split_batches(tiny_project, tmp_path):
 
 
 def test_only_sft_on_several_gpus_splits_by_tokens_unless_the_settings_name_a_sampler():
-    from stages.speed import ModelShape
+    from finetune.layout.speed import ModelShape
 
     shape = ModelShape(7_000_000_000, 260_000_000, 32, 4096, 14336, 32000)
     seed = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "max_length": 1024}

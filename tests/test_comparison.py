@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.comparison import answer_lengths, by_category, compare, preference_accuracy
+from finetune.evaluation.comparison import answer_lengths, by_category, compare, preference_accuracy
 
 
 def test_preference_accuracy_uses_the_log_ratio_against_the_reference():

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_params
-from stages.config import load_config
-from stages.errors import ConfigError
+
+from finetune.config import load_config
+from finetune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

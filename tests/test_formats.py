@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from stages.data import clean_rows, read_rows
-from stages.formats import (
+from finetune.data.formats import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
     InvalidRow,
@@ -17,6 +16,7 @@ from stages.formats import (
     parse_inst_text,
     with_system_prompt,
 )
+from finetune.data.rows import clean_rows, read_rows
 
 
 def user(text):

@@ -15,10 +15,10 @@ import torch
 from test_speed import MISTRAL_7B, SEED
 from trl import SFTConfig
 
-from stages.config import ConfigError, load_config
-from stages.modeling import build_bnb_config
-from stages.speed import FSDP_SETTINGS, GIB, plan
-from stages.training import trainer_args
+from finetune.config import ConfigError, load_config
+from finetune.layout.speed import FSDP_SETTINGS, GIB, plan
+from finetune.model.loading import build_bnb_config
+from finetune.training.runs import trainer_args
 
 REPO = Path(__file__).resolve().parents[1]
 

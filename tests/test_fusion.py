@@ -1,4 +1,4 @@
-"""stages.fusion: q/k/v and gate/up as one product each compute what PEFT's separate LoRA layers compute."""
+"""finetune.layout.fusion: q/k/v and gate/up as one product each compute what PEFT's separate LoRA layers compute."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from stages.config import load_config
-from stages.fusion import ATTENTION_PROJECTIONS, fuse_projections, grouped_projections
-from stages.modeling import DequantizedLinear, build_lora_config, load_model
+from finetune.config import load_config
+from finetune.layout.fusion import ATTENTION_PROJECTIONS, fuse_projections, grouped_projections
+from finetune.model.loading import DequantizedLinear, build_lora_config, load_model
 
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

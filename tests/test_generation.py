@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from finetune.config import load_config
+from finetune.data.rows import read_jsonl
+from finetune.errors import DataError
+from finetune.evaluation.generation import completion_logps, generate_answers, load_variant, render_prompt
 from stages import evaluate, generate
-from stages.config import load_config
-from stages.data import read_jsonl
-from stages.errors import DataError
-from stages.generation import completion_logps, generate_answers, load_variant, render_prompt
 
 PROMPTS = [
     [{"role": "user", "content": "What colour is a ripe lemon?"}],

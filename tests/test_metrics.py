@@ -11,10 +11,10 @@ import socket
 import pytest
 import torch
 
-from stages import metrics
-from stages.config import BertScoreConfig
-from stages.errors import ConfigError
-from stages.metrics import (
+from finetune.config import BertScoreConfig
+from finetune.errors import ConfigError
+from finetune.evaluation import metrics
+from finetune.evaluation.metrics import (
     bertscore_description,
     bertscore_f1,
     mean_scores,
@@ -250,7 +250,7 @@ def test_paired_bootstrap_rejects_unpaired_input():
 
 @pytest.mark.parametrize("idf", [False, True])
 def test_bertscore_equals_bert_scores_own_loop(minilm, idf):
-    """stages.metrics scores with bert-score's pieces in a faster loop: the numbers must be BERTScorer.score's."""
+    """finetune.evaluation.metrics scores with bert-score's pieces in a faster loop: the numbers must be BERTScorer.score's."""
     settings = dataclasses.replace(MINILM, idf=idf, batch_size=3)  # several batches, some sentences repeated
     words = "the a cat dog sat ran on under mat rug quickly slowly red big small house tree river".split()
     rng = random.Random(0)

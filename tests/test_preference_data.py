@@ -12,11 +12,12 @@ import pytest
 import yaml
 from conftest import chain_rounds, write_params
 
-from stages import dpo, preference_data, preferences, sft
-from stages.config import load_config
-from stages.data import read_jsonl
-from stages.errors import ConfigError
-from stages.formats import from_ultrafeedback
+from finetune.config import load_config
+from finetune.data.formats import from_ultrafeedback
+from finetune.data.rows import read_jsonl
+from finetune.errors import ConfigError
+from finetune.preferences import pairs as preferences
+from stages import dpo, preference_data, sft
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"prompts": 10, "candidates": 3, "max_new_tokens": 16, "batch_size": 8, "seed": 3}

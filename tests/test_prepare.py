@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune.data.formats import from_dolly
+from finetune.data.rows import DROP_REASONS, clean_rows, read_rows, split_examples
+from finetune.errors import DataError
 from stages import prepare
-from stages.data import DROP_REASONS, clean_rows, read_rows, split_examples
-from stages.errors import DataError
-from stages.formats import from_dolly
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The configured ranker, end to end through stages.preferences: loading (safetensors checkpoints, as a hub id or
+"""The configured ranker, end to end through finetune.preferences.pairs: loading (safetensors checkpoints, as a hub id or
 folder would be), `rank_candidates` for all four rankers on tiny random models or a scripted judge, pair building
 with ties and invalid rows counted, and the one-line errors of bad ranker settings."""
 
@@ -13,10 +13,10 @@ import torch
 from conftest import write_params
 from test_ranking import WORDS, tiny_encoder_tokenizer
 
-from stages import generation
-from stages.config import ModelConfig, RankerConfig, load_config
-from stages.errors import ConfigError
-from stages.preferences import (
+from finetune.config import ModelConfig, RankerConfig, load_config
+from finetune.errors import ConfigError
+from finetune.evaluation import generation
+from finetune.preferences.pairs import (
     Ranking,
     build_pairs,
     instruction_text,
@@ -25,7 +25,7 @@ from stages.preferences import (
     rank_candidates,
     select_prompts,
 )
-from stages.ranking import judge_prompt, pairrm_config_ids, pairrm_scores, reward_model_scores
+from finetune.preferences.ranking import judge_prompt, pairrm_config_ids, pairrm_scores, reward_model_scores
 
 PROMPTS = [
     [{"role": "user", "content": "what is the capital of france"}],
@@ -56,7 +56,7 @@ def pairrm_folder(tmp_path_factory):
     """A tiny random PairRM checkpoint saved as safetensors, with its tokenizer, like a downloaded PairRM-hf."""
     from transformers import DebertaV2Config
 
-    from stages.ranking import PairRMModel
+    from finetune.preferences.ranking import PairRMModel
 
     folder = tmp_path_factory.mktemp("pairrm")
     tokenizer = tiny_encoder_tokenizer()
@@ -75,7 +75,7 @@ def pairrm_folder(tmp_path_factory):
 def reward_folder(tmp_path_factory):
     from transformers import MistralConfig, MistralForSequenceClassification
 
-    from stages.tiny_model import train_tokenizer
+    from finetune.embedded.tiny_model import train_tokenizer
 
     folder = tmp_path_factory.mktemp("reward")
     tokenizer = train_tokenizer([" ".join(WORDS)] * 5, vocab_size=300)
@@ -163,7 +163,7 @@ def scripted_judge(monkeypatch, verdicts_for):
 
 
 def test_judge_ranker_averages_parseable_verdicts_and_counts_malformed_ones(monkeypatch):
-    from stages.tiny_model import train_tokenizer
+    from finetune.embedded.tiny_model import train_tokenizer
 
     verdicts = {
         "paris is the capital": ["Relevant and right.\nScore: 5", "Score: 4", "**Score:** 5"],
@@ -233,8 +233,8 @@ def test_a_self_judge_is_the_policy_and_a_judge_model_is_loaded_like_the_policy(
 
 def test_a_real_tiny_model_judges_itself_and_its_unparseable_verdicts_are_counted():
     """The judge path with real generation: a random tiny LM writes no "Score: X", so nothing is ranked."""
-    from stages.config import TinyModelConfig
-    from stages.tiny_model import build_model, train_tokenizer
+    from finetune.config import TinyModelConfig
+    from finetune.embedded.tiny_model import build_model, train_tokenizer
 
     tokenizer = train_tokenizer([" ".join(WORDS)] * 5, vocab_size=300)
     arch = TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

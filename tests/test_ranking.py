@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.ranking import (
+from finetune.preferences.ranking import (
     PAIRRM_SPECIAL_TOKENS,
     PairRMModel,
     build_pair,
@@ -303,7 +303,7 @@ def test_pairrm_scores_single_order_is_seeded(pairrm):
 def mistral_reward_model():
     from transformers import MistralConfig, MistralForSequenceClassification
 
-    from stages.tiny_model import train_tokenizer
+    from finetune.embedded.tiny_model import train_tokenizer
 
     tokenizer = train_tokenizer([" ".join(WORDS)] * 5, vocab_size=300)
     config = MistralConfig(

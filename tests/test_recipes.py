@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from stages.config import Config
-from stages.dry_run import (
+from finetune.config import Config
+from finetune.tools.dry_run import (
     ARCHITECTURES_DIR,
     CONF_DIR,
     RecipeError,
@@ -44,7 +44,7 @@ def test_every_recipe_composes_validates_and_names_itself(name):
 def test_params_yaml_is_exactly_the_default_composition():
     composed = OmegaConf.to_yaml(OmegaConf.create(compose_params()))  # what `dvc exp run` writes to params.yaml
     assert (REPO / "params.yaml").read_text(encoding="utf-8") == composed, (
-        "params.yaml is generated from conf/: edit conf/, then run `python -m stages.dry_run --write-params`"
+        "params.yaml is generated from conf/: edit conf/, then run `python -m finetune.tools.dry_run --write-params`"
     )
 
 

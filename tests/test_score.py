@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import score
-from stages.metrics import token_f1
+from finetune.evaluation.metrics import token_f1
+from finetune.tools import score
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_scores_rows_in_order_with_means_and_categories(tmp_path, params, capsys
 def test_runs_as_a_module_with_only_json_on_stdout(tmp_path, params):
     answers = write_lines(tmp_path / "answers.jsonl", [json.dumps(ROWS[0])])
     done = subprocess.run(
-        [sys.executable, "-m", "stages.score", str(answers), "--params", str(params)],
+        [sys.executable, "-m", "finetune.tools.score", str(answers), "--params", str(params)],
         cwd=REPO,
         capture_output=True,
         text=True,

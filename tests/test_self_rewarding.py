@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.config import load_config
+from finetune.data.formats import from_ultrafeedback
+from finetune.data.rows import read_jsonl
+from finetune.evaluation.metrics import METRICS
 from stages import generate, self_rewarding, sft
-from stages.config import load_config
-from stages.data import read_jsonl
-from stages.formats import from_ultrafeedback
-from stages.metrics import METRICS
 
 ROUND_KEYS = {"round", "index", "start", "reference", "pairs", "training", "eval"}
 
@@ -181,9 +181,9 @@ def test_the_reference_policy_is_the_start_model_or_the_sft_model(one_round, mov
     from peft import PeftModel
     from trl import DPOConfig
 
+    from finetune.model.loading import load_model
+    from finetune.training.runs import trainer_args
     from stages.dpo import build_dpo_trainer, load_pairs
-    from stages.modeling import load_model
-    from stages.training import trainer_args
 
     _, cfg = one_round
     settings = self_rewarding.round_settings(cfg, "round1")[1]

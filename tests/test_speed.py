@@ -1,4 +1,4 @@
-"""stages.speed: the fast layout is the same training run, laid out differently, and fits the GPU it is planned for.
+"""finetune.layout.speed: the fast layout is the same training run, laid out differently, and fits the GPU it is planned for.
 
 The loss-trajectory test runs the real sft stage on the tiny project in the seed layout (batch 1 x accumulation 4)
 and the fast layout (one padding-free batch of 4), eager and with compiled decoder layers as the stage runs it.
@@ -10,18 +10,16 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 
-import subprocess
-from pathlib import Path
-
-from stages import sft
-from stages.config import DistributedConfig, load_config
-from stages.errors import ConfigError
-from stages.launch import launch_command, relaunch
-from stages.speed import (
+from finetune.config import DistributedConfig, load_config
+from finetune.errors import ConfigError
+from finetune.layout.speed import (
     FUSED_PROJECTIONS,
     GIB,
     ModelShape,
@@ -37,9 +35,11 @@ from stages.speed import (
     speed_record,
     static_bytes,
 )
-from stages.training import trainer_args
+from finetune.training.launch import launch_command, relaunch
+from finetune.training.runs import trainer_args
+from stages import sft
 
-# Mistral-7B-v0.1 as stages.speed.model_shape counts it (checked against the shipped architecture below).
+# Mistral-7B-v0.1 as finetune.layout.speed.model_shape counts it (checked against the shipped architecture below).
 MISTRAL_7B = ModelShape(
     quantized_params=6_979_321_856, other_params=262_410_240, layers=32, hidden=4096, intermediate=14336, vocab=32000
 )
@@ -54,8 +54,8 @@ SEED = {
 
 
 def test_model_shape_counts_mistral_7b_on_the_meta_device(tmp_path):
-    from stages.config import ModelConfig
-    from stages.dry_run import architecture_file
+    from finetune.config import ModelConfig
+    from finetune.tools.dry_run import architecture_file
 
     folder = tmp_path / "mistral"
     folder.mkdir()
@@ -152,8 +152,9 @@ def test_memory_model_checkpoints_more_layers_for_longer_batches_and_never_excee
 def checkpointable_tiny_model(tiny_project):
     """(model with checkpointing enabled, its shape, its decoder layers, a budget that fits 512 tokens with one
     layer checkpointed)."""
-    from stages.modeling import load_model
     from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from finetune.model.loading import load_model
 
     cfg = load_config(tiny_project.params_path)
     model = load_model(cfg.model, for_training=True, gradient_checkpointing=True)
@@ -179,7 +180,7 @@ def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(t
     """The hook on compiled layers (the fast layout): a checkpointed layer runs its compiled forward, then again in
     the backward pass, and the gradients are those of the compiled run without checkpointing. Compile errors raise
     here instead of falling back to eager, as the stage would."""
-    from stages import speed
+    from finetune.layout import speed
 
     inputs = torch.randint(3, 100, (1, 512), generator=torch.Generator().manual_seed(0))
     forward_calls = []
@@ -242,7 +243,7 @@ def test_a_packed_padded_batch_gives_the_padded_batchs_log_probs_and_gradients(t
     from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from stages.modeling import build_lora_config, load_model
+    from finetune.model.loading import build_lora_config, load_model
 
     cfg = load_config(tiny_project.params_path)
     lora = dataclasses.replace(cfg.lora, dropout=0.0)
@@ -278,7 +279,7 @@ def test_a_packed_padded_batch_gives_the_padded_batchs_log_probs_and_gradients(t
 
 
 def test_batches_that_packing_would_change_run_as_they_are(tiny_project):
-    from stages.modeling import load_model
+    from finetune.model.loading import load_model
 
     cfg = load_config(tiny_project.params_path)
     model = load_model(cfg.model, for_training=False).float()
@@ -390,8 +391,8 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
     from peft import get_peft_model
     from trl import DPOConfig
 
+    from finetune.model.loading import build_lora_config, load_model
     from stages import dpo
-    from stages.modeling import build_lora_config, load_model
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(tiny_project.params_path)
@@ -517,7 +518,7 @@ def test_the_stage_reruns_itself_under_accelerate_launch_with_one_process_per_gp
 
 
 def test_only_the_first_process_writes_curves_and_adapters(tmp_path, monkeypatch):
-    from stages.training import StopOnNonFiniteLoss, WalkModulesOnce, live_callbacks, save_atomically
+    from finetune.training.runs import StopOnNonFiniteLoss, WalkModulesOnce, live_callbacks, save_atomically
 
     monkeypatch.setenv("RANK", "1")
     callbacks = live_callbacks(str(tmp_path / "metrics"), resume=False)
@@ -548,7 +549,7 @@ def test_padding_free_examples_are_cut_to_max_length_as_trl_cuts_them():
 def test_every_log_line_gets_the_tokens_per_second_since_the_previous_one(monkeypatch):
     import time
 
-    from stages.training import LogThroughput
+    from finetune.training.runs import LogThroughput
 
     clock = iter([10.0, 12.0, 13.0])
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
@@ -560,10 +561,10 @@ def test_every_log_line_gets_the_tokens_per_second_since_the_previous_one(monkey
 
 
 def test_a_dequantized_copy_of_4_bit_layers_gives_the_same_products_and_gradients():
-    """stages.modeling.dequantize_base: what bitsandbytes computes per call, computed from weights dequantized once."""
+    """finetune.model.loading.dequantize_base: what bitsandbytes computes per call, computed from weights dequantized once."""
     import bitsandbytes as bnb
 
-    from stages.modeling import DequantizedLinear, dequantize_base
+    from finetune.model.loading import DequantizedLinear, dequantize_base
 
     torch.manual_seed(0)
     source = torch.nn.Linear(64, 32, bias=True)
@@ -601,7 +602,7 @@ def test_the_fast_plan_keeps_a_bf16_copy_only_where_it_takes_a_quarter_of_the_gp
 def test_profile_steps_writes_a_table_of_the_chosen_steps_per_process(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from stages.training import PROFILE_ENV, ProfileSteps, profile_callbacks
+    from finetune.training.runs import PROFILE_ENV, ProfileSteps, profile_callbacks
 
     monkeypatch.delenv(PROFILE_ENV, raising=False)
     assert profile_callbacks() == []

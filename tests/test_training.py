@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import dpo, sft
-from stages.config import load_config
-from stages.data import PREFERENCES_TRAIN, SFT_TRAIN, read_jsonl
-from stages.errors import ConfigError
-from stages.modeling import MISTRAL_CHAT_TEMPLATE, load_model, load_tokenizer
-from stages.tiny_model import END_INST, train_tokenizer
-from stages.training import (
+from finetune.config import load_config
+from finetune.data.rows import PREFERENCES_TRAIN, SFT_TRAIN, read_jsonl
+from finetune.embedded.tiny_model import END_INST, train_tokenizer
+from finetune.errors import ConfigError
+from finetune.model.loading import MISTRAL_CHAT_TEMPLATE, load_model, load_tokenizer
+from finetune.training.runs import (
     NonFiniteLossError,
     StopOnNonFiniteLoss,
     adapt_to_device,
@@ -35,6 +34,7 @@ from stages.training import (
     checkpoint_to_resume,
     trainer_args,
 )
+from stages import dpo, sft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -482,8 +482,8 @@ def test_finite_and_missing_values_pass_the_guard():
 def test_walk_modules_once_sets_modes_and_clears_gradients_like_the_module_methods(tiny_project):
     from peft import get_peft_model
 
-    from stages.modeling import build_lora_config
-    from stages.training import WalkModulesOnce
+    from finetune.model.loading import build_lora_config
+    from finetune.training.runs import WalkModulesOnce
 
     cfg = load_config(tiny_project.params_path)
     model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
@@ -504,7 +504,7 @@ def test_walk_modules_once_sets_modes_and_clears_gradients_like_the_module_metho
 
 
 def test_walk_modules_once_leaves_models_whose_modules_train_differently_alone():
-    from stages.training import WalkModulesOnce
+    from finetune.training.runs import WalkModulesOnce
 
     class CountsModeChanges(torch.nn.Linear):
         changes = 0
@@ -526,7 +526,7 @@ def test_log_lines_do_not_reparse_the_run_for_studio_when_studio_is_off(tmp_path
     from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.integrations import DVCLiveCallback
 
-    from stages.training import live_callbacks
+    from finetune.training.runs import live_callbacks
 
     for name in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN", "DVC_STUDIO_REPO_URL", "STUDIO_REPO_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -600,7 +600,7 @@ def test_every_cuda_only_optimizer_falls_back_on_cpu(optim):
 def test_trainer_args_on_cpu_apply_the_fallbacks_and_keep_nan_visible(tmp_path, monkeypatch, capsys):
     from trl import SFTConfig
 
-    monkeypatch.setattr("stages.training.has_cuda", lambda: False)
+    monkeypatch.setattr("finetune.training.runs.has_cuda", lambda: False)
     args = trainer_args(SFTConfig, "sft", {**GPU_RECIPE, "max_steps": 3}, str(tmp_path))
     assert (args.optim, args.bf16, args.use_cpu, args.max_steps) == ("adamw_torch", False, True, 3)
     # The NaN filter would log a NaN step loss as 0.0 and hide the divergence from StopOnNonFiniteLoss.

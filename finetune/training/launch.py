@@ -3,7 +3,7 @@
 `dvc repro sft` always runs `python -m stages.sft`; with `distributed.processes: N > 1` that process starts N copies
 of itself through accelerate and exits with their status. Inside them, RANK/WORLD_SIZE are set and only rank 0
 writes metrics, adapters and checkpoints' bookkeeping. `distributed.strategy` picks data parallelism with a whole
-model per GPU (ddp) or with the weights sharded across the GPUs (fsdp: stages.speed.FSDP_SETTINGS for the Trainer).
+model per GPU (ddp) or with the weights sharded across the GPUs (fsdp: finetune.layout.speed.FSDP_SETTINGS for the Trainer).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 import subprocess
 import sys
 
-from stages.config import DistributedConfig
-from stages.errors import ConfigError
+from finetune.config import DistributedConfig
+from finetune.errors import ConfigError
 
 
 def rank() -> int:
@@ -103,7 +103,7 @@ def sharding_summary(model) -> str | None:
     """How FSDP split the model into units (each gathered whole while it runs), or None when it is not sharded."""
     from torch.distributed.fsdp import FSDPModule
 
-    from stages.speed import decoder_layers
+    from finetune.model.loading import decoder_layers
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
     if not units:

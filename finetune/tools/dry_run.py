@@ -1,12 +1,12 @@
 """Check recipes without weights: compose, validate, build each one's model shape, LoRA, 4-bit and trainer configs.
 
-    python -m stages.dry_run                          # every recipe in conf/recipe/
-    python -m stages.dry_run seed003-zephyr-alpaca    # some of them
-    python -m stages.dry_run --offline                # never ask the hub (the shipped architecture configs only)
-    python -m stages.dry_run --write-params           # regenerate params.yaml from conf/ (default recipe), as DVC does
+    python -m finetune.tools.dry_run                          # every recipe in conf/recipe/
+    python -m finetune.tools.dry_run seed003-zephyr-alpaca    # some of them
+    python -m finetune.tools.dry_run --offline                # never ask the hub (the shipped architecture configs only)
+    python -m finetune.tools.dry_run --write-params           # regenerate params.yaml from conf/ (default recipe), as DVC does
 
 For each recipe: compose conf/ with `recipe=NAME` through Hydra's compose API (what `dvc exp run -S recipe=NAME`
-does), validate the result with stages.config.load_config, build the model on the meta device from its architecture
+does), validate the result with finetune.config.load_config, build the model on the meta device from its architecture
 config (the hub's, via AutoConfig, when reachable; otherwise recipes/architectures/<org>--<name>.json), wrap it with
 the recipe's LoRA (every target module must exist), build the BitsAndBytesConfig, and build TRL's SFTConfig and
 DPOConfig from `sft.trainer` / `dpo.trainer` / `self_rewarding.trainer`, and build every ranker model the recipe
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.config import Config, load_config
-from stages.errors import ConfigError, ProjectError
+from finetune.config import Config, load_config
+from finetune.errors import ConfigError, ProjectError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
 CONFIG_NAME = "config"
 ARCHITECTURES_DIR = REPO / "recipes" / "architectures"
@@ -135,9 +135,9 @@ def validate_params(params: dict) -> Config:
 
 def check_trainer(config_cls: type, section: str, trainer_kwargs: dict[str, Any]) -> dict[str, str]:
     """Build `config_cls` from the trainer keywords as on a CPU (see the module doc); its summary for the line."""
-    from stages.training import build_args
-
     import trl
+
+    from finetune.training.runs import build_args
 
     fields = {field.name for field in dataclasses.fields(config_cls) if field.init}
     for key in trainer_kwargs:
@@ -241,7 +241,7 @@ def build_model_summary(cfg: Config, hub: bool) -> tuple[str, int, int, list[str
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from stages.modeling import build_lora_config
+    from finetune.model.loading import build_lora_config
 
     architecture, source, notes = load_architecture(cfg, hub)
     with torch.device("meta"):
@@ -282,7 +282,7 @@ def ranker_summaries(cfg: Config, hub: bool) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from stages.ranking import PairRMModel
+    from finetune.preferences.ranking import PairRMModel
 
     lines = []
     for section in ("preference_data", "self_rewarding"):
@@ -315,7 +315,7 @@ def dry_run(recipe: str, overrides: tuple[str, ...] = (), conf_dir: Path = CONF_
     from omegaconf.errors import OmegaConfBaseException
     from trl import DPOConfig, SFTConfig
 
-    from stages.modeling import build_bnb_config
+    from finetune.model.loading import build_bnb_config
 
     try:
         try:
@@ -348,7 +348,7 @@ def dry_run(recipe: str, overrides: tuple[str, ...] = (), conf_dir: Path = CONF_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.dry_run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.tools.dry_run", description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", help="recipe names (conf/recipe/NAME.yaml); default: all")
     parser.add_argument("--offline", action="store_true", help="use the shipped architecture configs only")
     parser.add_argument("--write-params", action="store_true", help="regenerate params.yaml from conf/ and exit")

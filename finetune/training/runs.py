@@ -10,8 +10,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from stages.errors import ConfigError, ProjectError
-from stages.modeling import CUDA_ONLY_OPTIMIZERS, has_cuda
+from finetune.errors import ConfigError, ProjectError
+from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, has_cuda
 
 
 def adapt_to_device(trainer_kwargs: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], list[str]]:
@@ -156,10 +156,10 @@ class LogPeakMemory(TrainerCallback):
 
 
 class ReportSharding(TrainerCallback):
-    """Print how FSDP sharded the model once the Trainer has wrapped it (see stages.launch.sharding_summary)."""
+    """Print how FSDP sharded the model once the Trainer has wrapped it (see finetune.training.launch.sharding_summary)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from stages.launch import sharding_summary
+        from finetune.training.launch import sharding_summary
 
         summary = sharding_summary(model) if model is not None else None
         if summary:
@@ -219,7 +219,7 @@ class ProfileSteps(TrainerCallback):
 
         import torch
 
-        from stages.launch import rank
+        from finetune.training.launch import rank
 
         if self.profiler is None or state.global_step != self.first + self.count - 1:
             return
@@ -274,7 +274,7 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
-    from stages.launch import is_main_process
+    from finetune.training.launch import is_main_process
 
     if not is_main_process():  # one writer: the other GPUs' processes only guard against NaNs
         return [WalkModulesOnce(), StopOnNonFiniteLoss(), *profile_callbacks()]
@@ -319,7 +319,7 @@ def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | Non
     resume the r=16 run. So are checkpoints cut short by a kill while saving (the Trainer writes trainer_state.json
     last), which the Trainer would otherwise fail on at every rerun.
     """
-    from stages.launch import is_main_process, wait_for_everyone
+    from finetune.training.launch import is_main_process, wait_for_everyone
 
     folder = Path(output_dir)
     fingerprint = json.dumps(settings, sort_keys=True, default=str)
@@ -344,7 +344,7 @@ def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | Non
 
 def finish_run(output_dir: str) -> None:
     """Drop the checkpoints of a finished run: the next run must start afresh, and the adapter is saved."""
-    from stages.launch import is_main_process, wait_for_everyone
+    from finetune.training.launch import is_main_process, wait_for_everyone
 
     wait_for_everyone()
     if is_main_process():
@@ -400,7 +400,7 @@ def gathered_trainable_weights(model) -> dict[str, Any]:
 
 def save_atomically(save, destination: str) -> None:
     """Write with `save(tmp_dir)` then rename over `destination`: a crash never leaves a half-written model."""
-    from stages.launch import is_main_process, wait_for_everyone
+    from finetune.training.launch import is_main_process, wait_for_everyone
 
     wait_for_everyone()  # every process has finished training
     if not is_main_process():

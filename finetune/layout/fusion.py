@@ -35,7 +35,7 @@ def fuse_projections(model) -> int:
     grouped_projections; returns how many groups. Runs before or after PEFT adds its LoRA layers.
 
     Needs plain frozen weights: nn.Linear, or the fast layout's bf16 copy of 4-bit ones
-    (stages.modeling.DequantizedLinear), without bias. Other groups stay as they are.
+    (finetune.model.loading.DequantizedLinear), without bias. Other groups stay as they are.
     """
     fused = 0
     for module in model.modules():
@@ -57,7 +57,7 @@ def _frozen(layer):
 
 def _stack_weights(parent, names: tuple[str, ...]) -> bool:
     """Stack the group's weights into one parameter of `parent`, the layers' weights becoming views of it."""
-    from stages.modeling import DequantizedLinear
+    from finetune.model.loading import DequantizedLinear
 
     bases = [_frozen(getattr(parent, name, None)) for name in names]
     kinds = {type(base) for base in bases}
@@ -122,7 +122,7 @@ def _dropout_rate(dropout) -> float:
 
 def grouped_projections(parent, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each of `parent`'s layers `names` applied to x, as PEFT's (or the plain layer's) forward computes it."""
-    from stages.modeling import DequantizedLinear
+    from finetune.model.loading import DequantizedLinear
 
     layers = [getattr(parent, name) for name in names]
     updates = [_lora_update(layer) for layer in layers]

@@ -16,8 +16,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from stages.errors import DataError
-from stages.formats import REASONS, WRONG_TYPE, Example, InvalidRow, with_system_prompt
+from finetune.data.formats import REASONS, WRONG_TYPE, Example, InvalidRow, with_system_prompt
+from finetune.errors import DataError
 
 TOO_LONG = "too_long"
 DUPLICATE = "duplicate"

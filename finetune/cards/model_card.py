@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stages.config import Config
+from finetune.config import Config
 
-VARIANTS = ("base", "sft", "dpo")  # the order of stages.generation.VARIANTS, without importing torch
+VARIANTS = ("base", "sft", "dpo")  # the order of finetune.evaluation.generation.VARIANTS, without importing torch
 VARIANT_NAMES = {"base": "base", "sft": "SFT", "dpo": "SFT + DPO"}
 METRIC_NAMES = {"f1": "F1", "rougeL": "ROUGE-L", "bertscore_f1": "BERTScore F1"}
 DELTAS = {"sft_vs_base": "SFT − base", "dpo_vs_sft": "DPO − SFT", "dpo_vs_base": "DPO − base"}

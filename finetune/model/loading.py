@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from stages.config import LoraConfig, ModelConfig
+from finetune.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def dequantize_base(model) -> int:
     bitsandbytes dequantizes a 4-bit weight to the compute dtype on every forward and backward call and multiplies
     with that; this does it once. The products are the same (the NF4 weights' bf16 values, the same matmul), so
     training is still QLoRA's, at the memory of a bf16 copy: planned only when that copy takes at most
-    stages.speed.DEQUANTIZED_SHARE of the GPU. What it saves is two dequantize kernels and their Python per layer
+    finetune.layout.speed.DEQUANTIZED_SHARE of the GPU. What it saves is two dequantize kernels and their Python per layer
     call, and it leaves no custom op inside the compiled layers.
     """
     import bitsandbytes as bnb
@@ -169,3 +169,10 @@ def dequantize_base(model) -> int:
             setattr(parent, name, layer)
             replaced += 1
     return replaced
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers: the units that checkpointing, compilation and FSDP work on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]

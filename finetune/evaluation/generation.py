@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from stages.config import GenerationConfig, ModelConfig
-from stages.modeling import load_model, load_tokenizer
+from finetune.config import GenerationConfig, ModelConfig
+from finetune.model.loading import load_model, load_tokenizer
 
 VARIANTS = ("base", "sft", "dpo")
 
@@ -26,7 +26,7 @@ def merge_for_speed(model_cfg: ModelConfig, speed: str) -> bool:
     trained on the 4-bit base, so merged answers can differ slightly from the 4-bit model's (as in any deployment of
     a merged QLoRA model); `speed: as_written` generates from exactly the trained setup.
     """
-    from stages.speed import gpu_memory_bytes, model_shape
+    from finetune.layout.speed import gpu_memory_bytes, model_shape
 
     if speed in ("as_written", "low_memory"):
         return False
@@ -137,14 +137,14 @@ def my_share(batches: list) -> list:
     Whole batches are shared out, never re-cut: each batch is exactly the one a single process would run, so greedy
     answers are the same on one GPU or several.
     """
-    from stages.launch import rank, world_size
+    from finetune.training.launch import rank, world_size
 
     return batches[rank() :: world_size()]
 
 
 def gather_results(results: list) -> list:
     """Every process's filled-in entries merged into one list, the same on all processes."""
-    from stages.launch import world_size
+    from finetune.training.launch import world_size
 
     if world_size() == 1:
         return results

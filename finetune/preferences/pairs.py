@@ -8,7 +8,7 @@ The one implementation behind stage preference_data and every self-rewarding rou
 - `build_pairs` turns the scores into UltraFeedback-binarized rows (ties and unusable rows dropped and counted);
 - `generate_pairs` does all of it for one policy and writes nothing; `write_pairs` writes the files.
 
-The scoring itself (rubric, parsing, PairRM, reward models, reference metrics, pair choice) is stages.ranking.
+The scoring itself (rubric, parsing, PairRM, reward models, reference metrics, pair choice) is finetune.preferences.ranking.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stages.config import GenerationConfig, ModelConfig, RankerConfig
-from stages.data import GENERATED_PAIRS, write_jsonl
-from stages.errors import ConfigError
-from stages.formats import InvalidRow, from_ultrafeedback
-from stages.ranking import (
+from finetune.config import GenerationConfig, ModelConfig, RankerConfig
+from finetune.data.formats import InvalidRow, from_ultrafeedback
+from finetune.data.rows import GENERATED_PAIRS, write_jsonl
+from finetune.errors import ConfigError
+from finetune.preferences.ranking import (
     build_pair,
     judge_scores,
     pairrm_config_ids,
@@ -103,7 +103,7 @@ def load_pairrm(settings: RankerConfig):
 
     Config files without the marker ids (a DeBERTa checkpoint saved elsewhere) get them from the tokenizer.
     """
-    from stages.ranking import PairRMModel
+    from finetune.preferences.ranking import PairRMModel
 
     model, tokenizer = _load(settings, PairRMModel)
     try:
@@ -149,7 +149,7 @@ def load_ranker(settings: RankerConfig, model_cfg: ModelConfig, policy=None):
             if policy is None:
                 raise ValueError("load_ranker: a self-judge needs the policy")
             return policy
-        from stages.generation import load_variant
+        from finetune.evaluation.generation import load_variant
 
         judge_cfg = replace(model_cfg, name_or_path=settings.model, revision=settings.revision)
         return load_variant(judge_cfg, None)
@@ -171,9 +171,9 @@ def free_memory() -> None:
 
 
 def _judge(model, tokenizer, settings: RankerConfig, seed: int):
-    """A `judge` for stages.ranking.judge_scores: each rubric prompt, in the model's chat template, sampled
+    """A `judge` for finetune.preferences.ranking.judge_scores: each rubric prompt, in the model's chat template, sampled
     `settings.judgments` times."""
-    from stages.generation import render_prompt, sample_candidates, sampling
+    from finetune.evaluation.generation import render_prompt, sample_candidates, sampling
 
     gen = sampling(settings, seed)
 
@@ -358,7 +358,7 @@ def generate_pairs(
 
     Returns (pair rows, per-prompt records, metrics). The policy is freed before another ranker model loads.
     """
-    from stages.generation import load_variant, render_prompt, sample_candidates
+    from finetune.evaluation.generation import load_variant, render_prompt, sample_candidates
 
     model, tokenizer = load_variant(model_cfg, adapter)
     texts = [render_prompt(tokenizer, row["prompt"]) for row in rows]

@@ -4,7 +4,7 @@ Each line is an object with string fields `prediction` and `reference`, and opti
 null for none). BERTScore settings come from params `evaluate.bertscore`. Only the JSON goes to stdout (logs go to
 stderr), so it can be piped:
 
-    python -m stages.score answers.jsonl [--params params.yaml] | jq '.categories'
+    python -m finetune.tools.score answers.jsonl [--params params.yaml] | jq '.categories'
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.config import PARAMS_FILE, load_config
-from stages.errors import DataError, exit_on_error
-from stages.metrics import bertscore_description, mean_scores, score_rows
+from finetune.config import PARAMS_FILE, load_config
+from finetune.errors import DataError, exit_on_error
+from finetune.evaluation.metrics import bertscore_description, mean_scores, score_rows
 
 TEXT_FIELDS = ("prediction", "reference")
 JSON_TYPES = {
@@ -85,7 +85,7 @@ def summarize(rows: list[dict[str, Any]], scores: list[dict[str, float]], bertsc
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.score", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.tools.score", description=__doc__.splitlines()[0])
     parser.add_argument("file", type=Path, help="JSONL rows with 'prediction', 'reference' and optional 'category'")
     parser.add_argument("--params", default=PARAMS_FILE, help="params file to read evaluate.bertscore from")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from stages.metrics import METRICS, mean_scores, paired_bootstrap
+from finetune.evaluation.metrics import METRICS, mean_scores, paired_bootstrap
 
 # (name, earlier variant, later variant): what each training step bought.
 DELTAS = (("sft_vs_base", "base", "sft"), ("dpo_vs_sft", "sft", "dpo"), ("dpo_vs_base", "base", "dpo"))

@@ -19,11 +19,11 @@ from typing import Any, Callable
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from stages.errors import ConfigError
-from stages.formats import PREFERENCE_FORMATS, SFT_FORMATS
+from finetune.data.formats import PREFERENCE_FORMATS, SFT_FORMATS
+from finetune.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
-# How sft, dpo and generation lay the same work out on a GPU (stages/speed.py).
+# How sft, dpo and generation lay the same work out on a GPU (finetune/layout/speed.py).
 SPEED_MODES = ("auto", "fast", "low_memory", "as_written")
 
 
@@ -137,7 +137,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class SftConfig:
     trainer: dict[str, Any]  # trl.SFTConfig keywords, validated by TRL
-    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (stages/speed.py)
+    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (finetune/layout/speed.py)
 
 
 DPO_SOURCES = ("dataset", "generated")  # paths.prepared/preferences_train.jsonl | paths.preference_data/pairs.jsonl
@@ -148,7 +148,7 @@ class DpoConfig:
     max_prompt_length: int = _checked(lambda n: n > 0, "be positive")  # prompt tokens kept (the end of the prompt)
     trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
     source: str = _one_of(DPO_SOURCES, default="dataset")  # which preference pairs DPO trains on
-    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (stages/speed.py)
+    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (finetune/layout/speed.py)
 
 
 RANKERS = ("reference", "pairrm", "reward_model", "judge")
@@ -158,10 +158,10 @@ PREFERENCE_POLICIES = ("sft", "base")  # which model samples the candidates
 
 @dataclass(frozen=True)
 class RankerConfig:
-    """How sampled answers are scored (stages.preferences.rank_candidates); shared by preference_data and the rounds.
+    """How sampled answers are scored (finetune.preferences.pairs.rank_candidates); shared by preference_data and the rounds.
 
     reference: mean of token F1 and ROUGE-L against the gold answer (offline, no model). pairrm: a PairRM checkpoint
-    (stages.ranking.PairRMModel). reward_model: any one-label sequence-classification model. judge: an LLM grading
+    (finetune.preferences.ranking.PairRMModel). reward_model: any one-label sequence-classification model. judge: an LLM grading
     each answer on the additive 0-5 rubric, `judgments` samples averaged; no model means the policy judges itself
     (self-rewarding).
     """
@@ -281,7 +281,7 @@ DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """How many GPUs sft and dpo train on (stages.launch runs the stage under `accelerate launch`)."""
+    """How many GPUs sft and dpo train on (finetune.training.launch runs the stage under `accelerate launch`)."""
 
     processes: int = _checked(lambda n: n >= 1, "be at least 1", default=1)  # 1: this process alone
     # ddp: a whole model on each GPU; fsdp: the weights sharded across the GPUs (FSDP2), for models too big for one

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from stages.config import TinyModelConfig
-from stages.modeling import MISTRAL_CHAT_TEMPLATE
+from finetune.config import TinyModelConfig
+from finetune.model.loading import MISTRAL_CHAT_TEMPLATE
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 # Whole tokens for the instruction markers, as in Mistral's newer tokenizers: a model this small learns the format

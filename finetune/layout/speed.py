@@ -15,11 +15,11 @@ and loss normalisation of that run and changes only the layout:
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
   copy when that copy takes at most a quarter of the GPU, q/k/v and gate/up as one matrix product each over that
-  copy (stages.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before up
+  copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before up
   to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
   bought is in benchmarks/results/ (throughput.md, and the profiles of the eager, compiled and fast steps);
 - the next batches collated in LOADER_WORKERS processes, unless the trainer settings choose;
-- on several GPUs, each SFT step's examples split among them by token count (stages.balance), so that no GPU waits
+- on several GPUs, each SFT step's examples split among them by token count (finetune.layout.balance), so that no GPU waits
   for one with longer examples: the same examples per step, only which GPU takes which changes.
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
@@ -37,8 +37,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from stages.errors import ConfigError
-from stages.modeling import CUDA_ONLY_OPTIMIZERS
+from finetune.errors import ConfigError
+from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, decoder_layers
 
 GIB = 2**30
 # Bytes of saved activations per token per decoder layer, per unit of (hidden + intermediate) size, for a LoRA
@@ -172,7 +172,7 @@ class SpeedPlan:
     optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
-    projections: str = "separate"  # or FUSED_PROJECTIONS (see stages.fusion)
+    projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
     batches_from: str = "as written"  # or LOADER_WORKERS processes (see the fast layout in plan)
     shares: str = "in sampler order"  # or BALANCED_SHARES: how each step's examples are split across the GPUs
 
@@ -193,7 +193,7 @@ FSDP_SETTINGS = {
 # the training process each collation (about 4-8 ms on the H100 machine) was time the GPU waited.
 LOADER_WORKERS = 2
 FUSED_PROJECTIONS = "q/k/v and gate/up fused, one product each for frozen weights, LoRA A and LoRA B"
-BALANCED_SHARES = "by token count (stages.balance)"
+BALANCED_SHARES = "by token count (finetune.layout.balance)"
 SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
 
 
@@ -356,7 +356,7 @@ def plan(
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
             projections=FUSED_PROJECTIONS if not sharded and (dequantized or not quantized) else "separate",
             batches_from=batches_from,
-            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see stages.balance). A
+            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see finetune.layout.balance). A
             # sampler the trainer settings name (train_sampling_strategy) is theirs to choose.
             shares=BALANCED_SHARES
             if stage == "sft" and world > 1 and "train_sampling_strategy" not in written
@@ -455,12 +455,12 @@ def attention_for_varying_shapes() -> None:
 
 def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str, sharded: bool = False):
     """(trainer keywords, plan, install) for a stage; `install(model)` adds the per-batch checkpointing hook.
-    `sharded`: this process trains with FSDP (stages.launch.shards_weights).
+    `sharded`: this process trains with FSDP (finetune.training.launch.shards_weights).
 
     Prints the plan: which layout runs, and why, belongs in the log of every run.
     """
-    from stages.launch import world_size
-    from stages.modeling import use_4bit
+    from finetune.model.loading import use_4bit
+    from finetune.training.launch import world_size
 
     attention_for_varying_shapes()
     gpu = gpu_memory_bytes()
@@ -483,13 +483,13 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
-            from stages.modeling import dequantize_base
+            from finetune.model.loading import dequantize_base
 
             dequantize_base(model)
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
         if chosen.projections != "separate":
-            from stages.fusion import fuse_projections
+            from finetune.layout.fusion import fuse_projections
 
             fuse_projections(model)
         if chosen.compiled:
@@ -686,12 +686,6 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def decoder_layers(model) -> list:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def speed_record(chosen: SpeedPlan | None) -> dict[str, Any] | None:

@@ -442,11 +442,11 @@ def reward_model_scores(
 
 
 def reference_scores(candidates: Sequence[str], reference: str, settings=None) -> list[float]:
-    """Each candidate's similarity to the gold answer: the mean of SQuAD token F1 and ROUGE-L (stages.metrics).
+    """Each candidate's similarity to the gold answer: the mean of SQuAD token F1 and ROUGE-L (finetune.evaluation.metrics).
 
     With a `BertScoreConfig` as `settings`, BERTScore F1 joins the mean (loads a model: not the cheap default).
     """
-    from stages.metrics import bertscore_f1, rouge_l, token_f1
+    from finetune.evaluation.metrics import bertscore_f1, rouge_l, token_f1
 
     references = [reference] * len(candidates)
     columns = [[token_f1(candidate, reference) for candidate in candidates], rouge_l(candidates, references)]
