@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                  # on a CUDA machine: Mistral-7B shape, random weights
     python benchmarks/throughput.py --tiny           # the same flow on a tiny model; a CPU smoke test
 
-Every configuration runs through the pipeline's code: stages.sft.build_trainer / stages.dpo.build_trainer with the
+Every configuration runs through the pipeline's code: finetune.training.sft.build_trainer / finetune.training.dpo.build_trainer with the
 trainer keywords finetune.layout.speed.plan makes of the seed-000 recipe (`as_written` is the seed's layout: batch 1 x
 accumulation 8, every layer checkpointed), finetune.evaluation.generation.load_variant + generate_answers, and
 finetune.evaluation.metrics.bertscore_f1. The model is a random-weight Mistral-7B-v0.1 shape (no hub here), loaded once in 4 bits
@@ -325,14 +325,15 @@ def train_run(
     `reference_batches` pairs per batch)."""
     from trl import DPOConfig, SFTConfig
 
+    from finetune.training import dpo as dpo_training
+    from finetune.training import sft as sft_training
     from finetune.training.runs import trainer_args
-    from stages import dpo, sft
 
     reset_memory()
     output_dir = str(Path(cfg.paths.checkpoints) / name)
     config_cls = SFTConfig if stage == "sft" else DPOConfig
     args = trainer_args(config_cls, stage, trainer_kwargs, output_dir)
-    module = sft if stage == "sft" else dpo
+    module = sft_training if stage == "sft" else dpo_training
     meter = step_meter()
     started = time.perf_counter()
     trainer = module.build_trainer(cfg, args, resume=False, speed=speed_plan, install=install)
@@ -891,7 +892,9 @@ def main(argv=None) -> int:
 
     from finetune.layout.speed import attention_for_varying_shapes, model_shape
     from finetune.model.loading import load_model, load_tokenizer
-    from stages import dpo, embedded, sft
+    from finetune.training import dpo as dpo_training
+    from finetune.training import sft as sft_training
+    from stages import embedded
 
     params = benchmark_params(work, model_dir, args.tiny)
     params["embedded"].update({"sft_rows": 300, "preference_rows": 40})
@@ -946,14 +949,14 @@ def main(argv=None) -> int:
         sections = args.sections.split(",")
         if "training" in sections:
             cache = CachedModel(load_model)
-            sft.load_model = dpo.load_model = cache  # the stages' own trainers, minus reloading 7B weights
+            sft_training.load_model = dpo_training.load_model = cache  # the stages' own trainers, minus reloading 7B weights
             try:
                 result["training"] = run_training(params, work, cache, shape, args.tiny, steps)
             except Exception as error:  # keep what was measured; report the rest
                 traceback.print_exc()
                 result["errors"]["training"] = f"{type(error).__name__}: {error}"
             finally:
-                sft.load_model = dpo.load_model = load_model
+                sft_training.load_model = dpo_training.load_model = load_model
                 cache.model = None
                 reset_memory()
             training = result.get("training", {})
@@ -977,7 +980,7 @@ def main(argv=None) -> int:
             save()
         if "variants" in sections:
             cache = CachedModel(load_model)
-            sft.load_model = dpo.load_model = cache
+            sft_training.load_model = dpo_training.load_model = cache
 
             def save_variants(variants):
                 result["variants"] = variants
@@ -987,7 +990,7 @@ def main(argv=None) -> int:
                 chosen = args.variants.split(",") if args.variants else list(VARIANTS)
                 run_variants(params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen)
             finally:
-                sft.load_model = dpo.load_model = load_model
+                sft_training.load_model = dpo_training.load_model = load_model
                 cache.model = None
                 reset_memory()
             print(json.dumps(result["variants"], indent=1), flush=True)

@@ -14,8 +14,8 @@ import torch
 from finetune.config import load_config
 from finetune.layout.balance import TokenBalancedSampler, balanced_shares
 from finetune.layout.speed import BALANCED_SHARES, plan
+from finetune.training import sft as sft_training
 from finetune.training.runs import trainer_args
-from stages import sft
 
 
 def benchmark_lengths(count: int, seed: int = 0) -> list[int]:
@@ -86,9 +86,9 @@ def test_the_sft_trainer_draws_the_split_batches(tiny_project, tmp_path):
     trainer_kwargs = {**cfg.sft.trainer, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2}
     args = trainer_args(SFTConfig, "sft", trainer_kwargs, str(tmp_path / "out"))
     _, as_written = plan("sft", trainer_kwargs, "as_written", None, None, quantized=False)
-    default = sft.build_trainer(cfg, args, resume=False)
+    default = sft_training.build_trainer(cfg, args, resume=False)
     split = dataclasses.replace(as_written, shares=BALANCED_SHARES)
-    balanced = sft.build_trainer(cfg, args, resume=False, speed=split)
+    balanced = sft_training.build_trainer(cfg, args, resume=False, speed=split)
     assert as_written.shares != BALANCED_SHARES and isinstance(balanced._get_train_sampler(), TokenBalancedSampler)
 
     def micro_batches(trainer) -> list[list[tuple[int, ...]]]:

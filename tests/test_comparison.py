@@ -61,7 +61,7 @@ def test_by_category_splits_rows_and_keeps_their_pairing():
 
 
 def test_eval_metrics_are_rounded_so_float_noise_is_not_a_change():
-    from stages.evaluate import rounded
+    from finetune.evaluation.report import rounded
 
     assert rounded({"base": {"f1": 0.21481671343323122, "n": 3}, "x": [0.5]}) == {
         "base": {"f1": 0.214817, "n": 3},

@@ -10,7 +10,8 @@ from finetune.config import load_config
 from finetune.data.rows import read_jsonl
 from finetune.errors import DataError
 from finetune.evaluation.generation import completion_logps, generate_answers, load_variant, render_prompt
-from stages import evaluate, generate
+from finetune.evaluation.report import read_generations
+from stages import generate
 
 PROMPTS = [
     [{"role": "user", "content": "What colour is a ripe lemon?"}],
@@ -88,4 +89,4 @@ def test_evaluate_refuses_generations_of_different_prompts(tmp_path):
     for variant, ids in (("base", ["a", "b"]), ("sft", ["a", "b"]), ("dpo", ["b", "a"])):
         (tmp_path / f"{variant}.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
     with pytest.raises(DataError, match=r"dpo\.jsonl: not the same prompts as base"):
-        evaluate._read_generations(tmp_path, "")
+        read_generations(tmp_path, "")

@@ -17,6 +17,7 @@ from finetune.data.formats import from_ultrafeedback
 from finetune.data.rows import read_jsonl
 from finetune.errors import ConfigError
 from finetune.preferences import pairs as preferences
+from finetune.training import dpo as dpo_training
 from stages import dpo, preference_data, sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,13 +138,13 @@ def test_the_base_policy_samples_without_the_adapter(tiny_project, tmp_path):
 def test_dpo_with_source_generated_trains_on_the_generated_pairs(sft_run, generated, monkeypatch):
     _, cfg = generated
     seen = {}
-    original = dpo.load_generated_pairs
+    original = dpo_training.load_generated_pairs
 
     def spy(folder):
         seen["rows"] = original(folder)
         return seen["rows"]
 
-    monkeypatch.setattr(dpo, "load_generated_pairs", spy)
+    monkeypatch.setattr(dpo_training, "load_generated_pairs", spy)
 
     def edit(params):
         params["dpo"]["source"] = "generated"

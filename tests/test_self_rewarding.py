@@ -16,7 +16,8 @@ from finetune.config import load_config
 from finetune.data.formats import from_ultrafeedback
 from finetune.data.rows import read_jsonl
 from finetune.evaluation.metrics import METRICS
-from stages import generate, self_rewarding, sft
+from finetune.preferences import rounds
+from stages import generate, self_rewarding_dpo, self_rewarding_pairs, self_rewarding_report, sft
 
 ROUND_KEYS = {"round", "index", "start", "reference", "pairs", "training", "eval"}
 
@@ -38,9 +39,9 @@ def one_round(tiny_project):
         patch.chdir(tiny_project.root)
         sft.main(str(path))
         generate.main("sft", str(path))
-        self_rewarding.main("pairs", "round1", str(path))
-        self_rewarding.main("train", "round1", str(path))
-        self_rewarding.main("report", str(path))
+        self_rewarding_pairs.main("round1", str(path))
+        self_rewarding_dpo.main("round1", str(path))
+        self_rewarding_report.main(str(path))
     return path, load_config(path)
 
 
@@ -107,11 +108,11 @@ def test_the_report_has_round_0_sft_then_one_row_per_round(one_round):
 def test_each_round_draws_fresh_prompts_by_its_own_seed(tiny_project):
     cfg = load_config(tiny_project.params_path)
     rows = read_jsonl(Path(cfg.paths.prepared) / "sft_train.jsonl")
-    first = self_rewarding.round_prompts(cfg, "round1", rows)
-    second = self_rewarding.round_prompts(cfg, "round2", rows)
+    first = rounds.round_prompts(cfg, "round1", rows)
+    second = rounds.round_prompts(cfg, "round2", rows)
     assert len(first) == len(second) == cfg.self_rewarding.prompts
     assert not {r["id"] for r in first} & {r["id"] for r in second}
-    assert self_rewarding.round_prompts(cfg, "round2", rows) == second
+    assert rounds.round_prompts(cfg, "round2", rows) == second
 
 
 def test_the_report_lines_up_rounds_and_rejects_a_changed_baseline():
@@ -124,18 +125,18 @@ def test_the_report_lines_up_rounds_and_rejects_a_changed_baseline():
         return {"round": f"r{index}", "index": index, "pairs": pairs,
                 "eval": {"round": means, "sft": sft, "delta_vs_sft": delta}}  # fmt: skip
 
-    rows = self_rewarding.report_rows([summary(1, 0.6), summary(2, 0.55)])
+    rows = rounds.report_rows([summary(1, 0.6), summary(2, 0.55)])
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert rows[2]["delta_f1_vs_previous"] == pytest.approx(-0.05)
     assert rows[2]["delta_f1_vs_sft"] == pytest.approx(0.05)
     with pytest.raises(Exception, match="other SFT answers"):
-        self_rewarding.report_rows([summary(1, 0.6), summary(2, 0.55, sft_f1=0.4)])
+        rounds.report_rows([summary(1, 0.6), summary(2, 0.55, sft_f1=0.4)])
 
 
 def test_training_without_the_rounds_pairs_fails_in_one_line(tiny_project, capsys):
     path = tiny_project.variant("no_pairs")
     with pytest.raises(SystemExit):
-        self_rewarding.main("train", "round1", str(path))
+        self_rewarding_dpo.main("round1", str(path))
     err = capsys.readouterr().err
     assert "pairs.jsonl: not found; run `dvc repro self_rewarding_pairs@round1` first" in err
     assert "Traceback" not in err
@@ -143,7 +144,7 @@ def test_training_without_the_rounds_pairs_fails_in_one_line(tiny_project, capsy
 
 def test_an_unknown_round_fails_naming_the_rounds(tiny_project, capsys):
     with pytest.raises(SystemExit):
-        self_rewarding.main("pairs", "round9", str(tiny_project.params_path))
+        self_rewarding_pairs.main("round9", str(tiny_project.params_path))
     assert "self_rewarding.rounds: no round 'round9' (rounds: round1, round2)" in capsys.readouterr().err
 
 
@@ -186,10 +187,10 @@ def test_the_reference_policy_is_the_start_model_or_the_sft_model(one_round, mov
     from stages.dpo import build_dpo_trainer, load_pairs
 
     _, cfg = one_round
-    settings = self_rewarding.round_settings(cfg, "round1")[1]
+    settings = rounds.round_settings(cfg, "round1")[1]
     settings = dataclasses.replace(settings, start=moved_adapter)  # M_t = the moved adapter
     cfg = dataclasses.replace(cfg, self_rewarding=dataclasses.replace(cfg.self_rewarding, reference=reference))
-    expected = self_rewarding.reference_adapter(cfg, settings)
+    expected = rounds.reference_adapter(cfg, settings)
     assert expected == (moved_adapter if reference == "previous" else cfg.paths.sft_adapter)
 
     train = load_pairs(Path(cfg.paths.round_data) / "round1" / "pairs.jsonl", "")

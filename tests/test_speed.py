@@ -35,9 +35,9 @@ from finetune.layout.speed import (
     speed_record,
     static_bytes,
 )
+from finetune.training import sft as sft_training
 from finetune.training.launch import launch_command, relaunch
 from finetune.training.runs import trainer_args
-from stages import sft
 
 # Mistral-7B-v0.1 as finetune.layout.speed.model_shape counts it (checked against the shipped architecture below).
 MISTRAL_7B = ModelShape(
@@ -392,7 +392,7 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
     from trl import DPOConfig
 
     from finetune.model.loading import build_lora_config, load_model
-    from stages import dpo
+    from finetune.training import dpo as dpo_training
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(tiny_project.params_path)
@@ -414,7 +414,7 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
     def run(name, layout):
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, dpo_metrics=str(tmp_path / name)))
         args = trainer_args(DPOConfig, "dpo", fast, str(tmp_path / f"{name}-checkpoints"))
-        trainer = dpo.build_trainer(run_cfg, args, resume=False, speed=layout, install=installer(layout, shape))
+        trainer = dpo_training.build_trainer(run_cfg, args, resume=False, speed=layout, install=installer(layout, shape))
         reference = list(trainer.train_dataset["ref_chosen_logps"])
         calls = record_layer_inputs(trainer.model)
         trainer.train()
@@ -451,7 +451,7 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
     def losses(name, kwargs, install=None):
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
         args = trainer_args(SFTConfig, "sft", kwargs, str(tmp_path / f"{name}-checkpoints"))
-        trainer = sft.build_trainer(run_cfg, args, resume=False, speed=chosen, install=install)
+        trainer = sft_training.build_trainer(run_cfg, args, resume=False, speed=chosen, install=install)
         trainer.train()
         compiled = [layer for layer in trainer.model.modules() if getattr(layer, "_compiled_call_impl", None)]
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], len(compiled)
@@ -534,7 +534,7 @@ def test_only_the_first_process_writes_curves_and_adapters(tmp_path, monkeypatch
 def test_padding_free_examples_are_cut_to_max_length_as_trl_cuts_them():
     from datasets import Dataset
 
-    from stages.sft import truncate_examples
+    from finetune.training.sft import truncate_examples
 
     rows = Dataset.from_list([
         {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},

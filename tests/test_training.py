@@ -26,6 +26,8 @@ from finetune.data.rows import PREFERENCES_TRAIN, SFT_TRAIN, read_jsonl
 from finetune.embedded.tiny_model import END_INST, train_tokenizer
 from finetune.errors import ConfigError
 from finetune.model.loading import MISTRAL_CHAT_TEMPLATE, load_model, load_tokenizer
+from finetune.training import dpo as dpo_training
+from finetune.training import sft as sft_training
 from finetune.training.runs import (
     NonFiniteLossError,
     StopOnNonFiniteLoss,
@@ -160,7 +162,7 @@ def test_sft_trains_on_the_answer_and_its_eos_and_never_on_the_prompt(tiny_proje
     end_inst = tokenizer.convert_tokens_to_ids(END_INST)
 
     args = trainer_args(SFTConfig, "sft", cfg.sft.trainer, str(tmp_path / "out"))
-    trainer = sft.build_trainer(cfg, args, resume=False)
+    trainer = sft_training.build_trainer(cfg, args, resume=False)
     assert trainer.processing_class.pad_token_id == pad
 
     examples = list(trainer.train_dataset)
@@ -282,7 +284,7 @@ def test_dpo_reference_is_the_frozen_sft_model_not_the_base_model(tiny_project, 
     # One step at full learning rate, to check that training moves the policy but not the reference.
     trainer_kwargs = {**cfg.dpo.trainer, "max_steps": 1, "warmup_steps": 0}
     args = trainer_args(DPOConfig, "dpo", trainer_kwargs, str(tmp_path / "out"))
-    trainer = dpo.build_trainer(cfg, args, resume=False)
+    trainer = dpo_training.build_trainer(cfg, args, resume=False)
     policy = trainer.model
     assert "ref" in policy.peft_config and policy.active_adapter == "default"
 
@@ -376,13 +378,13 @@ def test_sft_killed_mid_run_resumes_from_its_checkpoint_and_finishes(tiny_projec
 
     # The rerun (in-process, to save an import of torch) records what it trains.
     record = RecordSteps()
-    real_live_callbacks = sft.live_callbacks
+    real_live_callbacks = sft_training.live_callbacks
 
     def live_callbacks(metrics_dir, resume, params=None):
         record.resume_flags.append(resume)
         return [*real_live_callbacks(metrics_dir, resume, params), record.callback]
 
-    monkeypatch.setattr(sft, "live_callbacks", live_callbacks)
+    monkeypatch.setattr(sft_training, "live_callbacks", live_callbacks)
     sft.main(str(params_path))
     out = capsys.readouterr().out
     resumed = re.search(r"resuming from (\S+checkpoint-(\d+))", out)

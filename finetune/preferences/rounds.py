@@ -1,39 +1,25 @@
-"""self_rewarding: iterative DPO as in "Self-Rewarding Language Models" (Yuan et al., 2024), one round at a time.
-
-    python -m stages.self_rewarding pairs NAME [PARAMS]   # dvc repro self_rewarding_pairs@NAME
-    python -m stages.self_rewarding train NAME [PARAMS]   # dvc repro self_rewarding_dpo@NAME
-    python -m stages.self_rewarding report [PARAMS]       # dvc repro self_rewarding_report
+"""Self-rewarding rounds (iterative DPO, Yuan et al. 2024): each round's prompts, pairs, training and evaluation.
 
 Round NAME (params self_rewarding.rounds.NAME) goes from M_t, the model at its `start` adapter (the SFT adapter or
-an earlier round's), to M_t+1:
-
-- pairs: M_t samples self_rewarding.candidates answers to self_rewarding.prompts instructions of
-  paths.prepared/sft_train.jsonl, drawn by the round's seed among those no earlier round used; the ranker scores them
-  (judge with no model: M_t judges itself, as the paper; the offline default is `reference`); best vs worst. Writes
-  paths.round_data/NAME/{pairs,candidates}.jsonl and metrics.json, with finetune.preferences.pairs (as preference_data).
-- train: DPO trains M_t+1 from M_t on those pairs (self_rewarding.trainer, trl.DPOConfig keywords), the reference
-  policy being M_t (`reference: previous`) or the SFT model (`sft`), with the dpo stage's training functions.
-  Writes the adapter to paths.rounds/NAME and its curves to paths.round_metrics/NAME/. Then M_t+1 answers the first
-  self_rewarding.eval_prompts held-out prompts as generate_sft answered them (evaluate.generation), both are scored
-  with F1, ROUGE-L and BERTScore, and paths.round_metrics/NAME.json gets the pair statistics, the training summary,
-  the scores and the paired-bootstrap delta against SFT.
-- report: one row per round (round 0 = SFT) in paths.reports/plots/rounds.csv, for `dvc plots show`.
+an earlier round's), to M_t+1: M_t samples answers to fresh training instructions, the ranker turns them into pairs,
+DPO trains M_t+1 from M_t on them (the reference being M_t or the SFT model), and M_t+1's held-out answers are scored
+against the SFT model's.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Config, RoundConfig, load_config, round_adapter
+from finetune.config import Config, RoundConfig, round_adapter
 from finetune.data.rows import GENERATED_PAIRS, SFT_TRAIN, evaluation_prompts, read_jsonl, write_jsonl
-from finetune.errors import ConfigError, DataError, exit_on_error
+from finetune.errors import ConfigError, DataError
 from finetune.evaluation.comparison import answer_lengths
 from finetune.evaluation.metrics import METRICS, mean_scores, paired_bootstrap, score_rows
+from finetune.evaluation.report import rounded
 from finetune.preferences.pairs import METRICS_FILE, generate_pairs, select_prompts, write_pairs
 
 EVAL_FILE = "eval.jsonl"  # inside paths.round_data/NAME: the round model's held-out answers and scores
@@ -92,8 +78,8 @@ def train_round(cfg: Config, name: str) -> None:
     """DPO of M_t on the round's pairs into M_t+1, with the dpo stage's functions; resumable like dpo."""
     from trl import DPOConfig
 
+    from finetune.training.dpo import build_dpo_trainer, file_sha256, load_pairs, train_and_save
     from finetune.training.runs import checkpoint_to_resume, trainer_args
-    from stages.dpo import build_dpo_trainer, file_sha256, load_pairs, train_and_save
 
     _, settings = round_settings(cfg, name)
     pairs_path = Path(cfg.paths.round_data) / name / GENERATED_PAIRS
@@ -191,8 +177,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def round_summary(cfg: Config, name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     """paths.round_metrics/NAME.json: the round's pairs, training and held-out evaluation in one place."""
-    from stages.evaluate import rounded
-
     index, settings = round_settings(cfg, name)
     training = _read_json(Path(cfg.paths.round_metrics) / name / "metrics.json")
     return rounded(
@@ -233,8 +217,6 @@ def report_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_report(cfg: Config) -> list[dict[str, Any]]:
     """Stage self_rewarding_report: paths.reports/plots/rounds.csv from every round's metrics file."""
-    from stages.evaluate import rounded
-
     summaries = [_read_json(Path(cfg.paths.round_metrics) / f"{name}.json") for name in cfg.self_rewarding.rounds]
     rows = [rounded(row) for row in report_rows(summaries)]
     path = Path(cfg.paths.reports) / REPORT_FILE
@@ -246,47 +228,5 @@ def write_report(cfg: Config) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-@exit_on_error
-def main(command: str, *args: str) -> None:
-    if command == "report":
-        cfg = load_config(*args[:1])
-        for row in write_report(cfg):
-            print(
-                f"round {row['round']} ({row['name']}): pairs {_fmt(row.get('pairs'))}, tie rate "
-                f"{_fmt(row.get('tie_rate'))}, gap {_fmt(row.get('mean_gap'))}, held-out F1 {_fmt(row['f1'])}, "
-                f"ROUGE-L {_fmt(row['rougeL'])}, BERTScore {_fmt(row['bertscore_f1'])}"
-            )
-        return
-    if command not in ("pairs", "train") or not args:
-        raise ConfigError("usage: python -m stages.self_rewarding pairs|train NAME [PARAMS] | report [PARAMS]")
-    name, params = args[0], args[1:2]
-    cfg = load_config(*params)
-    if command == "pairs":
-        metrics = make_round_pairs(cfg, name)
-        print(
-            f"self_rewarding {name}: {metrics['pairs']} pairs from {metrics['prompts']} prompts x "
-            f"{metrics['candidates']} candidates ranked by {metrics['ranker']} (tie rate {_fmt(metrics['tie_rate'])})"
-        )
-        return
-    train_round(cfg, name)
-    summary = round_summary(cfg, name, evaluate_round(cfg, name))
-    path = Path(cfg.paths.round_metrics) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    delta = summary["eval"]["delta_vs_sft"]["f1"]
-    print(
-        f"self_rewarding {name}: held-out F1 {summary['eval']['round']['f1']:.3f} vs SFT "
-        f"{summary['eval']['sft']['f1']:.3f} (delta {delta['mean']:+.3f}, 95% CI {delta['low']:+.3f} to "
-        f"{delta['high']:+.3f})"
-    )
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        print("usage: python -m stages.self_rewarding pairs|train NAME [PARAMS] | report [PARAMS]", file=sys.stderr)
-        raise SystemExit(2)
-    main(*sys.argv[1:])

@@ -1,0 +1,186 @@
+"""DPO with TRL's DPOTrainer from a LoRA adapter, the reference policy being the starting model.
+
+Given the SFT adapter as a trainable PeftModel and no ref_model, TRL freezes a copy of the loaded adapter as "ref",
+so the reference is the SFT model, not the bare base (the usual PEFT trap; tests/test_training.py checks it). The
+self-rewarding rounds train with the same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from finetune.config import Config, ModelConfig
+from finetune.data.formats import InvalidRow, from_ultrafeedback
+from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, read_jsonl
+from finetune.errors import ConfigError, DataError
+from finetune.layout.speed import SpeedPlan, layout, speed_record
+from finetune.model.loading import load_model, load_tokenizer
+from finetune.training.launch import shards_weights
+from finetune.training.runs import (
+    checkpoint_to_resume,
+    finish_run,
+    live_callbacks,
+    save_adapter,
+    trainer_args,
+    truncate_prompt,
+)
+
+REFERENCE_ADAPTER = "ref"  # TRL 1.16's name for its frozen copy of the loaded adapter, where it reads the reference
+
+
+def load_pairs(path: str | Path, missing_hint: str):
+    """Generated pairs as a `datasets.Dataset` of prompt/chosen/rejected, validated as prepare validates
+    UltraFeedback rows; a bad row stops the stage naming its file and line."""
+    from datasets import Dataset
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found; {missing_hint}")
+    examples = []
+    for number, row in enumerate(read_jsonl(path), start=1):
+        try:
+            example = from_ultrafeedback(row)
+        except InvalidRow as error:
+            raise DataError(f"{path}:{number}: {error}") from None
+        examples.append({key: example[key] for key in ("prompt", "chosen", "rejected")})
+    if not examples:
+        raise DataError(f"{path}: no preference pairs to train on")
+    return Dataset.from_list(examples)
+
+
+def load_generated_pairs(preference_dir: str):
+    """All of stage preference_data's pairs (dpo.source: generated)."""
+    hint = "dpo.source is generated, so run `dvc repro preference_data` first"
+    return load_pairs(Path(preference_dir) / GENERATED_PAIRS, hint)
+
+
+def use_reference_adapter(model, folder: str) -> None:
+    """Load the LoRA adapter at `folder` into TRL's frozen "ref" adapter, making it DPO's reference policy.
+
+    TRL 1.16 makes "ref" a copy of the adapter being trained; this replaces the copy's weights. The two adapters
+    must have the same shape (rank, targets), which holds for adapters trained from one another.
+    """
+    from peft import PeftConfig, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if REFERENCE_ADAPTER not in model.peft_config:
+        raise RuntimeError("use_reference_adapter: the trainer made no frozen 'ref' adapter to load into")
+    theirs, ours = PeftConfig.from_pretrained(folder), model.peft_config["default"]
+    for key in ("r", "lora_alpha", "target_modules"):
+        if getattr(theirs, key, None) != getattr(ours, key, None):
+            raise ConfigError(
+                f"{folder}: as DPO's reference its LoRA {key} must match the trained adapter's "
+                f"({getattr(theirs, key, None)!r} vs {getattr(ours, key, None)!r})"
+            )
+    weights = load_peft_weights(folder, device="cpu")
+    result = set_peft_model_state_dict(model, weights, adapter_name=REFERENCE_ADAPTER)
+    loaded = [key for key in model.state_dict() if f".{REFERENCE_ADAPTER}." in key]
+    if result.unexpected_keys or len(loaded) != len(weights):
+        raise RuntimeError(f"use_reference_adapter: {folder} does not fit the 'ref' adapter ({result})")
+
+
+def build_dpo_trainer(
+    model_cfg: ModelConfig,
+    start_adapter: str,
+    train,
+    max_prompt_length: int,
+    args,
+    metrics_dir: str,
+    resume: bool,
+    reference_adapter: str | None = None,
+    speed: SpeedPlan | None = None,
+    install=None,
+    sharded: bool = False,
+):
+    """DPOTrainer over the adapter at `start_adapter` (trainable), with no separate reference model.
+
+    Given a PeftModel and ref_model=None, TRL 1.16 freezes a copy of the loaded adapter as the "ref" adapter, so
+    the reference is the starting model. (A fresh peft_config would instead make the adapter-free base the
+    reference.) With `reference_adapter`, that adapter's weights replace the copy: the reference is that model.
+    `sharded`: the trainer runs FSDP (finetune.training.launch.shards_weights).
+    """
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_model(
+        model_cfg, for_training=True, gradient_checkpointing=args.activation_checkpointing, sharded=sharded
+    )
+    if install is not None:
+        install(base)
+    model = PeftModel.from_pretrained(base, start_adapter, is_trainable=True)
+    train = train.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, max_prompt_length)})
+    other_reference = reference_adapter is not None and os.path.normpath(reference_adapter) != os.path.normpath(
+        start_adapter
+    )
+    if other_reference and args.precompute_ref_log_probs:
+        # TRL precomputes while it builds the trainer, before the reference adapter can be swapped in.
+        print("dpo: precompute_ref_log_probs is off: the reference adapter is loaded after the trainer is built")
+        args.precompute_ref_log_probs = False
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=live_callbacks(metrics_dir, resume=resume, params=speed_record(speed)),
+    )
+    if other_reference:
+        use_reference_adapter(trainer.model, reference_adapter)
+    return trainer
+
+
+def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
+    """The dpo stage's trainer: the SFT adapter on the dataset's pairs or the generated ones (dpo.source)."""
+    if cfg.dpo.source == "generated":  # checked before any model is loaded
+        train = load_generated_pairs(cfg.paths.preference_data)
+    else:
+        train = load_split(cfg.paths.prepared, PREFERENCES_TRAIN, columns=("prompt", "chosen", "rejected"))
+    return build_dpo_trainer(
+        cfg.model,
+        cfg.paths.sft_adapter,
+        train,
+        cfg.dpo.max_prompt_length,
+        args,
+        cfg.paths.dpo_metrics,
+        resume,
+        speed=speed,
+        install=install,
+        sharded=shards_weights(cfg.distributed),
+    )
+
+
+def train_and_save(trainer, resume_from: str | None, adapter_dir: str, output_dir: str) -> None:
+    """Train, save only the trained adapter (not the frozen "ref" copy) atomically, drop the checkpoints."""
+    trainer.train(resume_from_checkpoint=resume_from)
+    save_adapter(trainer, adapter_dir, adapters=["default"])
+    finish_run(output_dir)
+
+
+def resume_settings(cfg: Config) -> dict:
+    """What an interrupted run must share with this one to be resumed; for generated pairs, their content too."""
+    settings = {"model": asdict(cfg.model), "dpo": asdict(cfg.dpo)}
+    pairs = Path(cfg.paths.preference_data) / GENERATED_PAIRS
+    if cfg.dpo.source == "generated" and pairs.is_file():
+        settings["pairs_sha256"] = file_sha256(pairs)
+    return settings
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train_dpo(cfg: Config) -> None:
+    """Train from the SFT adapter (resuming an interrupted run of the same settings) and save to paths.dpo_adapter."""
+    from trl import DPOConfig
+
+    output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
+    sharded = shards_weights(cfg.distributed)
+    trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded)
+    args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
+    resume_from = checkpoint_to_resume(output_dir, resume_settings(cfg))
+    trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
+    train_and_save(trainer, resume_from, cfg.paths.dpo_adapter, output_dir)

@@ -1,0 +1,77 @@
+"""SFT with TRL's SFTTrainer: a fresh LoRA adapter on the base model, loss on completions only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from finetune.config import Config
+from finetune.data.rows import SFT_TRAIN, load_split
+from finetune.layout.speed import BALANCED_SHARES, SpeedPlan, layout, speed_record
+from finetune.model.loading import build_lora_config, load_model, load_tokenizer
+from finetune.training.launch import shards_weights
+from finetune.training.runs import checkpoint_to_resume, finish_run, live_callbacks, save_adapter, trainer_args
+
+
+def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
+    """SFTTrainer over the base model with a fresh LoRA adapter, on the prepared SFT train split.
+
+    `speed` (recorded with the curves; it may split steps across GPUs by tokens) and `install` (applies the plan to
+    the model) come from finetune.layout.speed.layout.
+    """
+    from trl import SFTTrainer
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(
+        cfg.model,
+        for_training=True,
+        gradient_checkpointing=args.activation_checkpointing,
+        sharded=shards_weights(cfg.distributed),
+    )
+    if install is not None:
+        install(model)
+    train = load_split(cfg.paths.prepared, SFT_TRAIN, columns=("prompt", "completion"))
+    # TRL 1.16 refuses padding_free with max_length unless it packs (its guard predates its own truncation of
+    # unpacked data), so the trainer is built without max_length and the examples are cut here the way TRL cuts them.
+    max_length = args.max_length if args.padding_free and not args.packing else None
+    if max_length is not None:
+        args.max_length = None
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(cfg.lora),
+        callbacks=live_callbacks(cfg.paths.sft_metrics, resume=resume, params=speed_record(speed)),
+    )
+    if max_length is not None:
+        args.max_length = max_length
+        trainer.train_dataset = truncate_examples(trainer.train_dataset, max_length, args.truncation_mode)
+    if speed is not None and speed.shares == BALANCED_SHARES:
+        from finetune.layout.balance import balance_shares
+
+        balance_shares(trainer)
+    return trainer
+
+
+def truncate_examples(dataset, max_length: int, mode: str):
+    """Tokenized examples cut to max_length tokens (`keep_start` or `keep_end`), dropping any left with no label."""
+    cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]})
+    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
+def train_sft(cfg: Config) -> None:
+    """Train (resuming an interrupted run of the same settings) and save the adapter to paths.sft_adapter."""
+    from trl import SFTConfig
+
+    output_dir = str(Path(cfg.paths.checkpoints) / "sft")
+    sharded = shards_weights(cfg.distributed)
+    trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, sharded=sharded)
+    args = trainer_args(SFTConfig, "sft", trainer_kwargs, output_dir)
+    settings = {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "sft": asdict(cfg.sft)}
+    resume_from = checkpoint_to_resume(output_dir, settings)
+    trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
+    trainer.train(resume_from_checkpoint=resume_from)
+    save_adapter(trainer, cfg.paths.sft_adapter)
+    finish_run(output_dir)
