@@ -1,6 +1,6 @@
 """generate: one variant's answers and preference log-probabilities, for the evaluate stage.
 
-    python -m stages.generate base|sft|dpo [PARAMS]      # dvc repro generate_sft
+    python -m stages.generate base|sft|dpo [PARAMS]      # dvc repro generate@sft
 
 Reads params `model`, `evaluate.generation`, `dpo.max_prompt_length` and `paths`; the variant's model (the base
 model, plus paths.sft_adapter or paths.dpo_adapter); the held-out test split, the probe prompts and the held-out
@@ -18,7 +18,8 @@ from pathlib import Path
 from finetune.config import load_config
 from finetune.data.rows import PREFERENCES_TEST, evaluation_prompts, read_jsonl, write_jsonl
 from finetune.errors import ConfigError, exit_on_error
-from finetune.evaluation.generation import VARIANTS, completion_logps, generate_answers, load_variant, render_prompt
+from finetune.evaluation.comparison import VARIANTS
+from finetune.evaluation.generation import completion_logps, generate_answers, load_variant, render_prompt
 from finetune.training.launch import is_main_process, join_processes, relaunch
 from finetune.training.runs import truncate_prompt
 

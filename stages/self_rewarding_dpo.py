@@ -2,7 +2,7 @@
 
 The reference policy is M_t (`self_rewarding.reference: previous`) or the SFT model (`sft`); the trainer settings are
 self_rewarding.trainer (trl.DPOConfig keywords). Then M_t+1 answers the first self_rewarding.eval_prompts held-out
-prompts as generate_sft answered them, and both are scored. Reads params `self_rewarding`, `model`, `dpo`,
+prompts as generate@sft answered them, and both are scored. Reads params `self_rewarding`, `model`, `dpo`,
 `evaluate` and `paths`; writes the adapter to paths.rounds/NAME, curves to paths.round_metrics/NAME/ and the pair
 statistics, training summary, scores and paired-bootstrap delta against SFT to paths.round_metrics/NAME.json.
 

@@ -156,3 +156,10 @@ def tiny_project(tmp_path_factory) -> TinyProject:
         for stage in (embedded, prepare, base):
             stage.main(str(params_path))
     return TinyProject(root=root, params=params, params_path=params_path)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that train on the tiny project are heavy: `python -m pytest -m "not slow"` is the fast lane."""
+    for item in items:
+        if "tiny_project" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

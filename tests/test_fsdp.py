@@ -77,6 +77,7 @@ def test_4bit_weights_are_stored_in_bf16_tensors_when_sharded():
     assert build_bnb_config().bnb_4bit_quant_storage == torch.uint8
 
 
+@pytest.mark.slow
 def test_two_processes_shard_the_adapter_and_save_it_whole(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from fsdp_worker import tiny_lora_model

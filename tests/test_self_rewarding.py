@@ -29,7 +29,7 @@ def outside_the_repository(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_round(tiny_project):
-    """sft, generate_sft, then round1's pairs and DPO and the report, with round1 the only round."""
+    """sft, generate@sft, then round1's pairs and DPO and the report, with round1 the only round."""
 
     def only_round1(params):
         params["self_rewarding"]["rounds"] = {"round1": params["self_rewarding"]["rounds"]["round1"]}

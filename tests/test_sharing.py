@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 
 # Two self-rewarding rounds (tiny_params) unrolled by foreach, each a pairs and a dpo stage, then their report.
 ROUND_STAGES = {f"self_rewarding_{step}@round{n}" for step in ("pairs", "dpo") for n in (1, 2)}
-ADAPTER_STAGES = {"sft", "dpo", "preference_data", "generate_sft", "generate_dpo", "evaluate", "publish",
+ADAPTER_STAGES = {"sft", "dpo", "preference_data", "generate@sft", "generate@dpo", "evaluate", "publish",
                   *ROUND_STAGES, "self_rewarding_report"}  # fmt: skip
-ALL_STAGES = ADAPTER_STAGES | {"embedded", "prepare", "base", "generate_base"}
+ALL_STAGES = ADAPTER_STAGES | {"embedded", "prepare", "base", "generate@base"}
 
 CACHED = "is cached - skipping run, checking out outputs"
 UP_TO_DATE = "Data and pipelines are up to date."

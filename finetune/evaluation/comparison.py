@@ -10,6 +10,8 @@ from typing import Any
 
 from finetune.evaluation.metrics import METRICS, mean_scores, paired_bootstrap
 
+VARIANTS = ("base", "sft", "dpo")  # in pipeline order
+
 # (name, earlier variant, later variant): what each training step bought.
 DELTAS = (("sft_vs_base", "base", "sft"), ("dpo_vs_sft", "sft", "dpo"), ("dpo_vs_base", "base", "dpo"))
 

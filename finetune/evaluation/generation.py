@@ -9,9 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import GenerationConfig, ModelConfig
+from finetune.evaluation.comparison import VARIANTS
 from finetune.model.loading import load_model, load_tokenizer
 
-VARIANTS = ("base", "sft", "dpo")
 
 
 # Merged bf16 weights are used when they take at most this share of the GPU, leaving the rest to the KV cache.
@@ -212,4 +212,5 @@ def sampling(settings, seed: int) -> GenerationConfig:
         temperature=settings.temperature,
         top_p=settings.top_p,
         seed=seed,
+        speed="as_written",  # unused: the caller has loaded the model already (load_variant takes the speed)
     )

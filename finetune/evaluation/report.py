@@ -8,8 +8,7 @@ from typing import Any
 from finetune.config import Config
 from finetune.data.rows import read_jsonl
 from finetune.errors import DataError
-from finetune.evaluation.comparison import by_category, compare, preference_accuracy
-from finetune.evaluation.generation import VARIANTS
+from finetune.evaluation.comparison import VARIANTS, by_category, compare, preference_accuracy
 from finetune.evaluation.metrics import METRICS, bertscore_description, score_rows
 
 

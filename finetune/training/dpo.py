@@ -18,7 +18,8 @@ from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, r
 from finetune.errors import ConfigError, DataError
 from finetune.layout.speed import SpeedPlan, layout, speed_record
 from finetune.model.loading import load_model, load_tokenizer
-from finetune.training.launch import shards_weights
+from finetune.training.launch import is_main_process, shards_weights
+from finetune.training.records import write_layout
 from finetune.training.runs import (
     checkpoint_to_resume,
     finish_run,
@@ -181,6 +182,8 @@ def train_dpo(cfg: Config) -> None:
     sharded = shards_weights(cfg.distributed)
     trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded)
     args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
+    if is_main_process():
+        write_layout(speed, cfg.paths.dpo_metrics)
     resume_from = checkpoint_to_resume(output_dir, resume_settings(cfg))
     trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
     train_and_save(trainer, resume_from, cfg.paths.dpo_adapter, output_dir)

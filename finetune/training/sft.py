@@ -9,7 +9,8 @@ from finetune.config import Config
 from finetune.data.rows import SFT_TRAIN, load_split
 from finetune.layout.speed import BALANCED_SHARES, SpeedPlan, layout, speed_record
 from finetune.model.loading import build_lora_config, load_model, load_tokenizer
-from finetune.training.launch import shards_weights
+from finetune.training.launch import is_main_process, shards_weights
+from finetune.training.records import write_layout
 from finetune.training.runs import checkpoint_to_resume, finish_run, live_callbacks, save_adapter, trainer_args
 
 
@@ -69,6 +70,8 @@ def train_sft(cfg: Config) -> None:
     sharded = shards_weights(cfg.distributed)
     trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, sharded=sharded)
     args = trainer_args(SFTConfig, "sft", trainer_kwargs, output_dir)
+    if is_main_process():
+        write_layout(speed, cfg.paths.sft_metrics)
     settings = {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "sft": asdict(cfg.sft)}
     resume_from = checkpoint_to_resume(output_dir, settings)
     trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
