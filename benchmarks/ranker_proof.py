@@ -229,9 +229,9 @@ def _pair_summary(rows_prompts, candidates, ranking) -> dict:
 def prove_pairrm(args, folder: Path, prompts, candidates, references, texts) -> dict:
     from transformers import DebertaV2Config
 
-    from finetune.config import ModelConfig, RankerConfig
     from finetune.preferences.pairs import load_ranker, rank_candidates
     from finetune.preferences.ranking import PairRMModel, pairrm_config_ids, pairrm_preference
+    from finetune.tools.dry_run import default_section
 
     tokenizer = pairrm_tokenizer(texts)
     values = architecture(PAIRRM_ARCHITECTURE, TINY_PAIRRM if args.tiny else None)
@@ -240,8 +240,9 @@ def prove_pairrm(args, folder: Path, prompts, candidates, references, texts) -> 
     config.pad_token_id = tokenizer.pad_token_id
     built = save_random_model(PairRMModel, config, tokenizer, folder)
 
-    settings = RankerConfig(name="pairrm", model=str(folder), batch_size=16 if not args.tiny else 8)
-    unused = ModelConfig(name_or_path="unused", load_in_4bit=False)
+    settings = default_section("preference_data.ranker", name="pairrm", model=str(folder),
+                               batch_size=16 if not args.tiny else 8)  # fmt: skip
+    unused = default_section("model", name_or_path="unused", load_in_4bit=False)
     _reset_peak()
     ranker, load_s = _timed(load_ranker, settings, unused)
     model, tok = ranker
@@ -289,9 +290,9 @@ def prove_pairrm(args, folder: Path, prompts, candidates, references, texts) -> 
 def prove_reward_model(args, folder: Path, prompts, candidates, references, texts) -> dict:
     from transformers import MistralConfig, MistralForSequenceClassification
 
-    from finetune.config import ModelConfig, RankerConfig
     from finetune.embedded.tiny_model import train_tokenizer
     from finetune.preferences.pairs import load_ranker, rank_candidates
+    from finetune.tools.dry_run import default_section
 
     tokenizer = train_tokenizer(texts, TOKENIZER_VOCAB)
     values = architecture(REWARD_ARCHITECTURE, TINY_REWARD if args.tiny else None)
@@ -300,8 +301,8 @@ def prove_reward_model(args, folder: Path, prompts, candidates, references, text
     config = MistralConfig(**values, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     built = save_random_model(MistralForSequenceClassification, config, tokenizer, folder)
 
-    settings = RankerConfig(name="reward_model", model=str(folder), batch_size=8)
-    unused = ModelConfig(name_or_path="unused", load_in_4bit=False)
+    settings = default_section("preference_data.ranker", name="reward_model", model=str(folder), batch_size=8)
+    unused = default_section("model", name_or_path="unused", load_in_4bit=False)
     _reset_peak()
     ranker, load_s = _timed(load_ranker, settings, unused)
     model, _ = ranker

@@ -202,7 +202,7 @@ class CachedModel:
         from peft import PeftModel
 
         from finetune.layout.fusion import FUSED_WEIGHT
-        from finetune.model.loading import DequantizedLinear
+        from finetune.overrides import DequantizedLinear, restore_bnb_optimizer_waits
 
         if isinstance(trainer_model, PeftModel):
             self.model = trainer_model.unload()
@@ -211,19 +211,11 @@ class CachedModel:
         for module in self.model.modules():  # and the compiled decoder layers
             module._compiled_call_impl = None
         self.model.set_attn_implementation("sdpa")
-        restore_bnb_optimizer_waits()
+        restore_bnb_optimizer_waits()  # the next configuration runs bitsandbytes as shipped
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
         elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
             self.model = None  # finetune.layout.fusion stacked the weights of unquantized layers: start from a fresh load
-
-
-def restore_bnb_optimizer_waits() -> None:
-    """Undo finetune.layout.speed.unblock_bnb_optimizers, so the next configuration runs bitsandbytes as shipped."""
-    import bitsandbytes.optim.optimizer as bnb_optimizer
-    import bitsandbytes.utils
-
-    bnb_optimizer.sync_gpu = bitsandbytes.utils.sync_gpu
 
 
 def step_meter():
@@ -648,7 +640,9 @@ def run_generation(cfg_params: dict, work: Path, prompts: int, tiny: bool) -> di
         ("generate_fast", "fast", 512, prompts),
         ("generate_seed", "as_written", 32, 64),
     ):
-        cfg = config_of(cfg_params, evaluate__generation={"max_new_tokens": 128, "batch_size": batch, "speed": speed})
+        generation = {**cfg_params["evaluate"]["generation"], "max_new_tokens": 128, "batch_size": batch}
+        generation["speed"] = speed
+        cfg = config_of(cfg_params, evaluate__generation=generation)
         reset_memory()
         started = time.perf_counter()
         model, tokenizer = load_variant(cfg.model, adapter, cfg.evaluate.generation.speed)
@@ -707,17 +701,20 @@ def random_roberta_large(folder: Path, tokenizer_source: Path, tiny: bool) -> Pa
 def run_bertscore(
     work: Path, model_dir: Path, words: list[str], pairs: int, tiny: bool, profile_to: Path | None = None
 ) -> dict:
-    from finetune.config import BertScoreConfig
     from finetune.evaluation.metrics import bertscore_f1
+    from finetune.tools.dry_run import default_section
 
     folder = random_roberta_large(work / "roberta-large-random", model_dir, tiny)
+    layers = 4 if tiny else 17
     rng = random.Random(1)
     predictions = [text_of_tokens(rng, words, lognormal_tokens(rng, 60, 0.5, 5, 250), 1.0) for _ in range(pairs)]
     references = [text_of_tokens(rng, words, lognormal_tokens(rng, 60, 0.5, 5, 250), 1.0) for _ in range(pairs)]
     results = {}
     scores = {}
     for name, dtype in (("bertscore_fp32", "float32"), ("bertscore_fast", "auto")):
-        settings = BertScoreConfig(model=str(folder), num_layers=4 if tiny else 17, batch_size=256, dtype=dtype)
+        settings = default_section(
+            "evaluate.bertscore", model=str(folder), num_layers=layers, batch_size=256, dtype=dtype
+        )
         bertscore_f1(predictions[:64], references[:64], settings)  # load and warm up
         started = time.perf_counter()
         scores[name] = bertscore_f1(predictions, references, settings)
@@ -739,11 +736,11 @@ def run_bertscore(
         import pstats
 
         for batch in (64, 1024):
-            settings = BertScoreConfig(model=str(folder), num_layers=4 if tiny else 17, batch_size=batch)
+            settings = default_section("evaluate.bertscore", model=str(folder), num_layers=layers, batch_size=batch)
             started = time.perf_counter()
             bertscore_f1(predictions, references, settings)
             results[f"bertscore_fast_batch_{batch}"] = {"pairs_per_s": round(pairs / (time.perf_counter() - started))}
-        settings = BertScoreConfig(model=str(folder), num_layers=4 if tiny else 17, batch_size=256)
+        settings = default_section("evaluate.bertscore", model=str(folder), num_layers=layers, batch_size=256)
         profiler = cProfile.Profile()
         profiler.runcall(bertscore_f1, predictions, references, settings)
         text = io.StringIO()

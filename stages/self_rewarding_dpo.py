@@ -11,12 +11,12 @@ statistics, training summary, scores and paired-bootstrap delta against SFT to p
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from finetune.config import load_config
 from finetune.errors import exit_on_error
+from finetune.files import write_json
 from finetune.preferences.rounds import evaluate_round, round_summary, train_round
 
 
@@ -25,9 +25,7 @@ def main(name: str, params_path: str = "params.yaml") -> None:
     cfg = load_config(params_path)
     train_round(cfg, name)
     summary = round_summary(cfg, name, evaluate_round(cfg, name))
-    path = Path(cfg.paths.round_metrics) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(Path(cfg.paths.round_metrics) / f"{name}.json", summary)
     delta = summary["eval"]["delta_vs_sft"]["f1"]
     print(
         f"self_rewarding {name}: held-out F1 {summary['eval']['round']['f1']:.3f} vs SFT "

@@ -1,13 +1,18 @@
-"""params.yaml loading: every config error names its key in one line; `dvc exp run -S` spellings load."""
+"""params.yaml loading: every config error names its key in one line; `dvc exp run -S` spellings load; every value
+has one home, conf/config.yaml (the dataclasses hold no defaults, and a missing key is an error naming it)."""
 
+import copy
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import write_params
 
-from finetune.config import load_config
+from finetune.config import Config, load_config
 from finetune.errors import ConfigError
+from finetune.tools.dry_run import compose_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,15 +21,70 @@ def load_with(tmp_path, edit):
     return load_config(write_params(tmp_path, edit))
 
 
-def test_repository_params_load_with_the_required_user_facing_keys():
-    cfg = load_config(REPO / "params.yaml")
-    assert cfg.model.name_or_path
-    assert (cfg.data.sft.source, cfg.data.sft.format) == ("data/embedded/dolly.jsonl", "dolly")
-    assert cfg.data.preferences.format == "ultrafeedback"
-    assert (cfg.data.max_chars, cfg.data.test_size) == (2500, 0.1)
-    assert isinstance(cfg.data.seed, int)
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
-    assert cfg.lora.target_modules[:4] == ("q_proj", "k_proj", "v_proj", "o_proj")
+def config_fields(kind=Config, values=None, prefix=""):
+    """(dotted key, dataclass field, its value in `values`) for every field of the Config tree, sections included;
+    `values` is the default composition of conf/ (conf/config.yaml's values), which has one entry per round."""
+    values = compose_params() if values is None else values
+    hints = typing.get_type_hints(kind)
+    for spec in dataclasses.fields(kind):
+        key, kind_of = f"{prefix}{spec.name}", hints[spec.name]
+        present = isinstance(values, dict) and spec.name in values
+        value = values[spec.name] if present else dataclasses.MISSING
+        yield key, spec, value
+        if dataclasses.is_dataclass(kind_of) and present:
+            yield from config_fields(kind_of, value, f"{key}.")
+        elif typing.get_origin(kind_of) is dict and dataclasses.is_dataclass(typing.get_args(kind_of)[1]) and present:
+            for name, entry in value.items():  # self_rewarding.rounds.NAME
+                yield from config_fields(typing.get_args(kind_of)[1], entry, f"{key}.{name}.")
+
+
+def test_every_config_field_has_exactly_one_home_conf_config_yaml():
+    """No dataclass field carries a default (a second home that could disagree with conf/), and conf/ sets each."""
+    with_defaults = [
+        key
+        for key, spec, _ in config_fields()
+        if spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING
+    ]
+    assert not with_defaults, f"{with_defaults} have a default in finetune/config.py; conf/config.yaml is their home"
+    not_in_conf = [key for key, _, value in config_fields() if value is dataclasses.MISSING]
+    assert not not_in_conf, f"conf/config.yaml does not set {not_in_conf}"
+
+
+def test_a_missing_key_fails_naming_it_for_every_key(tmp_path):
+    """Whatever key params.yaml lacks, at any depth, the loader stops with one line naming it: no silent default."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+    keys = [key for key, _, _ in config_fields()]
+    assert len(keys) > 100
+    for key in keys:
+        edited = copy.deepcopy(params)
+        *parents, leaf = key.split(".")
+        section = edited
+        for part in parents:
+            section = section[part]
+        del section[leaf]
+        path.write_text(yaml.safe_dump(edited))
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert str(error.value) == f"{path}: {key}: missing key"
+
+
+@pytest.mark.parametrize(
+    "key", ["data.seed", "preference_data.top_p", "self_rewarding.prompts", "self_rewarding.rounds.round2.seed"]
+)
+def test_a_missing_key_fails_in_one_line_naming_it(tmp_path, key):
+    """The issue's keys (their code defaults once differed from conf/) and a round's: an error, never a default."""
+    *parents, leaf = key.split(".")
+
+    def drop(params):
+        section = params
+        for part in parents:
+            section = section[part]
+        del section[leaf]
+
+    with pytest.raises(ConfigError) as error:
+        load_with(tmp_path, drop)
+    assert str(error.value) == f"{tmp_path / 'params.yaml'}: {key}: missing key"
 
 
 def test_every_params_section_named_in_dvc_yaml_exists_in_the_config():
@@ -56,7 +116,7 @@ def test_every_params_section_named_in_dvc_yaml_exists_in_the_config():
         (lambda p: p["lora"].update(target_modules="q_proj"), r"lora\.target_modules: must be a list of strings"),
         (lambda p: p["data"]["sft"].update(format="sharegpt"), r"data\.sft\.format: must be one of dolly, alpaca"),
         (lambda p: p["data"]["preferences"].update(format="dolly"), r"data\.preferences\.format: must be one of"),
-        (lambda p: p["model"].pop("name_or_path"), r"model\.name_or_path: missing"),
+        (lambda p: p["model"].pop("name_or_path"), r"model\.name_or_path: missing key"),
         (lambda p: p.update(lora=[1, 2]), r"lora: must be a mapping"),
     ],
 )
@@ -67,23 +127,28 @@ def test_config_errors_name_the_key_in_one_line(tmp_path, edit, message):
     assert str(error.value).startswith(str(tmp_path / "params.yaml"))
 
 
-def test_values_written_by_dvc_exp_set_load_as_intended(tmp_path):
-    path = write_params(tmp_path, lambda p: None)
+def params_text(tmp_path, **spellings):
+    """params.yaml with lora.dropout, lora.r and data.test_size written exactly as `spellings` spell them."""
+    path = write_params(tmp_path, lambda p: (p["lora"].update(dropout="DROPOUT", r="RANK"),
+                                             p["data"].update(test_size="TEST_SIZE")))  # fmt: skip
     text = path.read_text()
-    # -S writes small floats as 1e-05 (a string to YAML 1.1 readers), 0 for a float, 8.0 for an int.
-    text = text.replace("dropout: 0.05", "dropout: 0").replace("test_size: 0.1", "test_size: '1e-01'")
-    text = text.replace("r: 16", "r: 8.0")
+    for name, spelling in spellings.items():
+        text = text.replace(f"{name.upper()}\n", f"{spelling}\n")
     path.write_text(text)
-    cfg = load_config(path)
+    return path
+
+
+def test_values_written_by_dvc_exp_set_load_as_intended(tmp_path):
+    # -S writes small floats as 1e-05 (a string to YAML 1.1 readers), 0 for a float, 8.0 for an int.
+    cfg = load_config(params_text(tmp_path, dropout="0", rank="8.0", test_size="'3e-01'"))
     assert cfg.lora.dropout == 0.0 and isinstance(cfg.lora.dropout, float)
-    assert cfg.data.test_size == 0.1
+    assert cfg.data.test_size == 0.3
     assert cfg.lora.r == 8 and isinstance(cfg.lora.r, int)
 
 
 def test_scientific_notation_without_a_dot_reads_as_a_float(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text((REPO / "params.yaml").read_text().replace("test_size: 0.1 ", "test_size: 1e-01 "))
-    assert load_config(path).data.test_size == 0.1
+    cfg = load_config(params_text(tmp_path, dropout="0.1", rank="8", test_size="3e-01"))
+    assert cfg.data.test_size == 0.3
 
 
 def test_missing_and_malformed_params_files(tmp_path):

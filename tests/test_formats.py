@@ -5,7 +5,9 @@ import json
 import pytest
 
 from finetune.data.formats import (
+    DEFAULT_CATEGORY,
     PREFERENCE_FORMATS,
+    RELABELLED,
     SFT_FORMATS,
     InvalidRow,
     from_dolly,
@@ -17,6 +19,7 @@ from finetune.data.formats import (
     with_system_prompt,
 )
 from finetune.data.rows import clean_rows, read_rows
+from finetune.errors import DataError
 
 
 def user(text):
@@ -166,3 +169,69 @@ def test_ids_are_stable_content_hashes_when_the_source_has_none():
     assert from_dolly(row)["id"] == from_dolly(dict(row))["id"]
     assert from_dolly(row)["id"] != from_dolly({**row, "response": "Hey"})["id"]
     assert from_dolly({**row, "id": 7})["id"] == "7"
+
+
+DOLLY_ROWS = [
+    {"instruction": "Name a fruit.", "context": "", "response": "A pear.", "category": "open_qa"},
+    {"instruction": "Name a tree.", "context": "", "response": "An oak.", "category": "open_qa"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_utf8_files_with_a_byte_order_mark_are_read(tmp_path, suffix):
+    path = tmp_path / f"bom{suffix}"
+    text = "".join(json.dumps(row) + "\n" for row in DOLLY_ROWS) if suffix == ".jsonl" else json.dumps(DOLLY_ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what Notepad and Excel write
+    cleaned = clean_rows(read_rows(str(path)), from_dolly, max_chars=2500)
+    assert [e["completion"][0]["content"] for e in cleaned.examples] == ["A pear.", "An oak."]
+    assert cleaned.dropped == {}
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["one line", "pretty-printed"])
+def test_a_jsonl_file_holding_one_json_array_is_one_clear_line(tmp_path, indent):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(DOLLY_ROWS, indent=indent) + "\n")
+    with pytest.raises(DataError) as error:
+        list(read_rows(str(path)))
+    assert str(error.value) == (
+        f"{path}: this .jsonl file holds one JSON array; save it as .json or one object per line"
+    )
+
+
+def test_jsonl_rows_that_are_arrays_are_rows_counted_as_wrong_type(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('["a", "b"]\n' + json.dumps(DOLLY_ROWS[0]) + "\n")
+    cleaned = clean_rows(read_rows(str(path)), from_dolly, max_chars=2500)
+    assert len(cleaned.examples) == 1 and cleaned.dropped == {"wrong_type": 1}
+
+
+@pytest.mark.parametrize(
+    "category, reason",
+    [(None, "category_missing"), ("", "category_missing"), ("  ", "category_missing"), (7, "category_wrong_type")],
+)
+def test_an_unusable_category_is_relabelled_and_the_adapter_says_why(category, reason):
+    row = {"instruction": "Hi", "context": "", "response": "Hello", "category": category}
+    example = from_dolly(row)
+    assert (example["category"], example[RELABELLED]) == (DEFAULT_CATEGORY, reason)
+    absent = from_dolly({k: v for k, v in row.items() if k != "category"})
+    assert absent[RELABELLED] == "category_missing"
+    assert RELABELLED not in from_dolly({**row, "category": "open_qa"})
+
+
+def test_relabelled_categories_are_counted_for_kept_rows_only_and_not_written(tmp_path):
+    rows = [
+        {"instruction": "A?", "context": "", "response": "a", "category": "open_qa"},
+        {"instruction": "B?", "context": "", "response": "b"},
+        {"instruction": "C?", "context": "", "response": "c", "category": None},
+        {"instruction": "D?", "context": "", "response": "d", "category": ["x"]},
+        {"instruction": "B?", "context": "", "response": "b", "category": None},  # a duplicate: dropped, not counted
+    ]
+    cleaned = load_file(tmp_path, rows, "dolly")
+    assert [e["category"] for e in cleaned.examples] == ["open_qa", "general", "general", "general"]
+    assert cleaned.relabelled == {"category_missing": 2, "category_wrong_type": 1}
+    assert cleaned.dropped == {"duplicate": 1}
+    assert all(RELABELLED not in example for example in cleaned.examples)
+    preferences = load_file(tmp_path, [ultrafeedback_row()], "ultrafeedback")
+    assert preferences.relabelled == {"category_missing": 1}
+    lima = load_file(tmp_path, [{"conversations": ["Q", "A"]}], "lima")  # LIMA's category is its `source`
+    assert lima.relabelled == {"category_missing": 1}

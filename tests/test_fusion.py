@@ -9,7 +9,8 @@ import torch
 
 from finetune.config import load_config
 from finetune.layout.fusion import ATTENTION_PROJECTIONS, fuse_projections, grouped_projections
-from finetune.model.loading import DequantizedLinear, build_lora_config, load_model
+from finetune.model.loading import build_lora_config, load_model
+from finetune.overrides import DequantizedLinear
 
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -11,7 +11,6 @@ import socket
 import pytest
 import torch
 
-from finetune.config import BertScoreConfig
 from finetune.errors import ConfigError
 from finetune.evaluation import metrics
 from finetune.evaluation.metrics import (
@@ -24,8 +23,9 @@ from finetune.evaluation.metrics import (
     score_rows,
     token_f1,
 )
+from finetune.tools.dry_run import default_section
 
-MINILM = BertScoreConfig(model="minilm", num_layers=6)  # as in params.yaml
+MINILM = default_section("evaluate.bertscore", model="minilm", num_layers=6)  # the offline MiniLM; the rest as conf/
 
 
 # --- SQuAD normalization and token F1 ----------------------------------------------------------------------------
@@ -182,7 +182,8 @@ def test_bertscore_description_names_the_model_and_layer_without_paths():
     assert (description["num_layers"], description["idf"], description["rescaled"]) == (6, False, False)
     assert description["hash"].startswith("all-MiniLM-L6-v2_L6_no-idf_version=")
     assert "/" not in json.dumps(description) and "site-packages" not in json.dumps(description)
-    roberta = bertscore_description(BertScoreConfig("roberta-large", 17, rescale_with_baseline=True))
+    roberta = default_section("evaluate.bertscore", model="roberta-large", num_layers=17, rescale_with_baseline=True)
+    roberta = bertscore_description(roberta)
     assert roberta["hash"].startswith("roberta-large_L17_no-idf_version=")
     assert roberta["hash"].endswith("-rescaled_fast-tokenizer")
     assert description["dtype"] == "float32"  # auto on a CPU

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.data.formats import from_dolly
+from finetune.data.formats import RELABEL_REASONS, from_dolly
 from finetune.data.rows import DROP_REASONS, clean_rows, read_rows, split_examples
 from finetune.errors import DataError
 from stages import prepare
@@ -109,12 +109,36 @@ def test_prepare_writes_splits_and_metrics_identically_on_rerun(project):
     }
     assert (sft["train"], sft["test"]) == (36, 4)
     assert sft["categories"] == {"closed_qa": {"train": 18, "test": 2}, "open_qa": {"train": 18, "test": 2}}
+    assert sft["relabelled"] == {reason: 0 for reason in RELABEL_REASONS} | {"total": 0}
     assert metrics["preferences"]["kept"] == 30
     record = json.loads((out / "sft_train.jsonl").read_text().splitlines()[0])
     assert list(record) == ["id", "category", "prompt", "completion"]
 
     prepare.main()
     assert {f.name: f.read_bytes() for f in sorted(out.iterdir())} == first
+
+
+def test_rows_without_a_category_are_kept_as_general_and_counted(project):
+    rows = [json.loads(line) for line in Path("sft.jsonl").read_text().splitlines()]
+    for row in rows[:6]:
+        del row["category"]
+    rows[6]["category"] = None
+    Path("sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare.main()
+    sft = json.loads(Path("metrics/data.json").read_text())["sft"]
+    assert sft["kept"] == 40 and sft["dropped"]["total"] == 3
+    assert sft["relabelled"] == {"category_missing": 7, "category_wrong_type": 0, "total": 7}
+    general = sft["categories"]["general"]
+    assert general["train"] + general["test"] == 7
+    assert sft["rows_read"] == sft["kept"] + sft["dropped"]["total"]
+
+
+def test_a_jsonl_file_holding_one_array_stops_prepare_with_one_line(project, capsys):
+    rows = [json.loads(line) for line in Path("sft.jsonl").read_text().splitlines()]
+    Path("sft.jsonl").write_text(json.dumps(rows, indent=2))
+    assert run_prepare_failing(capsys) == (
+        "error: sft.jsonl: this .jsonl file holds one JSON array; save it as .json or one object per line"
+    )
 
 
 def test_corrupt_json_line_names_the_file_and_line(project, capsys):

@@ -17,12 +17,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.cards.model_card import DELTAS, VARIANT_NAMES, dataset_card, model_card, number, signed
+from finetune.cards.model_card import build_dataset_card, build_model_card
 from finetune.config import load_config
 from stages import dpo, evaluate, generate, publish, sft
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_s3cr3t-token-that-must-never-leak"
+VARIANT_NAMES = {"base": "base", "sft": "SFT", "dpo": "SFT + DPO"}
+DELTAS = {"sft_vs_base": "SFT − base", "dpo_vs_sft": "DPO − SFT"}
+
+
+def number(value: float) -> str:
+    """How the cards show a metric: 3 decimals."""
+    return f"{value:.3f}"
+
+
+def signed(value: float) -> str:
+    return f"{value:+.3f}"
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +175,10 @@ def test_model_card_shows_base_model_recipe_lora_and_settings(dry_run):
         sft_value, dpo_value = params["sft"]["trainer"][key], params["dpo"]["trainer"][key]
         assert f"| `{key}` | {sft_value:g} | {dpo_value:g} |" in card
     assert f"| `beta` | — | {params['dpo']['trainer']['beta']:g} |" in card
+    # The recipe's settings, not a claim that the trainers ran with them: the GPU layout may rewrite some.
+    assert "as they are" not in card
+    for stage in ("sft_metrics", "dpo_metrics"):
+        assert f"`{params['paths'][stage]}/layout.json`" in card
     assert 'PeftModel.from_pretrained(base, "YOUR_NAME/REPO", subfolder="dpo")' in card
     assert "dvc exp run -S recipe=embedded" in card
     assert "no git commit was recorded" in card  # the tiny project is not a git repository
@@ -362,8 +377,8 @@ def test_model_card_of_a_hub_model_names_it_as_base_model_with_its_revision(dry_
     evaluation = json.loads(Path(params["paths"]["eval_metrics"]).read_text())
     data = json.loads(Path(params["paths"]["data_metrics"]).read_text())
     local = {cfg.data.sft.source: False, cfg.data.preferences.source: False}
-    card = model_card(cfg, evaluation, data, base_on_hub=True, local_sources=local, commit="a" * 40,
-                      license="apache-2.0")
+    card = str(build_model_card(cfg, evaluation, data, base_on_hub=True, local_sources=local, commit="a" * 40,
+                                license="apache-2.0"))
     meta = front_matter(card)
     assert meta["base_model"] == "mistralai/Mistral-7B-v0.1" and meta["license"] == "apache-2.0"
     assert meta["datasets"] == ["databricks/databricks-dolly-15k", "HuggingFaceH4/ultrafeedback_binarized"]
@@ -375,8 +390,8 @@ def test_model_card_of_a_hub_model_names_it_as_base_model_with_its_revision(dry_
     assert f"git checkout {'a' * 40}" in card
     assert "split `train_prefs`" in card
 
-    dataset = dataset_card(cfg, data, files={"train": "t.jsonl", "test": "e.jsonl"}, columns=["prompt"],
-                           local_sources=local, license="mit")
+    dataset = str(build_dataset_card(cfg, data, files={"train": "t.jsonl", "test": "e.jsonl"}, columns=["prompt"],
+                                     local_sources=local, license="mit"))
     assert front_matter(dataset)["license"] == "mit"
     assert "[`you/mistral-dpo`](https://huggingface.co/you/mistral-dpo)" in dataset
 
@@ -388,10 +403,11 @@ def test_model_card_of_a_hub_model_names_it_as_base_model_with_its_revision(dry_
 def test_dvc_stage_lists_every_params_section_and_path_it_uses():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["publish"]
     assert stage["cmd"] == "python -m stages.publish"
-    sources = "".join(path.read_text() for path in [REPO / "stages" / "publish.py", *(REPO / "finetune" / "cards").glob("*.py")])
+    cards = [path for path in (REPO / "finetune" / "cards").rglob("*") if path.suffix in (".py", ".md", ".jinja")]
+    sources = "".join(path.read_text() for path in [REPO / "stages" / "publish.py", *cards])  # the templates read cfg
     for key in set(re.findall(r"cfg\.paths\.(\w+)", sources)):
-        assert f"paths.{key}" in stage["params"], key
-    for section in set(re.findall(r"cfg\.(model|lora|sft|dpo|data|publish|recipe)\b", sources)):
+        assert "paths" in stage["params"] or f"paths.{key}" in stage["params"], key
+    for section in set(re.findall(r"cfg\.(\w+)", sources)) - {"paths"}:
         assert section in stage["params"], section
     # Pushing is a side effect: a persistent output keeps DVC from restoring the stage from its run cache.
     assert stage["outs"] == [{"${paths.publish}": {"persist": True}}]
@@ -421,14 +437,18 @@ def test_dry_run_of_the_repositorys_run_gives_a_complete_model_card(tmp_path, mo
     assert not re.search(r"\bnan\b", card, re.IGNORECASE)
 
 
-def test_model_card_says_dpo_trained_on_generated_pairs_when_it_did():
-    import dataclasses
-
-    from finetune.cards.model_card import dpo_source_line
-    from finetune.config import load_config
-
-    cfg = load_config(REPO / "params.yaml")
-    generated = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, source="generated"))
-    line = dpo_source_line(generated)
+def test_model_card_says_dpo_trained_on_generated_pairs_when_it_did(dry_run, tmp_path):
+    out, params = dry_run
+    params = copy.deepcopy(params)
+    params["dpo"]["source"] = "generated"
+    path = tmp_path / "generated.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cfg = load_config(path)
+    evaluation = json.loads(Path(params["paths"]["eval_metrics"]).read_text())
+    data = json.loads(Path(params["paths"]["data_metrics"]).read_text())
+    local = {cfg.data.sft.source: True, cfg.data.preferences.source: True}
+    card = str(build_model_card(cfg, evaluation, data, base_on_hub=False, local_sources=local))
+    line = next(line for line in card.splitlines() if line.startswith("- **DPO training pairs:**"))
     assert "generated by the pipeline" in line and f"{cfg.preference_data.prompts} SFT-train instructions" in line
     assert f"`{cfg.preference_data.ranker.name}`" in line
+    assert "DPO training pairs" not in (out / "model" / "README.md").read_text()  # dpo.source: dataset

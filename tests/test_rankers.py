@@ -13,7 +13,7 @@ import torch
 from conftest import write_params
 from test_ranking import WORDS, tiny_encoder_tokenizer
 
-from finetune.config import ModelConfig, RankerConfig, load_config
+from finetune.config import RankerConfig, load_config
 from finetune.errors import ConfigError
 from finetune.evaluation import generation
 from finetune.preferences.pairs import (
@@ -26,6 +26,7 @@ from finetune.preferences.pairs import (
     select_prompts,
 )
 from finetune.preferences.ranking import judge_prompt, pairrm_config_ids, pairrm_scores, reward_model_scores
+from finetune.tools.dry_run import default_section
 
 PROMPTS = [
     [{"role": "user", "content": "what is the capital of france"}],
@@ -36,11 +37,12 @@ CANDIDATES = [
     ["seven", "two is a prime number", "the answer is eight"],
 ]
 REFERENCES = ["paris is the capital of france", "seven"]
-MODEL = ModelConfig(name_or_path="unused", load_in_4bit=False)
+MODEL = default_section("model", name_or_path="unused", load_in_4bit=False)
 
 
 def settings(name: str, **changes) -> RankerConfig:
-    return RankerConfig(name=name, **changes)
+    """conf/config.yaml's ranker settings with another ranker and `changes`."""
+    return default_section("preference_data.ranker", name=name, **changes)
 
 
 def rows_for(prompts=PROMPTS) -> list[dict]:
@@ -233,12 +235,12 @@ def test_a_self_judge_is_the_policy_and_a_judge_model_is_loaded_like_the_policy(
 
 def test_a_real_tiny_model_judges_itself_and_its_unparseable_verdicts_are_counted():
     """The judge path with real generation: a random tiny LM writes no "Score: X", so nothing is ranked."""
-    from finetune.config import TinyModelConfig
     from finetune.embedded.tiny_model import build_model, train_tokenizer
 
     tokenizer = train_tokenizer([" ".join(WORDS)] * 5, vocab_size=300)
-    arch = TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)  # fmt: skip
+    arch = default_section("base.architecture", vocab_size=300, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=2048)  # fmt: skip
     model = build_model(arch, tokenizer, seed=0).eval()
     config = settings("judge", judgments=2, max_new_tokens=4, batch_size=4)
     ranking = rank_candidates(config, (model, tokenizer), PROMPTS[:1], CANDIDATES[:1], REFERENCES[:1], seed=0)

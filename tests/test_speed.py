@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from finetune.config import DistributedConfig, load_config
+from finetune.config import load_config
 from finetune.errors import ConfigError
 from finetune.layout.speed import (
     FUSED_PROJECTIONS,
@@ -35,6 +35,7 @@ from finetune.layout.speed import (
     speed_record,
     static_bytes,
 )
+from finetune.tools.dry_run import architecture_file, default_section
 from finetune.training import sft as sft_training
 from finetune.training.launch import launch_command, relaunch
 from finetune.training.runs import trainer_args
@@ -54,13 +55,10 @@ SEED = {
 
 
 def test_model_shape_counts_mistral_7b_on_the_meta_device(tmp_path):
-    from finetune.config import ModelConfig
-    from finetune.tools.dry_run import architecture_file
-
     folder = tmp_path / "mistral"
     folder.mkdir()
     (folder / "config.json").write_text(architecture_file("mistralai/Mistral-7B-v0.1").read_text())
-    shape = model_shape(ModelConfig(name_or_path=str(folder)))
+    shape = model_shape(default_section("model", name_or_path=str(folder), load_in_4bit=True))
     assert shape == MISTRAL_7B
     assert shape.quantized_params + shape.other_params == 7_241_732_096
 
@@ -180,6 +178,7 @@ def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(t
     """The hook on compiled layers (the fast layout): a checkpointed layer runs its compiled forward, then again in
     the backward pass, and the gradients are those of the compiled run without checkpointing. Compile errors raise
     here instead of falling back to eager, as the stage would."""
+    from finetune import overrides
     from finetune.layout import speed
 
     inputs = torch.randint(3, 100, (1, 512), generator=torch.Generator().manual_seed(0))
@@ -199,7 +198,7 @@ def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(t
         model, shape, layers, _ = checkpointable_tiny_model(tiny_project)
         model.float()
         compile_decoder_layers(model)
-        monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+        monkeypatch.setattr(overrides, "SUPPRESS_COMPILE_ERRORS", False)  # the compiled layers' dynamo setting
         checkpoint_as_needed(model, shape, batch_bytes(shape, budget_tokens, 1), compiled=True)
         model.train()
         model(input_ids=inputs, labels=inputs).loss.backward()
@@ -494,19 +493,21 @@ class Done:
     returncode = 0
 
 
-def test_the_stage_reruns_itself_under_accelerate_launch_with_one_process_per_gpu(monkeypatch):
-    settings = DistributedConfig(processes=2)
+def test_the_stage_reruns_itself_under_accelerate_launch_with_one_process_per_gpu(monkeypatch, tmp_path):
+    claims = str(tmp_path)  # the GPU claims (finetune.training.devices), not the machine's
+    settings = default_section("distributed", processes=2, strategy="ddp", gpu_claims=claims)
     command = launch_command("stages.sft", ["params.yaml"], settings)
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
     assert command[-3:] == ["-m", "stages.sft", "params.yaml"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert relaunch("stages.sft", [], DistributedConfig(processes=1)) is None  # one GPU or none: run here
+    one = default_section("distributed", processes=1, gpu_claims=claims)
+    assert relaunch("stages.sft", [], one) is None  # one GPU or none: run here
     runs = []
-    monkeypatch.setattr(subprocess, "run", lambda command, env, check: runs.append((command, env)) or Done())
+    monkeypatch.setattr(subprocess, "run", lambda command, env, check, **kwargs: runs.append((command, env)) or Done())
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert relaunch("stages.sft", ["p.yaml"], DistributedConfig(processes=1)) == 0
+    assert relaunch("stages.sft", ["p.yaml"], one) == 0
     command, env = runs[0]
     assert command[1:] == ["-m", "stages.sft", "p.yaml"] and env["CUDA_VISIBLE_DEVICES"] == "2"  # never DataParallel
     monkeypatch.setenv("LOCAL_RANK", "1")  # already one of the launched processes
@@ -561,10 +562,10 @@ def test_every_log_line_gets_the_tokens_per_second_since_the_previous_one(monkey
 
 
 def test_a_dequantized_copy_of_4_bit_layers_gives_the_same_products_and_gradients():
-    """finetune.model.loading.dequantize_base: what bitsandbytes computes per call, computed from weights dequantized once."""
+    """finetune.overrides.dequantize_base: what bitsandbytes computes per call, from weights dequantized once."""
     import bitsandbytes as bnb
 
-    from finetune.model.loading import DequantizedLinear, dequantize_base
+    from finetune.overrides import DequantizedLinear, dequantize_base
 
     torch.manual_seed(0)
     source = torch.nn.Linear(64, 32, bias=True)

@@ -10,12 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +28,6 @@ from finetune.training.runs import (
     StopOnNonFiniteLoss,
     adapt_to_device,
     build_args,
-    checkpoint_to_resume,
     trainer_args,
 )
 from stages import dpo, sft
@@ -309,147 +303,6 @@ def test_dpo_reference_is_the_frozen_sft_model_not_the_base_model(tiny_project, 
     reference_after = reference_logps()
     torch.testing.assert_close(reference_after, sft_logps, **tolerance)  # the "ref" adapter stayed frozen
     assert (completion_logps(policy, batch) - sft_logps).abs().max() > 10 * tolerance["atol"]  # the policy moved
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Resuming: a killed run goes on from its last checkpoint; a finished or re-configured one starts afresh.
-
-
-class RecordSteps:
-    """Records the global steps a run trains, to tell a resumed run from a restarted one."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        record = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                record.steps.append(state.global_step)
-
-        self.steps: list[int] = []
-        self.resume_flags: list[bool] = []
-        self.callback = Callback()
-
-
-def wait_for_complete_checkpoint(folder: Path, process: subprocess.Popen, timeout: float = 240) -> Path:
-    """The first checkpoint whose trainer_state.json (written last) parses, polled while `process` runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for state_file in sorted(folder.glob("checkpoint-*/trainer_state.json")):
-            try:
-                json.loads(state_file.read_text())
-                return state_file.parent
-            except (OSError, ValueError):
-                pass  # still being written
-        if process.poll() is not None:
-            pytest.fail(f"sft exited ({process.returncode}) before a checkpoint could be caught; raise max_steps")
-        time.sleep(0.01)
-    pytest.fail("no checkpoint within the timeout")
-
-
-@pytest.mark.slow
-def test_sft_killed_mid_run_resumes_from_its_checkpoint_and_finishes(tiny_project, tmp_path, monkeypatch, capsys):
-    max_steps = 12  # steps left after checkpoint-2 keep the process busy while the test kills it
-
-    def edit(params):
-        params["sft"]["trainer"].update(max_steps=max_steps, save_steps=2, disable_tqdm=True)
-
-    params_path = tiny_project.variant("resume", edit)
-    cfg = load_config(params_path)
-    checkpoints = Path(cfg.paths.checkpoints) / "sft"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stages.sft", str(params_path)], cwd=tmp_path, env=env, stdout=log, stderr=log
-        )
-        try:
-            wait_for_complete_checkpoint(checkpoints, process)
-            process.send_signal(signal.SIGKILL)  # no chance to clean up, like an OOM kill or a lost spot instance
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    assert not Path(cfg.paths.sft_adapter).exists()
-    killed_steps = curve_steps(cfg.paths.sft_metrics)
-    assert killed_steps and killed_steps[-1] < max_steps
-
-    # The rerun (in-process, to save an import of torch) records what it trains.
-    record = RecordSteps()
-    real_live_callbacks = sft_training.live_callbacks
-
-    def live_callbacks(metrics_dir, resume, params=None):
-        record.resume_flags.append(resume)
-        return [*real_live_callbacks(metrics_dir, resume, params), record.callback]
-
-    monkeypatch.setattr(sft_training, "live_callbacks", live_callbacks)
-    sft.main(str(params_path))
-    out = capsys.readouterr().out
-    resumed = re.search(r"resuming from (\S+checkpoint-(\d+))", out)
-    assert resumed, out[-3000:]
-    resumed_step = int(resumed.group(2))
-    assert 2 <= resumed_step < max_steps and resumed_step % 2 == 0
-    assert record.resume_flags == [True]  # DVCLive appends to the killed run's curves
-    assert record.steps == list(range(resumed_step + 1, max_steps + 1))  # went on, did not start over
-
-    assert read_metrics(cfg.paths.sft_metrics)["step"] == max_steps
-    steps = curve_steps(cfg.paths.sft_metrics)
-    assert steps[0] == 1 and steps[-1] == max_steps and set(steps) == set(range(1, max_steps + 1))
-    assert (Path(cfg.paths.sft_adapter) / "adapter_model.safetensors").is_file()
-    assert not checkpoints.exists()
-
-
-SETTINGS = {"lora": {"r": 16, "alpha": 32}, "sft": {"trainer": {"learning_rate": 2e-3}}}
-
-
-def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
-    checkpoint = folder / f"checkpoint-{step}"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
-    if complete:  # the Trainer writes trainer_state.json last
-        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    return checkpoint
-
-
-def test_checkpoint_of_the_same_settings_is_resumed(tmp_path, capsys):
-    folder = tmp_path / "sft"
-    assert checkpoint_to_resume(str(folder), SETTINGS) is None  # a first run starts afresh
-    fake_checkpoint(folder, 1)
-    checkpoint = fake_checkpoint(folder, 3)
-    assert checkpoint_to_resume(str(folder), SETTINGS) == str(checkpoint)
-    assert f"resuming from {checkpoint}" in capsys.readouterr().out
-
-
-def test_checkpoint_of_other_settings_is_removed_and_the_run_starts_afresh(tmp_path):
-    folder = tmp_path / "sft"
-    checkpoint_to_resume(str(folder), SETTINGS)
-    fake_checkpoint(folder, 3)
-    # `dvc exp run -S lora.r=8` after a killed r=16 run must not resume the r=16 adapter.
-    other = {**SETTINGS, "lora": {"r": 8, "alpha": 32}}
-    assert checkpoint_to_resume(str(folder), other) is None
-    assert not (folder / "checkpoint-3").exists()
-    fake_checkpoint(folder, 2)
-    assert checkpoint_to_resume(str(folder), other) == str(folder / "checkpoint-2")  # the new run's own checkpoints
-
-
-def test_checkpoints_of_unknown_settings_are_not_resumed(tmp_path):
-    # A folder without the settings fingerprint (an older version, a copied folder) cannot be trusted.
-    folder = tmp_path / "sft"
-    fake_checkpoint(folder, 3)
-    assert checkpoint_to_resume(str(folder), SETTINGS) is None
-    assert not (folder / "checkpoint-3").exists()
-
-
-def test_a_checkpoint_cut_short_while_saving_is_not_resumed_from(tmp_path):
-    # A kill during the save of checkpoint-4 leaves a folder without trainer_state.json: resuming from it fails with
-    # FileNotFoundError, on every rerun, until someone deletes it. The last complete checkpoint is the one to use.
-    folder = tmp_path / "sft"
-    checkpoint_to_resume(str(folder), SETTINGS)
-    complete = fake_checkpoint(folder, 2)
-    fake_checkpoint(folder, 4, complete=False)
-    assert checkpoint_to_resume(str(folder), SETTINGS) == str(complete)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ SFT rows become prompt/completion examples and preference rows prompt/chosen/rej
 
 `n_chars` is the length the `data.max_chars` filter applies to: the characters of the source's own text fields
 (for Dolly instruction + context + response), so the filter means what the seed recipes mean by it. A row that
-cannot be used raises InvalidRow with a reason from REASONS; prepare counts those instead of crashing.
+cannot be used raises InvalidRow with a reason from REASONS; prepare counts those instead of crashing. A row whose
+category is missing, null, blank or not a string is kept as DEFAULT_CATEGORY, and its example carries RELABELLED
+(the reason, from RELABEL_REASONS) for prepare to count and remove.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ MALFORMED = "malformed"
 REASONS = (MISSING_FIELD, WRONG_TYPE, EMPTY_FIELD, MALFORMED)
 
 DEFAULT_CATEGORY = "general"
+# Kept rows whose category was replaced by DEFAULT_CATEGORY: the example's RELABELLED key names why.
+RELABELLED = "relabelled"
+CATEGORY_MISSING = "category_missing"  # no category field, null, or blank
+CATEGORY_WRONG_TYPE = "category_wrong_type"  # a number, list, ... instead of a string
+RELABEL_REASONS = (CATEGORY_MISSING, CATEGORY_WRONG_TYPE)
 ROLES = ("system", "user", "assistant")
 
 Example = dict[str, Any]
@@ -54,9 +61,13 @@ def _message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content.strip()}
 
 
-def _category(row: Mapping, key: str = "category") -> str:
+def _category(row: Mapping, key: str = "category") -> dict[str, str]:
+    """{"category": the row's category}, or DEFAULT_CATEGORY with RELABELLED saying why the row's could not be used."""
     value = row.get(key)
-    return value.strip() if isinstance(value, str) and value.strip() else DEFAULT_CATEGORY
+    if isinstance(value, str) and value.strip():
+        return {"category": value.strip()}
+    reason = CATEGORY_MISSING if value is None or isinstance(value, str) else CATEGORY_WRONG_TYPE
+    return {"category": DEFAULT_CATEGORY, RELABELLED: reason}
 
 
 def content_id(*parts: Any) -> str:
@@ -73,11 +84,11 @@ def _row_id(row: Mapping, *keys: str) -> str | None:
     return None
 
 
-def _sft_example(row: Mapping, messages: list[dict[str, str]], n_chars: int, category: str) -> Example:
+def _sft_example(row: Mapping, messages: list[dict[str, str]], n_chars: int, category: dict[str, str]) -> Example:
     prompt, completion = messages[:-1], messages[-1:]
     return {
         "id": _row_id(row, "id") or content_id(prompt, completion),
-        "category": category,
+        **category,
         "prompt": prompt,
         "completion": completion,
         "n_chars": n_chars,
@@ -187,7 +198,7 @@ def _preference_example(row: Mapping, prompt: list, chosen: list, rejected: list
         raise InvalidRow(MALFORMED, "chosen and rejected are identical")
     example: Example = {
         "id": _row_id(row, "prompt_id", "id") or content_id(prompt, chosen, rejected),
-        "category": _category(row),
+        **_category(row),
         "prompt": prompt,
         "chosen": chosen,
         "rejected": rejected,

@@ -2,7 +2,8 @@
 
 Local JSON/JSONL files are read line by line here rather than by `datasets`: Arrow needs one type per column, so a
 single malformed row would abort the whole load, while we want to count it and go on, and to name the line of a
-corrupt record. Parquet files and hub datasets go through `datasets.load_dataset`.
+corrupt record. They are UTF-8, with or without a byte-order mark (Windows editors write one). Parquet files and hub
+datasets go through `datasets.load_dataset`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from finetune.data.formats import REASONS, WRONG_TYPE, Example, InvalidRow, with_system_prompt
+from finetune.data.formats import (
+    REASONS,
+    RELABEL_REASONS,
+    RELABELLED,
+    WRONG_TYPE,
+    Example,
+    InvalidRow,
+    with_system_prompt,
+)
 from finetune.errors import DataError
 
 TOO_LONG = "too_long"
@@ -37,11 +46,34 @@ def is_local_source(source: str) -> bool:
     return source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
 
 
+# utf-8-sig reads UTF-8 and drops a leading byte-order mark, which json.loads would reject.
+ENCODING = "utf-8-sig"
+
+
+def _holds_one_array(path: Path, first_line: str) -> bool:
+    """Whether a .jsonl file whose first record starts with '[' is one JSON array (a .json file misnamed), rather than
+    JSON Lines whose rows are arrays (those are read, and counted as wrong_type)."""
+    try:
+        json.loads(first_line)
+    except json.JSONDecodeError:
+        return True  # '[' alone, or the first items of a pretty-printed array
+    try:
+        return isinstance(json.loads(path.read_text(encoding=ENCODING)), list)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_jsonl(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding=ENCODING) as lines:
+        first = True
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
+            if first and line.lstrip().startswith("[") and _holds_one_array(path, line):
+                raise DataError(
+                    f"{path}: this .jsonl file holds one JSON array; save it as .json or one object per line"
+                )
+            first = False
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as error:
@@ -50,7 +82,7 @@ def _read_jsonl(path: Path) -> Iterator[Any]:
 
 def _read_json(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=ENCODING))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -91,11 +123,13 @@ def _load_hub_dataset(name: str, split: str, revision: str | None) -> Iterable[A
 
 @dataclass
 class Cleaned:
-    """The usable examples of a source and the count of every row dropped, by reason."""
+    """The usable examples of a source, the count of every row dropped by reason, and of every kept row whose
+    category was replaced by the default one (formats.RELABEL_REASONS)."""
 
     examples: list[Example]
     rows_read: int
     dropped: Counter = field(default_factory=Counter)
+    relabelled: Counter = field(default_factory=Counter)
 
 
 def _dedup_key(example: Example) -> str:
@@ -110,7 +144,8 @@ def clean_rows(
     max_chars: int,
     system_prompt: str | None = None,
 ) -> Cleaned:
-    """Adapt every row; drop (and count) invalid, too long and duplicate rows. Keeps the input order."""
+    """Adapt every row; drop (and count) invalid, too long and duplicate rows, and count the kept rows whose category
+    was relabelled. Keeps the input order."""
     cleaned = Cleaned(examples=[], rows_read=0)
     seen_content: set[str] = set()
     seen_ids: set[str] = set()
@@ -123,6 +158,7 @@ def clean_rows(
         except InvalidRow as invalid:
             cleaned.dropped[invalid.reason] += 1
             continue
+        relabelled = example.pop(RELABELLED, None)
         if example["n_chars"] >= max_chars:
             cleaned.dropped[TOO_LONG] += 1
             continue
@@ -135,6 +171,8 @@ def clean_rows(
             continue
         seen_content.add(key)
         seen_ids.add(example["id"])
+        if relabelled:
+            cleaned.relabelled[relabelled] += 1
         cleaned.examples.append(with_system_prompt(example, system_prompt))
     return cleaned
 
@@ -155,7 +193,8 @@ def split_examples(examples: list[Example], test_size: float, seed: int) -> tupl
 
 
 def summarize(cleaned: Cleaned, train: list[Example], test: list[Example]) -> dict[str, Any]:
-    """Counts and length percentiles for metrics/data.json: every drop reason and category is listed, even at 0."""
+    """Counts and length percentiles for metrics/data.json: every drop and relabel reason and every category is
+    listed, even at 0. A relabelled row is kept (in the default category), so it is not in `dropped`."""
     import numpy as np
 
     lengths = np.array([example["n_chars"] for example in cleaned.examples])
@@ -165,6 +204,8 @@ def summarize(cleaned: Cleaned, train: list[Example], test: list[Example]) -> di
         "kept": len(cleaned.examples),
         "dropped": {reason: cleaned.dropped[reason] for reason in DROP_REASONS}
         | {"total": sum(cleaned.dropped.values())},
+        "relabelled": {reason: cleaned.relabelled[reason] for reason in RELABEL_REASONS}
+        | {"total": sum(cleaned.relabelled.values())},
         "train": len(train),
         "test": len(test),
         "categories": {
@@ -180,8 +221,9 @@ def summarize(cleaned: Cleaned, train: list[Example], test: list[Example]) -> di
 
 def write_jsonl(path: Path, examples: Iterable[Example], drop: tuple[str, ...] = ("n_chars",)) -> None:
     """One example per line, keys in a fixed order, so the same input gives byte-identical files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as out:
+    from finetune.files import atomic_path
+
+    with atomic_path(path) as partial, partial.open("w", encoding="utf-8", newline="\n") as out:
         for example in examples:
             record = {k: v for k, v in example.items() if k not in drop}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

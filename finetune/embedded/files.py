@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.files import write_text
+
 DOLLY_FILE, ULTRAFEEDBACK_FILE, PRETRAIN_FILE = "dolly.jsonl", "ultrafeedback.jsonl", "pretrain.txt"
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     # No sort_keys: invalid rows keep their odd shapes, and the key order matches the real datasets' files.
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _strings(value) -> list[str]:

@@ -9,7 +9,6 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import GenerationConfig, ModelConfig
-from finetune.evaluation.comparison import VARIANTS
 from finetune.model.loading import load_model, load_tokenizer
 
 

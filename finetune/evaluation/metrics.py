@@ -13,7 +13,7 @@ import os
 import re
 import string
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,7 +90,9 @@ def _scorer(settings: BertScoreConfig):
     if dtype != "float32":
         import torch
 
-        scorer._model.to(getattr(torch, dtype))
+        from finetune.overrides import set_bertscore_dtype
+
+        set_bertscore_dtype(scorer, getattr(torch, dtype))
     if settings.rescale_with_baseline and not os.path.isfile(scorer.baseline_path):
         # bert-score would only warn, return raw scores and still put "-rescaled" in its hash
         raise ConfigError(
@@ -111,6 +113,8 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], settings
     scores = [0.0] * len(pairs)
     if not scored:
         return scores
+    from finetune.overrides import bertscore_pair_f1
+
     scorer = _scorer(settings)
     if settings.idf:
         # Weights from every reference, not only the rows scored here, so they do not depend on which model
@@ -118,79 +122,11 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], settings
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Overwriting the previous importance weights")
             scorer.compute_idf([reference for _, reference in pairs if reference])
-    f1 = _bertscore_pairs(scorer, [pairs[i][0] for i in scored], [pairs[i][1] for i in scored], settings.batch_size)
+    # bert-score's F1, from its model, tokenizer, idf weights and matching, in a faster loop (finetune.overrides).
+    f1 = bertscore_pair_f1(scorer, [pairs[i][0] for i in scored], [pairs[i][1] for i in scored], settings.batch_size)
     for i, value in zip(scored, f1.tolist(), strict=True):
         scores[i] = value
     return scores
-
-
-def _bertscore_pairs(scorer, candidates: list[str], references: list[str], batch_size: int):
-    """BERTScorer.score's F1 for candidate/reference pairs, with bert-score's model, tokenizer, layer, idf weights,
-    greedy matching (bert_score.utils.greedy_cos_idf) and baseline, but a faster loop around them.
-
-    bert-score's own loop (utils.bert_cos_score_idf) tokenizes one sentence per call and copies every sentence's
-    embeddings to the CPU and back; with roberta-large on an H100 that was two thirds of the time
-    (benchmarks/results/bertscore_profile_bert_score_loop_h100.txt). Here the sentences are tokenized in one call
-    and the embeddings stay on the model's device. Sentences are deduplicated and batched longest first, as
-    bert-score does. tests/test_metrics.py checks the scores equal BERTScorer.score's.
-    """
-    import torch
-    from bert_score.utils import bert_encode, greedy_cos_idf
-    from torch.nn.utils.rnn import pad_sequence
-
-    tokenizer, model = scorer._tokenizer, scorer._model
-    device = next(model.parameters()).device
-    if scorer.idf:
-        idf_weights = scorer._idf_dict
-    else:
-        idf_weights = defaultdict(lambda: 1.0)
-        idf_weights[tokenizer.sep_token_id] = 0.0
-        idf_weights[tokenizer.cls_token_id] = 0.0
-    sentences = sorted(set(candidates) | set(references), key=lambda text: len(text.split(" ")), reverse=True)
-    token_ids = _token_ids(tokenizer, sentences)
-    encoded: dict[str, tuple] = {}
-    for start in range(0, len(sentences), batch_size):
-        ids = [torch.tensor(row) for row in token_ids[start : start + batch_size]]
-        lengths = [len(row) for row in ids]
-        padded = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id).to(device)
-        mask = (torch.arange(padded.shape[1]) < torch.tensor(lengths)[:, None]).long().to(device)
-        embeddings = bert_encode(model, padded, attention_mask=mask, all_layers=scorer.all_layers)
-        for offset, length in enumerate(lengths):
-            row = token_ids[start + offset]
-            encoded[sentences[start + offset]] = (embeddings[offset, :length], [idf_weights[i] for i in row])
-
-    def stack(texts: list[str]):
-        embeddings = pad_sequence([encoded[text][0] for text in texts], batch_first=True, padding_value=2.0)
-        idf = pad_sequence([torch.tensor(encoded[text][1], dtype=torch.float) for text in texts], batch_first=True)
-        lengths = torch.tensor([len(encoded[text][1]) for text in texts])
-        mask = torch.arange(embeddings.shape[1]) < lengths[:, None]
-        return embeddings, mask.to(device), idf.to(device)
-
-    scores = []
-    with torch.no_grad():
-        for start in range(0, len(references), batch_size):
-            precision_recall_f1 = greedy_cos_idf(
-                *stack(references[start : start + batch_size]),
-                *stack(candidates[start : start + batch_size]),
-                scorer.all_layers,
-            )
-            scores.append(torch.stack(precision_recall_f1, dim=-1).cpu())
-    all_scores = torch.cat(scores)
-    if scorer.rescale_with_baseline:
-        all_scores = (all_scores - scorer.baseline_vals) / (1 - scorer.baseline_vals)
-    return all_scores[..., 2]
-
-
-def _token_ids(tokenizer, sentences: list[str]) -> list[list[int]]:
-    """bert_score.utils.sent_encode's token ids for many sentences, in one tokenizer call."""
-    from transformers import GPT2Tokenizer, RobertaTokenizer
-
-    byte_level = isinstance(tokenizer, (GPT2Tokenizer, RobertaTokenizer))
-    extra = {"add_prefix_space": True} if byte_level else {}
-    texts = [sentence.strip() for sentence in sentences]
-    return tokenizer(
-        texts, add_special_tokens=True, max_length=tokenizer.model_max_length, truncation=True, **extra
-    )["input_ids"]
 
 
 def bertscore_description(settings: BertScoreConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformers.trainer_pt_utils import BatchRebalanceSampler
+from finetune.overrides import SharesSampler, replace_train_sampler
 
 
 def balanced_shares(lengths: Sequence[int], shares: int) -> list[list[int]]:
@@ -35,17 +35,11 @@ def balanced_shares(lengths: Sequence[int], shares: int) -> list[list[int]]:
     return [sorted(share) for share in members]
 
 
-class TokenBalancedSampler(BatchRebalanceSampler):
+class TokenBalancedSampler(SharesSampler):
     """transformers' per-rank batch sampler (the Trainer passes it as the DataLoader's batch_sampler and keeps
-    accelerate from sharding it again), with each step's shares cut by balanced_shares."""
+    accelerate from sharding it again), with each step's shares cut by balanced_shares (finetune.overrides)."""
 
-    def _assign(self, indices, lengths):
-        shares = balanced_shares(lengths, self.dp_size * self.grad_accum)
-        # share k: rank k % dp_size, accumulation slot k // dp_size
-        return [
-            [[indices[p] for p in shares[slot * self.dp_size + rank]] for slot in range(self.grad_accum)]
-            for rank in range(self.dp_size)
-        ]
+    split_shares = staticmethod(balanced_shares)
 
 
 def balance_shares(trainer) -> None:
@@ -66,4 +60,4 @@ def balance_shares(trainer) -> None:
             drop_last=args.dataloader_drop_last,
         )
 
-    trainer._get_train_sampler = token_balanced_sampler
+    replace_train_sampler(trainer, token_balanced_sampler)

@@ -15,18 +15,16 @@ adapters, several active ones, DoRA or LoRA biases run PEFT's layers one by one.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from finetune import overrides
+from finetune.overrides import ATTENTION_CLASSES, MLP_CLASSES, DequantizedLinear
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj")
-# Attention classes whose forward _attention_forward reproduces, and whether they pass their sliding window.
-ATTENTION_CLASSES = {"MistralAttention": True, "LlamaAttention": False}
-MLP_CLASSES = ("MistralMLP", "LlamaMLP")
 FUSED_WEIGHT = {ATTENTION_PROJECTIONS: "fused_qkv_weight", MLP_PROJECTIONS: "fused_gate_up_weight"}
 
 
@@ -35,17 +33,24 @@ def fuse_projections(model) -> int:
     grouped_projections; returns how many groups. Runs before or after PEFT adds its LoRA layers.
 
     Needs plain frozen weights: nn.Linear, or the fast layout's bf16 copy of 4-bit ones
-    (finetune.model.loading.DequantizedLinear), without bias. Other groups stay as they are.
+    (finetune.overrides.DequantizedLinear), without bias. Other groups stay as they are. The layers' forwards are
+    re-implemented from transformers' and PEFT's (finetune.overrides.route_forward, attend, lora_input), whose guards
+    run first.
     """
+    overrides.check_lora_layers()
     fused = 0
     for module in model.modules():
         name = type(module).__name__
-        if name in ATTENTION_CLASSES and _stack_weights(module, ATTENTION_PROJECTIONS):
-            module.forward = types.MethodType(_attention_forward, module)
-            fused += 1
-        elif name in MLP_CLASSES and _stack_weights(module, MLP_PROJECTIONS):
-            module.forward = types.MethodType(_mlp_forward, module)
-            fused += 1
+        if name in ATTENTION_CLASSES:
+            overrides.check_reproduced_forward(module)
+            if _stack_weights(module, ATTENTION_PROJECTIONS):
+                overrides.route_forward(module, _attention_forward)
+                fused += 1
+        elif name in MLP_CLASSES:
+            overrides.check_reproduced_forward(module)
+            if _stack_weights(module, MLP_PROJECTIONS):
+                overrides.route_forward(module, _mlp_forward)
+                fused += 1
     return fused
 
 
@@ -57,8 +62,6 @@ def _frozen(layer):
 
 def _stack_weights(parent, names: tuple[str, ...]) -> bool:
     """Stack the group's weights into one parameter of `parent`, the layers' weights becoming views of it."""
-    from finetune.model.loading import DequantizedLinear
-
     bases = [_frozen(getattr(parent, name, None)) for name in names]
     kinds = {type(base) for base in bases}
     if len(kinds) != 1 or not kinds <= {torch.nn.Linear, DequantizedLinear}:
@@ -76,8 +79,7 @@ def _stack_weights(parent, names: tuple[str, ...]) -> bool:
     for base in bases:
         # Each layer keeps its weight as a plain view: the stacked weight is the one parameter, counted, frozen by
         # PEFT and moved once. A merge into a layer's weight (PEFT's merge_and_unload) writes into it.
-        del base._parameters["weight"]
-        base.weight = stacked.data[offset : offset + base.out_features]
+        overrides.weight_as_view(base, stacked.data[offset : offset + base.out_features])
         offset += base.out_features
     return True
 
@@ -122,8 +124,6 @@ def _dropout_rate(dropout) -> float:
 
 def grouped_projections(parent, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each of `parent`'s layers `names` applied to x, as PEFT's (or the plain layer's) forward computes it."""
-    from finetune.model.loading import DequantizedLinear
-
     layers = [getattr(parent, name) for name in names]
     updates = [_lora_update(layer) for layer in layers]
     stacked = getattr(parent, FUSED_WEIGHT[names])
@@ -139,7 +139,7 @@ def grouped_projections(parent, names: tuple[str, ...], x: torch.Tensor) -> tupl
     if not lora:
         return base.split(sizes, dim=-1)
     first = lora[0]
-    lora_x = first.layer._cast_input_dtype(x, first.weight_a.dtype)
+    lora_x = overrides.lora_input(first.layer, x, first.weight_a.dtype)
     if _dropout_rate(first.dropout) > 0:
         # One mask per projection, as PEFT's separate dropout modules draw them.
         count = len(lora)
@@ -169,37 +169,13 @@ def _block_diagonal(updates, sizes: list[int], like: torch.Tensor) -> torch.Tens
 
 
 def _mlp_forward(self, x):
+    """The MLP of Mistral and Llama, with gate and up from grouped_projections (the rest: finetune.overrides)."""
     gate, up = grouped_projections(self, MLP_PROJECTIONS, x)
-    return self.down_proj(self.act_fn(gate) * up)
+    return overrides.project_down(self, gate, up)
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
-    """The attention of Mistral and Llama (transformers 5), with q, k and v from grouped_projections."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    model_code = sys.modules[type(self).__module__]
+    """The attention of Mistral and Llama, with q, k and v from grouped_projections (the rest: finetune.overrides)."""
+    projections = grouped_projections(self, ATTENTION_PROJECTIONS, hidden_states)
     tokens = hidden_states.shape[:-1]
-    query, key, value = (
-        states.view(*tokens, -1, self.head_dim).transpose(1, 2)
-        for states in grouped_projections(self, ATTENTION_PROJECTIONS, hidden_states)
-    )
-    cos, sin = position_embeddings
-    query, key = model_code.apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, model_code.eager_attention_forward
-    )
-    if ATTENTION_CLASSES[type(self).__name__]:
-        kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
-    output, weights = attend(
-        self,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=self.attention_dropout if self.training else 0.0,
-        scaling=self.scaling,
-        **kwargs,
-    )
-    return self.o_proj(output.reshape(*tokens, -1).contiguous()), weights
+    return overrides.attend(self, tokens, projections, position_embeddings, attention_mask, past_key_values, **kwargs)

@@ -15,12 +15,12 @@ and loss normalisation of that run and changes only the layout:
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
   copy when that copy takes at most a quarter of the GPU, q/k/v and gate/up as one matrix product each over that
-  copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before up
-  to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
+  copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before
+  up to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
   bought is in benchmarks/results/ (throughput.md, and the profiles of the eager, compiled and fast steps);
 - the next batches collated in LOADER_WORKERS processes, unless the trainer settings choose;
-- on several GPUs, each SFT step's examples split among them by token count (finetune.layout.balance), so that no GPU waits
-  for one with longer examples: the same examples per step, only which GPU takes which changes.
+- on several GPUs, each SFT step's examples split among them by token count (finetune.layout.balance), so that no GPU
+  waits for one with longer examples: the same examples per step, only which GPU takes which changes.
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
@@ -168,8 +168,8 @@ class SpeedPlan:
     reason: str
     compiled: bool = False  # decoder layers run through torch.compile (see compile_decoder_layers)
     attention: str = "sdpa"  # the attention implementation the layout sets
-    base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (see dequantize_base)
-    optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (see unblock_bnb_optimizers)
+    base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (overrides.dequantize_base)
+    optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (overrides.unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
@@ -356,8 +356,8 @@ def plan(
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
             projections=FUSED_PROJECTIONS if not sharded and (dequantized or not quantized) else "separate",
             batches_from=batches_from,
-            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see finetune.layout.balance). A
-            # sampler the trainer settings name (train_sampling_strategy) is theirs to choose.
+            # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see finetune.layout.balance).
+            # A sampler the trainer settings name (train_sampling_strategy) is theirs to choose.
             shares=BALANCED_SHARES
             if stage == "sft" and world > 1 and "train_sampling_strategy" not in written
             else "in sampler order",
@@ -401,32 +401,21 @@ def checkpoint_as_needed(
 
 
 def recompute_compiled(layer) -> None:
-    """Checkpoint a compiled decoder layer around its compiled forward instead of inside it.
+    """Checkpoint a compiled decoder layer around its compiled forward instead of inside it (inductor could not
+    partition a checkpoint inside the compiled layer; see finetune.overrides.checkpoint_around_compiled)."""
+    from finetune.overrides import checkpoint_around_compiled
 
-    Compiled whole, a checkpointed layer puts torch's checkpoint into the graph, and on the H100 (torch 2.11, flex
-    attention, LoRA) inductor failed to partition it ("Node ... was invalid, but is output"), so every checkpointed
-    layer ran eagerly: 32 examples per step ran at 7,405 tokens/s against 10,125 at 8. Here the checkpoint stays
-    eager (hidden from the compiler) and calls the layer's forward compiled on its own, the graph the layer runs
-    without checkpointing; the layer's own checkpoint function (with its settings) still decides what is kept.
-    """
-    checkpoint = layer._gradient_checkpointing_func
-    if getattr(checkpoint, "recomputes_compiled", False):
-        return
-    import torch
-
-    @torch.compiler.disable
-    def checkpoint_compiled_forward(forward, *args):  # forward: functools.partial(Layer.forward, layer, **kwargs)
-        return checkpoint(functools.partial(_compiled(forward.func), *forward.args, **forward.keywords), *args)
-
-    checkpoint_compiled_forward.recomputes_compiled = True
-    layer._gradient_checkpointing_func = checkpoint_compiled_forward
+    checkpoint_around_compiled(layer, _compiled)
 
 
 def torch_compiled_forward(forward):
-    """torch.compile of a layer class's forward: one function, shared by all the class's layers."""
+    """torch.compile of a layer class's forward: one function, shared by all the class's layers, each call under the
+    compiled layers' dynamo settings (finetune.overrides.compiler_settings)."""
     import torch
 
-    return torch.compile(forward)
+    from finetune.overrides import in_compiler_settings
+
+    return in_compiler_settings(torch.compile(forward))
 
 
 _compiled = functools.cache(torch_compiled_forward)
@@ -483,7 +472,7 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
-            from finetune.model.loading import dequantize_base
+            from finetune.overrides import dequantize_base
 
             dequantize_base(model)
         if chosen.attention != "sdpa":
@@ -495,6 +484,8 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
         if chosen.compiled:
             compile_decoder_layers(model)
         if chosen.optimizer_waits == "none per tensor":
+            from finetune.overrides import unblock_bnb_optimizers
+
             unblock_bnb_optimizers()
         if chosen.padding_free:
             pack_padded_batches(model.base_model)
@@ -521,8 +512,14 @@ def pack_padded_batches(backbone) -> None:
     document_block_mask instead of transformers' compiled create_block_mask: on an H100 that compile stalled in
     ptxas for over 5 minutes on the first row of about 11,000 tokens (32 examples per step).
     """
-    padded_forward = backbone.forward
+    from finetune.overrides import wrap_forward
+
     window = _uniform_sliding_window(backbone.config)
+    wrap_forward(backbone, lambda padded_forward: _packing_forward(backbone, padded_forward, window))
+
+
+def _packing_forward(backbone, padded_forward, window):
+    """pack_padded_batches' forward around the backbone's own (`padded_forward`)."""
 
     def forward(input_ids=None, attention_mask=None, **kwargs):
         if kwargs.get("use_cache") is None:  # the config's default decides, as in the model's own forward
@@ -541,7 +538,7 @@ def pack_padded_batches(backbone) -> None:
             attention_mask = _block_mask_for(backbone, window, kwargs)
         return padded_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    backbone.forward = forward
+    return forward
 
 
 _NO_MASK_OF_OURS = object()  # the model's attention or layer types need transformers' own mask
@@ -559,7 +556,9 @@ def _uniform_sliding_window(config):
 
 def _block_mask_for(backbone, window, kwargs):
     """document_block_mask for the row's position ids under flex attention; None (transformers builds it) otherwise."""
-    if window is _NO_MASK_OF_OURS or backbone.config._attn_implementation != "flex_attention":
+    from finetune.overrides import attention_implementation
+
+    if window is _NO_MASK_OF_OURS or attention_implementation(backbone.config) != "flex_attention":
         return None
     return document_block_mask(kwargs["position_ids"], window)
 
@@ -645,24 +644,6 @@ def _packable(input_ids, attention_mask, kwargs) -> bool:
     return has_padding and not left_padded
 
 
-def unblock_bnb_optimizers() -> None:
-    """Let bitsandbytes' optimizers (paged_adamw_8bit, ...) queue their per-tensor updates instead of waiting on each.
-
-    bitsandbytes 0.50 synchronizes the device after every tensor's update (Optimizer8bit.step calls sync_gpu per
-    parameter). LoRA on the seven projections of a 32-layer model has 448 tensors, so each optimizer step waited 448
-    times for the GPU, which then idled while Python issued the next update. The updates go to one CUDA stream, which
-    runs them in order anyway, and nothing on the CPU reads the optimizer states in between (saving a checkpoint
-    copies them in stream order), so no value changes; the step's Python now overlaps the end of the backward pass.
-    """
-    import bitsandbytes.optim.optimizer as bnb_optimizer
-
-    bnb_optimizer.sync_gpu = _no_wait
-
-
-def _no_wait(tensor) -> None:
-    return None
-
-
 def compile_decoder_layers(model) -> int:
     """Compile each decoder layer in place with torch.compile; returns how many.
 
@@ -674,17 +655,13 @@ def compile_decoder_layers(model) -> int:
     batches of new lengths reuse it through dynamic shapes. Compiling in place keeps the modules, hooks and the
     per-layer checkpointing flags where PEFT and the Trainer expect them.
     """
-    import torch
+    from finetune.overrides import compile_in_place
 
     layers = decoder_layers(model)
-    # Training and evaluation mode, with and without checkpointing, static then dynamic shapes: a handful of graphs
-    # for the one code object all layers share; the default limit of 8 would silently send later ones to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # A layer that fails to compile (an architecture or op the compiler cannot handle) runs eagerly, with the
-    # compiler's warning in the log, instead of ending a training run: compiling is a speed-up, never a requirement.
-    torch._dynamo.config.suppress_errors = True
     for layer in layers:
-        layer.compile()
+        # Each compiled layer's calls run under its dynamo settings (a raised recompile limit; a layer that fails to
+        # compile runs eagerly), restored after each call: finetune.overrides.compiler_settings.
+        compile_in_place(layer)
     return len(layers)
 
 

@@ -134,43 +134,6 @@ def load_model(
     return model
 
 
-class DequantizedLinear(torch.nn.Linear):
-    """A frozen linear layer holding a 4-bit layer's dequantized weights, with bitsandbytes' dtype contract: the
-    product is taken in the weights' dtype and returned in the input's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
-def dequantize_base(model) -> int:
-    """Replace each bitsandbytes 4-bit linear layer by a bf16 layer holding its dequantized weights; returns how many.
-
-    bitsandbytes dequantizes a 4-bit weight to the compute dtype on every forward and backward call and multiplies
-    with that; this does it once. The products are the same (the NF4 weights' bf16 values, the same matmul), so
-    training is still QLoRA's, at the memory of a bf16 copy: planned only when that copy takes at most
-    finetune.layout.speed.DEQUANTIZED_SHARE of the GPU. What it saves is two dequantize kernels and their Python per layer
-    call, and it leaves no custom op inside the compiled layers.
-    """
-    import bitsandbytes as bnb
-
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            dtype = child.compute_dtype or torch.bfloat16
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-            layer = DequantizedLinear(
-                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
-            )
-            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if child.bias is not None:
-                layer.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-            setattr(parent, name, layer)
-            replaced += 1
-    return replaced
-
-
 def decoder_layers(model) -> list:
     """The model's decoder layers: the units that checkpointing, compilation and FSDP work on."""
     from transformers.modeling_layers import GradientCheckpointingLayer

@@ -14,7 +14,6 @@ The scoring itself (rubric, parsing, PairRM, reward models, reference metrics, p
 from __future__ import annotations
 
 import gc
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from finetune.config import GenerationConfig, ModelConfig, RankerConfig
 from finetune.data.formats import InvalidRow, from_ultrafeedback
 from finetune.data.rows import GENERATED_PAIRS, write_jsonl
 from finetune.errors import ConfigError
+from finetune.files import write_json
 from finetune.preferences.ranking import (
     build_pair,
     judge_scores,
@@ -388,4 +388,4 @@ def write_pairs(folder: str | Path, pairs: list[dict], records: list[dict], metr
     folder = Path(folder)
     write_jsonl(folder / GENERATED_PAIRS, pairs, drop=())
     write_jsonl(folder / CANDIDATES_FILE, records, drop=())
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / METRICS_FILE, metrics)

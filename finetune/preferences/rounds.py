@@ -20,11 +20,12 @@ from finetune.errors import ConfigError, DataError
 from finetune.evaluation.comparison import answer_lengths
 from finetune.evaluation.metrics import METRICS, mean_scores, paired_bootstrap, score_rows
 from finetune.evaluation.report import rounded
+from finetune.files import atomic_path
 from finetune.preferences.pairs import METRICS_FILE, generate_pairs, select_prompts, write_pairs
 
 EVAL_FILE = "eval.jsonl"  # inside paths.round_data/NAME: the round model's held-out answers and scores
 REPORT_FILE = "plots/rounds.csv"  # inside paths.reports
-SFT_ANSWERS = "sft.jsonl"  # inside paths.generations: stage generate_sft's answers, the comparison's baseline
+SFT_ANSWERS = "sft.jsonl"  # inside paths.generations: stage generate@sft's answers, the comparison's baseline
 # Columns of the report, in order; round 0 (the SFT model) has no pair statistics.
 PAIR_COLUMNS = ("pairs", "tie_rate", "mean_score", "mean_gap", "mean_response_words", "unparseable_rate")
 REPORT_COLUMNS = ("round", "name", *PAIR_COLUMNS, *METRICS, "mean_words",
@@ -78,8 +79,9 @@ def train_round(cfg: Config, name: str) -> None:
     """DPO of M_t on the round's pairs into M_t+1, with the dpo stage's functions; resumable like dpo."""
     from trl import DPOConfig
 
-    from finetune.training.dpo import build_dpo_trainer, file_sha256, load_pairs, train_and_save
-    from finetune.training.runs import checkpoint_to_resume, trainer_args
+    from finetune.training.dpo import build_dpo_trainer, load_pairs, train_and_save
+    from finetune.training.resume import checkpoint_to_resume, restore_curves, run_fingerprint
+    from finetune.training.runs import trainer_args
 
     _, settings = round_settings(cfg, name)
     pairs_path = Path(cfg.paths.round_data) / name / GENERATED_PAIRS
@@ -87,16 +89,17 @@ def train_round(cfg: Config, name: str) -> None:
     output_dir = str(Path(cfg.paths.checkpoints) / "rounds" / name)
     args = trainer_args(DPOConfig, "self_rewarding", cfg.self_rewarding.trainer, output_dir)
     reference = reference_adapter(cfg, settings)
-    resume = {
+    run_settings = {
         "model": asdict(cfg.model),
         "trainer": cfg.self_rewarding.trainer,
         "start": settings.start,
         "reference": reference,
         "max_prompt_length": cfg.dpo.max_prompt_length,
-        "pairs_sha256": file_sha256(pairs_path),
     }
-    resume_from = checkpoint_to_resume(output_dir, resume)
+    inputs = [pairs_path, settings.start, reference, cfg.model.name_or_path]
+    resume_from = checkpoint_to_resume(output_dir, run_fingerprint(run_settings, inputs, "self_rewarding_dpo"))
     metrics_dir = str(Path(cfg.paths.round_metrics) / name)
+    restore_curves(resume_from, metrics_dir)
     trainer = build_dpo_trainer(
         cfg.model, settings.start, train, cfg.dpo.max_prompt_length, args, metrics_dir,
         resume=resume_from is not None, reference_adapter=reference,
@@ -105,23 +108,23 @@ def train_round(cfg: Config, name: str) -> None:
 
 
 def held_out_prompts(cfg: Config) -> list[dict[str, Any]]:
-    """The first self_rewarding.eval_prompts held-out test prompts, in the order generate_sft answered them."""
+    """The first self_rewarding.eval_prompts held-out test prompts, in the order generate@sft answered them."""
     rows = evaluation_prompts(cfg.paths.prepared, cfg.paths.probe_prompts)
     prompts = [row for row in rows if row["source"] == "test"]
     return prompts[: cfg.self_rewarding.eval_prompts]
 
 
 def sft_answers(cfg: Config, prompts: list[dict[str, Any]], texts: list[str]) -> list[dict[str, Any]]:
-    """generate_sft's answers to the same prompts, checked to be the same rendered prompts."""
+    """generate@sft's answers to the same prompts, checked to be the same rendered prompts."""
     path = Path(cfg.paths.generations) / SFT_ANSWERS
     if not path.is_file():
-        raise DataError(f"{path}: not found; run `dvc repro generate_sft` first")
+        raise DataError(f"{path}: not found; run `dvc repro generate@sft` first")
     by_id = {row["id"]: row for row in read_jsonl(path)}
     answers = []
     for prompt, text in zip(prompts, texts):
         row = by_id.get(prompt["id"])
         if row is None or row["prompt_text"] != text:
-            raise DataError(f"{path}: not the answers to the current held-out prompts; run `dvc repro generate_sft`")
+            raise DataError(f"{path}: not the answers to the current held-out prompts; run `dvc repro generate@sft`")
         answers.append(row)
     return answers
 
@@ -220,8 +223,7 @@ def write_report(cfg: Config) -> list[dict[str, Any]]:
     summaries = [_read_json(Path(cfg.paths.round_metrics) / f"{name}.json") for name in cfg.self_rewarding.rounds]
     rows = [rounded(row) for row in report_rows(summaries)]
     path = Path(cfg.paths.reports) / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as out:
+    with atomic_path(path) as partial, partial.open("w", encoding="utf-8", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows({column: row.get(column) for column in REPORT_COLUMNS} for row in rows)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import sys
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Config, load_config
+from finetune.config import Config, build_section, load_config
 from finetune.errors import ConfigError, ProjectError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +112,23 @@ def compose_params(recipe: str | None = None, overrides: tuple[str, ...] = (), c
         cfg = compose(config_name=CONFIG_NAME, overrides=choice + list(overrides))
     OmegaConf.resolve(cfg)
     return OmegaConf.to_container(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_json(recipe: str | None) -> str:
+    return json.dumps(compose_params(recipe))
+
+
+def default_section(key: str, recipe: str | None = None, **overrides: Any) -> Any:
+    """The config section at dotted `key` (e.g. "evaluate.bertscore") with the values conf/ composes for `recipe`
+    (None: the default recipe, which is conf/config.yaml's values), `overrides` on top, validated as params.yaml is.
+
+    For tests and benchmarks that need one section: conf/ stays the one home of the values they do not set.
+    """
+    values = json.loads(_composed_json(recipe))
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else None  # None: build_section names the bad key
+    return build_section(key, {**(values or {}), **overrides})
 
 
 def write_params(output: Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> None:

@@ -7,7 +7,6 @@ self-rewarding rounds train with the same functions.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +19,8 @@ from finetune.layout.speed import SpeedPlan, layout, speed_record
 from finetune.model.loading import load_model, load_tokenizer
 from finetune.training.launch import is_main_process, shards_weights
 from finetune.training.records import write_layout
+from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
 from finetune.training.runs import (
-    checkpoint_to_resume,
-    finish_run,
     live_callbacks,
     save_adapter,
     trainer_args,
@@ -95,13 +93,14 @@ def build_dpo_trainer(
     speed: SpeedPlan | None = None,
     install=None,
     sharded: bool = False,
+    callbacks=(),
 ):
     """DPOTrainer over the adapter at `start_adapter` (trainable), with no separate reference model.
 
     Given a PeftModel and ref_model=None, TRL 1.16 freezes a copy of the loaded adapter as the "ref" adapter, so
     the reference is the starting model. (A fresh peft_config would instead make the adapter-free base the
     reference.) With `reference_adapter`, that adapter's weights replace the copy: the reference is that model.
-    `sharded`: the trainer runs FSDP (finetune.training.launch.shards_weights).
+    `sharded`: the trainer runs FSDP (finetune.training.launch.shards_weights). `callbacks`: more Trainer callbacks.
     """
     from peft import PeftModel
     from trl import DPOTrainer
@@ -127,14 +126,14 @@ def build_dpo_trainer(
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        callbacks=live_callbacks(metrics_dir, resume=resume, params=speed_record(speed)),
+        callbacks=[*live_callbacks(metrics_dir, resume=resume, params=speed_record(speed)), *callbacks],
     )
     if other_reference:
         use_reference_adapter(trainer.model, reference_adapter)
     return trainer
 
 
-def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
+def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None, callbacks=()):
     """The dpo stage's trainer: the SFT adapter on the dataset's pairs or the generated ones (dpo.source)."""
     if cfg.dpo.source == "generated":  # checked before any model is loaded
         train = load_generated_pairs(cfg.paths.preference_data)
@@ -151,6 +150,7 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         speed=speed,
         install=install,
         sharded=shards_weights(cfg.distributed),
+        callbacks=callbacks,
     )
 
 
@@ -161,29 +161,28 @@ def train_and_save(trainer, resume_from: str | None, adapter_dir: str, output_di
     finish_run(output_dir)
 
 
-def resume_settings(cfg: Config) -> dict:
-    """What an interrupted run must share with this one to be resumed; for generated pairs, their content too."""
-    settings = {"model": asdict(cfg.model), "dpo": asdict(cfg.dpo)}
-    pairs = Path(cfg.paths.preference_data) / GENERATED_PAIRS
-    if cfg.dpo.source == "generated" and pairs.is_file():
-        settings["pairs_sha256"] = file_sha256(pairs)
-    return settings
+def dpo_fingerprint(cfg: Config) -> dict:
+    """What an interrupted dpo run must share with this one to be resumed."""
+    settings = {name: asdict(getattr(cfg, name)) for name in ("model", "lora", "dpo", "distributed")}
+    if cfg.dpo.source == "generated":
+        pairs = Path(cfg.paths.preference_data) / GENERATED_PAIRS
+    else:
+        pairs = Path(cfg.paths.prepared) / PREFERENCES_TRAIN
+    return run_fingerprint(settings, [pairs, cfg.paths.sft_adapter, cfg.model.name_or_path], "dpo")
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def train_dpo(cfg: Config) -> None:
-    """Train from the SFT adapter (resuming an interrupted run of the same settings) and save to paths.dpo_adapter."""
+def train_dpo(cfg: Config, callbacks=()) -> None:
+    """Train from the SFT adapter (resuming an interrupted run of this fingerprint) and save to paths.dpo_adapter.
+    `callbacks`: more Trainer callbacks, after the stage's own (finetune.training.ray_engine reports checkpoints)."""
     from trl import DPOConfig
 
     output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
+    resume_from = checkpoint_to_resume(output_dir, dpo_fingerprint(cfg))
     sharded = shards_weights(cfg.distributed)
     trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded)
     args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
     if is_main_process():
+        restore_curves(resume_from, cfg.paths.dpo_metrics)
         write_layout(speed, cfg.paths.dpo_metrics)
-    resume_from = checkpoint_to_resume(output_dir, resume_settings(cfg))
-    trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
+    trainer = build_trainer(cfg, args, resume_from is not None, speed, install, callbacks)
     train_and_save(trainer, resume_from, cfg.paths.dpo_adapter, output_dir)

@@ -4,6 +4,9 @@
 of itself through accelerate and exits with their status. Inside them, RANK/WORLD_SIZE are set and only rank 0
 writes metrics, adapters and checkpoints' bookkeeping. `distributed.strategy` picks data parallelism with a whole
 model per GPU (ddp) or with the weights sharded across the GPUs (fsdp: finetune.layout.speed.FSDP_SETTINGS for the Trainer).
+On a machine with GPUs the stage first claims its GPUs (finetune.training.devices), so that runs side by side
+(`dvc queue start -j N`) never share one. With `distributed.engine: ray`, sft and dpo train on a Ray cluster instead
+(finetune.training.ray_engine), where Ray hands out the GPUs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 
 from finetune.config import DistributedConfig
 from finetune.errors import ConfigError
+from finetune.process import die_with_parent
+from finetune.training.devices import claim_gpus, visible_gpus
 
 
 def rank() -> int:
@@ -54,36 +59,58 @@ def launch_command(module: str, args: list[str], settings: DistributedConfig) ->
     ]  # fmt: skip
 
 
-def relaunch(module: str, args: list[str], settings: DistributedConfig) -> int | None:
-    """Run this stage under accelerate when params ask for several processes and we are not inside one yet.
+RAY_STAGES = {"stages.sft": "sft", "stages.dpo": "dpo"}  # what engine ray trains; generation stays on this machine
 
-    Returns the launched run's exit status, or None when the caller should simply go on in this process.
+
+def ray_command(stage: str, params_path: str) -> list[str]:
+    """The command that trains `stage` on a Ray cluster: it drives the run from this machine (ray_engine)."""
+    return [sys.executable, "-m", "finetune.training.ray_engine", stage, params_path]
+
+
+def relaunch(module: str, args: list[str], settings: DistributedConfig) -> int | None:
+    """Run this stage where params say, unless this process is already one of the launched ones.
+
+    With engine ray, sft and dpo re-run as the driver of a Ray Train run (args: the params file). Otherwise, with GPUs,
+    the stage claims distributed.processes GPUs that no other run holds (waiting for them if need be) and re-runs
+    itself on them, under accelerate for several; with a single GPU it goes on here, holding its claim until it exits.
+    Returns the exit status of what ran, or None when the caller should simply go on in this process.
     """
     if local_rank() is not None:
         return None
-    if settings.processes <= 1:
-        import torch
-
-        if torch.cuda.device_count() <= 1:
-            return None
-        # One process, one GPU: with more visible, the Trainer would wrap the model in DataParallel (which TRL
-        # refuses). The libraries have counted the GPUs by now, so the stage re-runs seeing only the first one.
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-        first = visible.split(",")[0].strip() if visible else "0"
-        print(f"{module}: distributed.processes is 1, so one process on GPU {first}", flush=True)
-        command = [sys.executable, "-m", module, *args]
-        return subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": first}, check=False).returncode
+    if settings.engine == "ray" and module in RAY_STAGES:
+        command = ray_command(RAY_STAGES[module], args[-1])
+        print(f"{module}: {settings.processes} Ray Train workers: {' '.join(command)}", flush=True)
+        return subprocess.run(command, check=False, preexec_fn=die_with_parent).returncode
     import torch
 
     gpus = torch.cuda.device_count()
-    if gpus < settings.processes:
+    if settings.processes > 1 and gpus < settings.processes:
         raise ConfigError(
             f"distributed.processes: {settings.processes} processes need {settings.processes} GPUs; "
             f"this machine has {gpus}"
         )
-    command = launch_command(module, args, settings)
-    print(f"{module}: {settings.processes} processes ({settings.strategy}): {' '.join(command)}", flush=True)
-    return subprocess.run(command, check=False).returncode
+    if gpus == 0:
+        return None
+    claim = claim_gpus(settings.processes, visible_gpus(gpus), settings.gpu_claims, f"{module} in {os.getcwd()}")
+    if gpus == 1:
+        return None  # the one GPU this process sees is claimed; the lock file stays open until the process exits
+    # One process, one GPU: with more visible, the Trainer would wrap the model in DataParallel (which TRL refuses).
+    # The libraries have counted the GPUs by now, so the stage re-runs seeing only those it claimed.
+    devices = ",".join(claim.devices)
+    if settings.processes == 1:
+        print(f"{module}: distributed.processes is 1, so one process on GPU {devices}", flush=True)
+        command = [sys.executable, "-m", module, *args]
+    else:
+        command = launch_command(module, args, settings)
+        print(f"{module}: {settings.processes} processes ({settings.strategy}) on GPUs {devices}: {' '.join(command)}",
+              flush=True)  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
+    try:  # the launched processes inherit the locked files: the claim holds as long as any of them runs
+        # preexec_fn: the launched processes end with this one (finetune.process.die_with_parent).
+        run = subprocess.run(command, env=env, pass_fds=claim.descriptors, check=False, preexec_fn=die_with_parent)
+        return run.returncode
+    finally:
+        claim.release()
 
 
 def join_processes() -> None:

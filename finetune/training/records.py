@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from pathlib import Path
+
+from finetune.files import write_json
 
 LAYOUT_FILE = "layout.json"  # inside the stage's metrics folder (paths.sft_metrics, paths.dpo_metrics)
 
@@ -14,8 +14,5 @@ def write_layout(plan, metrics_dir: str) -> Path:
     """The GPU layout the run used (batching, checkpointing, compilation...), which may differ from the recipe's
     trainer settings; written atomically."""
     path = Path(metrics_dir) / LAYOUT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"layout": asdict(plan)}, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_json(path, {"layout": asdict(plan)})
     return path

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,39 @@ def adapt_to_device(trainer_kwargs: dict[str, Any], cuda: bool) -> tuple[dict[st
     return kwargs, notes
 
 
+# Trainer values that TrainingArguments accepts but that fail deep inside training, with the bound they must meet.
+POSITIVE = ("learning_rate", "num_train_epochs", "beta", "logging_steps", "save_steps", "eval_steps")
+AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+NOT_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "max_length")
+
+
+def check_trainer_values(config_cls: type, section: str, trainer_kwargs: dict[str, Any]) -> None:
+    """A one-line ConfigError naming `section.trainer.KEY` and its value for a value of the wrong type or range."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    for key, value in trainer_kwargs.items():
+        hint = hints.get(key)
+        allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+        if value is None and type(None) in allowed:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if allowed & {int, float} and not (allowed & {str}) and not is_number:
+            kind = "a number" if float in allowed else "an integer"
+            raise ConfigError(f"{section}.trainer.{key}: must be {kind}, got {value!r}")
+        if allowed == {int} and is_number and not float(value).is_integer():
+            raise ConfigError(f"{section}.trainer.{key}: must be an integer, got {value!r}")
+        if not is_number:
+            continue
+        if key in POSITIVE and value <= 0:
+            raise ConfigError(f"{section}.trainer.{key}: must be greater than 0, got {value!r}")
+        if key in AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"{section}.trainer.{key}: must be at least 1, got {value!r}")
+        if key in NOT_NEGATIVE and value < 0:
+            raise ConfigError(f"{section}.trainer.{key}: must not be negative, got {value!r}")
+
+
 def build_args(config_cls: type, section: str, trainer_kwargs: dict[str, Any], **owned: Any):
     """`config_cls(**trainer_kwargs, **owned)`; a key it rejects becomes a ConfigError naming `section.trainer.KEY`.
 
@@ -43,6 +74,7 @@ def build_args(config_cls: type, section: str, trainer_kwargs: dict[str, Any], *
     clash = sorted(set(trainer_kwargs) & set(owned))
     if clash:
         raise ConfigError(f"{section}.trainer.{clash[0]}: set by the pipeline, remove it from params.yaml")
+    check_trainer_values(config_cls, section, trainer_kwargs)
     try:
         return config_cls(**trainer_kwargs, **owned)
     except TypeError as error:
@@ -97,52 +129,20 @@ class LogEveryStepToDvcLive(TrainerCallback):
 
 
 class WalkModulesOnce(TrainerCallback):
-    """Spare the Trainer its walks over the whole model at every optimizer step.
-
-    Each step it calls model.train() (recursing through every module), model.zero_grad() (every parameter) and, for
-    its FLOP count, model.num_parameters(). With LoRA on the seven projections of a 32-layer model that is about
-    2,700 modules and 740 parameters: 22 ms per step on a 2-core CPU, while the fast layout's GPU waits. When
-    training begins this lists them once; train() and zero_grad() then set the same flags and clear the same
-    gradients over those lists, and the parameter count is counted once (training adds no modules or parameters).
-    Left as it is where a module's own train() does more than set its flag (transformers' hub kernels).
-    """
+    """Spare the Trainer its walks over the whole model at every optimizer step (finetune.overrides.walk_modules_once:
+    train(), zero_grad() and num_parameters() over lists made when training begins), and undo it when it ends."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        import functools
+        from finetune.overrides import walk_modules_once
 
-        from torch import nn
-        from transformers import PreTrainedModel
-
-        if model is None or getattr(model, "use_kernels", False):
-            return
-        modules = list(model.modules())
-        if any(type(module).train not in (nn.Module.train, PreTrainedModel.train) for module in modules):
-            return
-        parameters = list(model.parameters())
-
-        def train(mode: bool = True):
-            for module in modules:
-                module.__dict__["training"] = mode  # what nn.Module.train sets, without its recursion
-            return model
-
-        def zero_grad(set_to_none: bool = True) -> None:
-            for parameter in parameters:
-                if parameter.grad is None:
-                    continue
-                if set_to_none:
-                    parameter.grad = None
-                else:
-                    parameter.grad.detach_().zero_()
-
-        model.train, model.zero_grad = train, zero_grad
-        if hasattr(model, "num_parameters"):  # transformers' models
-            model.num_parameters = functools.cache(model.num_parameters)
+        if model is not None:
+            walk_modules_once(model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        # Back to the module methods: the lists would otherwise keep every module of the run alive with the model.
+        from finetune.overrides import restore_module_walks
+
         if model is not None:
-            for name in ("train", "zero_grad", "num_parameters"):
-                model.__dict__.pop(name, None)
+            restore_module_walks(model)
 
 
 class LogPeakMemory(TrainerCallback):
@@ -156,7 +156,7 @@ class LogPeakMemory(TrainerCallback):
 
 
 class ReportSharding(TrainerCallback):
-    """Print how FSDP sharded the model once the Trainer has wrapped it (see finetune.training.launch.sharding_summary)."""
+    """Print how FSDP sharded the model once the Trainer has wrapped it (finetune.training.launch.sharding_summary)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from finetune.training.launch import sharding_summary
@@ -269,12 +269,14 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
     `params` (what the stage resolved at run time, e.g. its GPU layout) in metrics_dir/params.yaml; with the NaN
     guard, the profiler when asked for, and WalkModulesOnce, the callbacks every training stage runs.
 
-    A resumed run appends to the curves of the interrupted one instead of starting them over.
+    A resumed run appends to the curves of the interrupted one (finetune.training.resume.restore_curves).
     """
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
+    from finetune.overrides import skip_unconfigured_studio_posts
     from finetune.training.launch import is_main_process
+    from finetune.training.resume import KeepCurvesWithCheckpoints
 
     if not is_main_process():  # one writer: the other GPUs' processes only guard against NaNs
         return [WalkModulesOnce(), StopOnNonFiniteLoss(), *profile_callbacks()]
@@ -285,11 +287,7 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
         live = Live(metrics_dir, dvcyaml=False, save_dvc_exp=False, resume=resume)
     except SCMError as error:  # e.g. a fresh `git init` with no commit yet: DVCLive reads the current revision
         raise ProjectError(f"{metrics_dir}: DVCLive cannot read the git repository ({error}); commit first") from None
-    if "data" in getattr(live, "_studio_events_to_skip", ()):
-        # Studio is not configured, so its "data" event is dropped; but DVCLive 3.49 builds that event's payload at
-        # every log line first, re-parsing metrics_dir/params.yaml and every curve (56 ms per line on a 2-core CPU,
-        # growing with the run; about 30 ms of idle GPU per step in the H100 profile of the fast layout).
-        live.post_data_to_studio = _nothing_to_post
+    skip_unconfigured_studio_posts(live)  # no Studio: DVCLive would build its payload at every log line
     if params:
         live.log_params(params)
     # Ours runs first: transformers' callback logs at live.step, then advances it.
@@ -300,55 +298,10 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
         LogThroughput(),
         LogEveryStepToDvcLive(live),
         DVCLiveCallback(live=live),
+        KeepCurvesWithCheckpoints(metrics_dir),
         StopOnNonFiniteLoss(),
         *profile_callbacks(),
     ]
-
-
-def _nothing_to_post() -> None:
-    return None
-
-
-RUN_FILE = "run.json"
-
-
-def checkpoint_to_resume(output_dir: str, settings: dict[str, Any]) -> str | None:
-    """The newest complete checkpoint of an interrupted run with the same settings, if any.
-
-    Checkpoints of other settings are removed: without this, `dvc exp run -S lora.r=8` after a killed r=16 run would
-    resume the r=16 run. So are checkpoints cut short by a kill while saving (the Trainer writes trainer_state.json
-    last), which the Trainer would otherwise fail on at every rerun.
-    """
-    from finetune.training.launch import is_main_process, wait_for_everyone
-
-    folder = Path(output_dir)
-    fingerprint = json.dumps(settings, sort_keys=True, default=str)
-    run_file = folder / RUN_FILE
-    if is_main_process():  # the other processes read the folder once it is settled
-        if folder.is_dir() and (not run_file.is_file() or run_file.read_text() != fingerprint):
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(fingerprint)
-    wait_for_everyone()
-    numbered = [path for path in folder.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()]
-    checkpoints = sorted(numbered, key=lambda path: int(path.name.split("-")[-1]))
-    complete = [path for path in checkpoints if (path / "trainer_state.json").is_file()]
-    for path in checkpoints:
-        if path not in complete and is_main_process():
-            shutil.rmtree(path)
-    if not complete:
-        return None
-    print(f"resuming from {complete[-1]}")
-    return str(complete[-1])
-
-
-def finish_run(output_dir: str) -> None:
-    """Drop the checkpoints of a finished run: the next run must start afresh, and the adapter is saved."""
-    from finetune.training.launch import is_main_process, wait_for_everyone
-
-    wait_for_everyone()
-    if is_main_process():
-        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) -> list[dict[str, str]]:
@@ -405,9 +358,7 @@ def save_atomically(save, destination: str) -> None:
     wait_for_everyone()  # every process has finished training
     if not is_main_process():
         return
-    final = Path(destination)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save(str(partial))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    from finetune.files import atomic_path
+
+    with atomic_path(destination) as partial:
+        save(str(partial))

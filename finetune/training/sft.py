@@ -11,10 +11,11 @@ from finetune.layout.speed import BALANCED_SHARES, SpeedPlan, layout, speed_reco
 from finetune.model.loading import build_lora_config, load_model, load_tokenizer
 from finetune.training.launch import is_main_process, shards_weights
 from finetune.training.records import write_layout
-from finetune.training.runs import checkpoint_to_resume, finish_run, live_callbacks, save_adapter, trainer_args
+from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
+from finetune.training.runs import live_callbacks, save_adapter, trainer_args
 
 
-def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None):
+def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None, callbacks=()):
     """SFTTrainer over the base model with a fresh LoRA adapter, on the prepared SFT train split.
 
     `speed` (recorded with the curves; it may split steps across GPUs by tokens) and `install` (applies the plan to
@@ -43,7 +44,7 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg.lora),
-        callbacks=live_callbacks(cfg.paths.sft_metrics, resume=resume, params=speed_record(speed)),
+        callbacks=[*live_callbacks(cfg.paths.sft_metrics, resume=resume, params=speed_record(speed)), *callbacks],
     )
     if max_length is not None:
         args.max_length = max_length
@@ -62,19 +63,26 @@ def truncate_examples(dataset, max_length: int, mode: str):
     return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
 
 
-def train_sft(cfg: Config) -> None:
-    """Train (resuming an interrupted run of the same settings) and save the adapter to paths.sft_adapter."""
+def sft_fingerprint(cfg: Config) -> dict:
+    """What an interrupted sft run must share with this one to be resumed."""
+    settings = {name: asdict(getattr(cfg, name)) for name in ("model", "lora", "sft", "distributed")}
+    return run_fingerprint(settings, [Path(cfg.paths.prepared) / SFT_TRAIN, cfg.model.name_or_path], "sft")
+
+
+def train_sft(cfg: Config, callbacks=()) -> None:
+    """Train (resuming an interrupted run of this fingerprint) and save the adapter to paths.sft_adapter.
+    `callbacks`: more Trainer callbacks, after the stage's own (finetune.training.ray_engine reports checkpoints)."""
     from trl import SFTConfig
 
     output_dir = str(Path(cfg.paths.checkpoints) / "sft")
+    resume_from = checkpoint_to_resume(output_dir, sft_fingerprint(cfg))
     sharded = shards_weights(cfg.distributed)
     trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, sharded=sharded)
     args = trainer_args(SFTConfig, "sft", trainer_kwargs, output_dir)
     if is_main_process():
+        restore_curves(resume_from, cfg.paths.sft_metrics)
         write_layout(speed, cfg.paths.sft_metrics)
-    settings = {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "sft": asdict(cfg.sft)}
-    resume_from = checkpoint_to_resume(output_dir, settings)
-    trainer = build_trainer(cfg, args, resume=resume_from is not None, speed=speed, install=install)
+    trainer = build_trainer(cfg, args, resume_from is not None, speed, install, callbacks)
     trainer.train(resume_from_checkpoint=resume_from)
     save_adapter(trainer, cfg.paths.sft_adapter)
     finish_run(output_dir)

@@ -1,0 +1,297 @@
+"""finetune.overrides: every guard passes on the installed libraries and fails loudly (a RuntimeError naming the
+library's version and the override) once the private attribute or code it relies on is gone; a failing guard changes
+nothing; dynamo's settings hold only while a compiled layer runs. CPU only, no model weights."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+GUARDS = [
+    overrides.check_train_sampler,
+    overrides.check_rebalance_sampler,
+    overrides.check_module_walks,
+    overrides.check_studio_posts,
+    overrides.check_bnb_waits,
+    overrides.check_compiler_settings,
+    overrides.check_module_compile,
+    overrides.check_lora_layers,
+    overrides.check_dequantize,
+    overrides.check_bertscore,
+]
+
+
+def loudly(library: str, override: str) -> str:
+    """The guards' message: `<library> <installed version>: <what> changed; see finetune/overrides.py <override>`."""
+    return rf"^{re.escape(library)} {re.escape(version(library))}: .+ changed; see finetune/overrides\.py {override} "
+
+
+def tiny_causal_lm(architecture: str = "mistral"):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
+        architecture
+    ]
+    config = config_cls(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    return model_cls(config)
+
+
+# --- on the installed libraries ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("check", GUARDS, ids=lambda check: check.__name__)
+def test_each_guard_passes_on_the_installed_libraries(check):
+    check()
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "llama"])
+def test_the_model_guards_pass_on_mistral_and_llama(architecture):
+    model = tiny_causal_lm(architecture)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    layer = model.model.layers[0]
+    overrides.check_backbone_forward(model.model)
+    overrides.check_checkpoint_function(layer)
+    overrides.check_reproduced_forward(layer.self_attn)
+    overrides.check_reproduced_forward(layer.mlp)
+    overrides.check_parameter_registry(layer.self_attn.q_proj)
+
+
+def test_each_override_names_the_version_pinned_in_pyproject():
+    """A pin bump fails here until the overrides of that library are read against the new version."""
+    pins = dict(
+        requirement.split("==")
+        for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
+    assert {library: pins.get(library) for library in overrides.WRITTEN_AGAINST} == overrides.WRITTEN_AGAINST
+
+
+# --- when the library changes underneath -------------------------------------------------------------------------
+
+
+def owner_of(cls: type, attribute: str) -> type:
+    """The class in cls's MRO that defines `attribute` (monkeypatch.delattr removes only what a class defines)."""
+    return next(klass for klass in cls.__mro__ if attribute in vars(klass))
+
+
+def transformers_trainer():
+    from transformers import Trainer
+
+    return Trainer
+
+
+def rebalance_sampler():
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    return BatchRebalanceSampler
+
+
+def dvclive_live():
+    from dvclive.live import Live
+
+    return Live
+
+
+def bnb_optimizer_module():
+    import bitsandbytes.optim.optimizer
+
+    return bitsandbytes.optim.optimizer
+
+
+def lora_layer():
+    from peft.tuners.lora import LoraLayer
+
+    return owner_of(LoraLayer, "_cast_input_dtype")
+
+
+def bnb_functional():
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
+def bert_score_utils():
+    import bert_score.utils
+
+    return bert_score.utils
+
+
+# (what owns the attribute, the attribute, the guard, the library, the override its message names)
+REMOVED = [
+    (
+        transformers_trainer,
+        "_get_train_sampler",
+        overrides.check_train_sampler,
+        "transformers",
+        "replace_train_sampler",
+    ),
+    (rebalance_sampler, "_assign", overrides.check_rebalance_sampler, "transformers", "SharesSampler"),
+    (lambda: torch.nn.Module, "zero_grad", overrides.check_module_walks, "torch", "walk_modules_once"),
+    (dvclive_live, "post_data_to_studio", overrides.check_studio_posts, "dvclive", "skip_unconfigured_studio_posts"),
+    (bnb_optimizer_module, "sync_gpu", overrides.check_bnb_waits, "bitsandbytes", "unblock_bnb_optimizers"),
+    (lambda: torch.nn.Module, "compile", overrides.check_module_compile, "torch", "compile_in_place"),
+    (lora_layer, "_cast_input_dtype", overrides.check_lora_layers, "peft", "lora_input"),
+    (bnb_functional, "dequantize_4bit", overrides.check_dequantize, "bitsandbytes", "dequantize_base"),
+    (bert_score_utils, "greedy_cos_idf", overrides.check_bertscore, "bert-score", "bertscore_pair_f1"),
+]
+
+
+@pytest.mark.parametrize(("owner", "attribute", "check", "library", "override"), REMOVED, ids=[r[1] for r in REMOVED])
+def test_a_guard_fails_loudly_when_what_it_relies_on_is_gone(monkeypatch, owner, attribute, check, library, override):
+    monkeypatch.delattr(owner(), attribute)
+    with pytest.raises(RuntimeError, match=loudly(library, override)):
+        check()
+
+
+def test_the_compiler_settings_guard_fails_when_dynamo_drops_a_setting(monkeypatch):
+    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(recompile_limit=8))
+    with pytest.raises(RuntimeError, match=loudly("torch", "compiler_settings")):
+        overrides.check_compiler_settings()
+    with pytest.raises(RuntimeError, match=loudly("torch", "compiler_settings")):
+        overrides.in_compiler_settings(lambda: None)
+
+
+def test_the_model_guards_fail_on_a_changed_model(monkeypatch):
+    from transformers.models.mistral import modeling_mistral
+
+    model = tiny_causal_lm()
+    layer = model.model.layers[0]
+    with pytest.raises(RuntimeError, match=loudly("transformers", "checkpoint_around_compiled")):
+        overrides.check_checkpoint_function(layer)  # checkpointing never enabled: no checkpoint function to wrap
+
+    def attention_with_a_new_step(self, hidden_states, position_embeddings, attention_mask, past_key_values=None):
+        return self.o_proj(self.q_norm(hidden_states)), None
+
+    monkeypatch.setattr(modeling_mistral.MistralAttention, "forward", attention_with_a_new_step)
+    with pytest.raises(RuntimeError, match=loudly("transformers", "route_forward")):
+        overrides.route_forward(layer.self_attn, lambda self, *args, **kwargs: None)
+    assert "forward" not in vars(layer.self_attn)  # still the class's forward
+
+    def backbone_without_positions(self, input_ids=None, attention_mask=None, **kwargs):
+        return None
+
+    monkeypatch.setattr(modeling_mistral.MistralModel, "forward", backbone_without_positions)
+    with pytest.raises(RuntimeError, match=loudly("transformers", "wrap_forward")):
+        overrides.wrap_forward(model.model, lambda forward: forward)
+    assert "forward" not in vars(model.model)
+
+    linear = torch.nn.Linear(4, 4)
+    monkeypatch.delitem(linear._parameters, "weight")
+    with pytest.raises(RuntimeError, match=loudly("torch", "weight_as_view")):
+        overrides.weight_as_view(linear, torch.zeros(4, 4))
+
+
+def test_instance_guards_fail_on_objects_without_the_private_state():
+    with pytest.raises(RuntimeError, match=loudly("dvclive", "skip_unconfigured_studio_posts")):
+        overrides.skip_unconfigured_studio_posts(types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match=loudly("bert-score", "bertscore_pair_f1")):
+        overrides.set_bertscore_dtype(types.SimpleNamespace(), torch.float16)
+
+
+def test_a_failing_guard_changes_nothing(monkeypatch):
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+    from transformers import Trainer
+
+    trainer = types.SimpleNamespace()
+    monkeypatch.delattr(Trainer, "get_train_dataloader")
+    with pytest.raises(RuntimeError, match=loudly("transformers", "replace_train_sampler")):
+        overrides.replace_train_sampler(trainer, lambda train_dataset=None: None)
+    assert vars(trainer) == {}
+
+    waits = bnb_optimizer.sync_gpu
+    monkeypatch.setattr(bnb_optimizer.Optimizer8bit, "step", lambda self, closure=None: None)
+    with pytest.raises(RuntimeError, match=loudly("bitsandbytes", "unblock_bnb_optimizers")):
+        overrides.unblock_bnb_optimizers()
+    assert bnb_optimizer.sync_gpu is waits
+
+    model = tiny_causal_lm()
+    monkeypatch.setattr(torch.nn.Module, "zero_grad", lambda self: None)  # no set_to_none any more
+    with pytest.raises(RuntimeError, match=loudly("torch", "walk_modules_once")):
+        overrides.walk_modules_once(model)
+    assert not {"train", "zero_grad", "num_parameters"} & set(vars(model))
+
+
+# --- what the overrides do --------------------------------------------------------------------------------------
+
+
+def test_dynamo_settings_hold_only_while_a_compiled_layer_runs():
+    config = torch._dynamo.config
+    before = (config.suppress_errors, config.recompile_limit)
+    seen = []
+
+    def compiled():
+        seen.append((config.suppress_errors, config.recompile_limit))
+        raise ValueError("a failing step")
+
+    with pytest.raises(ValueError, match="a failing step"):
+        overrides.in_compiler_settings(compiled)()
+    assert seen == [(overrides.SUPPRESS_COMPILE_ERRORS, max(before[1], overrides.RECOMPILE_LIMIT))]
+    assert (config.suppress_errors, config.recompile_limit) == before
+
+
+def test_compiling_the_decoder_layers_leaves_the_process_settings_alone(monkeypatch):
+    """compile_decoder_layers compiles lazily: the settings change at each compiled call, never for the process."""
+    from finetune.layout.speed import compile_decoder_layers
+
+    config = torch._dynamo.config
+    before = (config.suppress_errors, config.recompile_limit)
+    model = tiny_causal_lm()
+    seen = []
+
+    def compile(self):  # nn.Module.compile, without compiling: the compiled call records the settings it runs under
+        self._compiled_call_impl = lambda *args, **kwargs: seen.append(config.suppress_errors)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    assert compile_decoder_layers(model) == 1
+    assert (config.suppress_errors, config.recompile_limit) == before
+    model.model.layers[0](torch.zeros(1, 2, 16))
+    assert seen == [overrides.SUPPRESS_COMPILE_ERRORS]
+    assert (config.suppress_errors, config.recompile_limit) == before
+
+
+def test_studio_posts_are_skipped_only_where_dvclive_drops_them():
+    def post():
+        return "posted"
+
+    unconfigured = types.SimpleNamespace(_studio_events_to_skip={"start", "data", "done"}, post_data_to_studio=post)
+    configured = types.SimpleNamespace(_studio_events_to_skip=set(), post_data_to_studio=post)
+    assert overrides.skip_unconfigured_studio_posts(unconfigured) is True
+    assert unconfigured.post_data_to_studio() is None
+    assert overrides.skip_unconfigured_studio_posts(configured) is False
+    assert configured.post_data_to_studio() == "posted"
+
+
+def test_a_real_dvclive_run_without_studio_skips_its_payloads(tmp_path, monkeypatch):
+    from dvclive import Live
+
+    for name in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN", "DVC_STUDIO_REPO_URL", "STUDIO_REPO_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    live = Live(str(tmp_path / "metrics"), dvcyaml=False, save_dvc_exp=False)
+    assert overrides.skip_unconfigured_studio_posts(live) is True
+    live.log_metric("loss", 1.0)
+    live.next_step()  # sync() posts to Studio: now nothing
+    assert (tmp_path / "metrics" / "plots" / "metrics" / "loss.tsv").is_file()
+
+
+def test_bnb_waits_are_removed_and_restored(monkeypatch):
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+    import bitsandbytes.utils
+
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", bnb_optimizer.sync_gpu)  # restored after the test
+    overrides.unblock_bnb_optimizers()
+    assert bnb_optimizer.sync_gpu(torch.zeros(1)) is None and bnb_optimizer.sync_gpu is not bitsandbytes.utils.sync_gpu
+    overrides.restore_bnb_optimizer_waits()
+    assert bnb_optimizer.sync_gpu is bitsandbytes.utils.sync_gpu
