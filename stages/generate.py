@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from finetune.config import load_config
-from finetune.data.rows import PREFERENCES_TEST, evaluation_prompts, read_jsonl, write_jsonl
+from finetune.data.rows import HELD_OUT, evaluation_prompts, read_jsonl, write_jsonl
 from finetune.errors import ConfigError, exit_on_error
 from finetune.evaluation.comparison import VARIANTS
 from finetune.evaluation.generation import completion_logps, generate_answers, load_variant, render_prompt
@@ -37,10 +37,10 @@ def main(variant: str, params_path: str = "params.yaml") -> None:
     model, tokenizer = load_variant(cfg.model, adapter, cfg.evaluate.generation.speed)
     out_dir = Path(cfg.paths.generations)
 
-    prompts = evaluation_prompts(cfg.paths.prepared, cfg.paths.probe_prompts)
+    prompts = evaluation_prompts(cfg.paths.prepared, cfg.paths.probe_prompts, cfg.evaluate.split)
     texts = [render_prompt(tokenizer, row["prompt"]) for row in prompts]
     answers = generate_answers(model, tokenizer, texts, cfg.evaluate.generation)
-    pairs = read_jsonl(Path(cfg.paths.prepared) / PREFERENCES_TEST)
+    pairs = read_jsonl(Path(cfg.paths.prepared) / HELD_OUT[cfg.evaluate.split][1])
     pair_prompts = [truncate_prompt(pair["prompt"], tokenizer, cfg.dpo.max_prompt_length) for pair in pairs]
     batch = cfg.evaluate.generation.batch_size
     chosen = completion_logps(model, tokenizer, pair_prompts, [p["chosen"][-1]["content"] for p in pairs], batch)

@@ -1,7 +1,8 @@
 """prepare: clean, length-filter and split the SFT and preference sources.
 
-Reads params `data` and `paths`; writes paths.prepared/{sft,preferences}_{train,test}.jsonl in TRL's
-conversational formats, and paths.data_metrics (rows read, kept, dropped per reason, categories, lengths).
+Reads params `data` and `paths`; writes paths.prepared/{sft,preferences}_{train,validation,test}.jsonl in TRL's
+conversational formats (validation: data.validation_size of the train rows), and paths.data_metrics (rows read,
+kept, dropped and relabelled per reason, categories, lengths).
 
     dvc repro prepare        # or: python -m stages.prepare
 """
@@ -16,8 +17,10 @@ from finetune.data.formats import PREFERENCE_FORMATS, SFT_FORMATS
 from finetune.data.rows import (
     PREFERENCES_TEST,
     PREFERENCES_TRAIN,
+    PREFERENCES_VALIDATION,
     SFT_TEST,
     SFT_TRAIN,
+    SFT_VALIDATION,
     clean_rows,
     read_rows,
     split_examples,
@@ -34,10 +37,11 @@ def main(params_path: str = "params.yaml") -> None:
     out_dir = Path(cfg.paths.prepared)
     summary = {}
     jobs = (
-        ("sft", cfg.data.sft, SFT_FORMATS, SFT_TRAIN, SFT_TEST),
-        ("preferences", cfg.data.preferences, PREFERENCE_FORMATS, PREFERENCES_TRAIN, PREFERENCES_TEST),
-    )
-    for name, source, formats, train_file, test_file in jobs:
+        ("sft", cfg.data.sft, SFT_FORMATS, SFT_TRAIN, SFT_VALIDATION, SFT_TEST),
+        ("preferences", cfg.data.preferences, PREFERENCE_FORMATS, PREFERENCES_TRAIN, PREFERENCES_VALIDATION,
+         PREFERENCES_TEST),
+    )  # fmt: skip
+    for name, source, formats, train_file, validation_file, test_file in jobs:
         rows = read_rows(source.source, source.split, source.revision)
         cleaned = clean_rows(rows, formats[source.format], cfg.data.max_chars, source.system_prompt)
         if not cleaned.examples:
@@ -47,12 +51,16 @@ def main(params_path: str = "params.yaml") -> None:
                 f"(read {cleaned.rows_read}; dropped: {dropped})"
             )
         train, test = split_examples(cleaned.examples, cfg.data.test_size, cfg.data.seed)
+        validation = []  # the test split stays the same whatever validation_size is
+        if cfg.data.validation_size > 0:
+            train, validation = split_examples(train, cfg.data.validation_size, cfg.data.seed)
         write_jsonl(out_dir / train_file, train)
+        write_jsonl(out_dir / validation_file, validation)
         write_jsonl(out_dir / test_file, test)
-        summary[name] = summarize(cleaned, train, test)
+        summary[name] = summarize(cleaned, train, test, validation)
         print(
-            f"{name}: read {cleaned.rows_read}, kept {len(cleaned.examples)} "
-            f"(train {len(train)}, test {len(test)}), dropped {summary[name]['dropped']}"
+            f"{name}: read {cleaned.rows_read}, kept {len(cleaned.examples)} (train {len(train)}, "
+            f"validation {len(validation)}, test {len(test)}), dropped {summary[name]['dropped']}"
         )
     write_json(cfg.paths.data_metrics, summary)
 

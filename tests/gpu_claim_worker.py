@@ -10,7 +10,6 @@ was held by someone while it ran (its own claim, inherited from the stage).
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -18,18 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 HOLD_SECONDS = 1.5  # how long each child keeps its GPU
 
 
 def stage(gpus: str, claims: str, record: str) -> int:
     import torch
 
-    from finetune.config import load_config
+    from finetune.tools.dry_run import default_section
     from finetune.training.launch import relaunch
 
     torch.cuda.device_count = lambda: int(gpus)
-    settings = dataclasses.replace(load_config(REPO / "params.yaml").distributed, processes=1, gpu_claims=claims)
+    settings = default_section("distributed", processes=1, gpu_claims=claims)  # the rest as conf/ has it
     return relaunch("gpu_claim_worker", ["child", record, claims], settings)
 
 

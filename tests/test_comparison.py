@@ -68,3 +68,23 @@ def test_eval_metrics_are_rounded_so_float_noise_is_not_a_change():
         "x": [0.5],
     }
     assert rounded(0.2148167143708893) == rounded(0.21481671343323122)
+
+
+def test_a_pairwise_outcome_counts_ties_half_and_an_unranked_answer_as_a_loss():
+    from finetune.evaluation.comparison import pairwise_outcome
+
+    assert [pairwise_outcome(0.2, 0.5), pairwise_outcome(0.5, 0.2), pairwise_outcome(0.3, 0.3)] == [1.0, 0.0, 0.5]
+    assert [pairwise_outcome(None, 0.1), pairwise_outcome(0.1, None), pairwise_outcome(None, None)] == [1, 0, 0.5]
+
+
+def test_the_win_rate_is_wins_plus_half_the_ties_with_an_interval_around_it():
+    from finetune.evaluation.comparison import win_rate
+
+    # 6 wins, 2 ties, 2 losses of the second variant: (6 + 2 / 2) / 10 = 0.7
+    first = [0.1] * 6 + [0.5, 0.5] + [0.9, 0.9]
+    second = [0.2] * 6 + [0.5, 0.5] + [0.1, 0.1]
+    result = win_rate(first, second, samples=1000, seed=0)
+    assert result["rate"] == pytest.approx(0.7)
+    assert (result["wins"], result["ties"], result["losses"]) == (6, 2, 2)
+    assert 0.4 <= result["low"] < 0.7 < result["high"] <= 1.0
+    assert win_rate(second, first, samples=1000, seed=0)["rate"] == pytest.approx(0.3)  # the other side of it

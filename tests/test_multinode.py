@@ -3,7 +3,8 @@ by `ray start` with one CPU, so that Ray Train puts one of the two workers on ea
 with the two CPU workers (gloo), and the test checks that
 
 - its per-step losses are a one-process run's (LOSS_TOLERANCE);
-- a run killed (SIGKILL of the driver, as a lost machine would) after its first checkpoint resumes from it when rerun;
+- a run killed after its first checkpoint (SIGKILL of the stage, its Ray driver and both workers, as when the
+  machines are lost) resumes from it when rerun;
 - the adapter is written once, into the stage's output on the driver's side, and loads;
 - no Ray process is left behind.
 

@@ -94,8 +94,10 @@ def test_prepare_writes_splits_and_metrics_identically_on_rerun(project):
     assert [f.name for f in files] == [
         "preferences_test.jsonl",
         "preferences_train.jsonl",
+        "preferences_validation.jsonl",
         "sft_test.jsonl",
         "sft_train.jsonl",
+        "sft_validation.jsonl",
     ]
     first = {f.name: f.read_bytes() for f in files}
     metrics = json.loads(Path("metrics/data.json").read_text())
@@ -107,8 +109,12 @@ def test_prepare_writes_splits_and_metrics_identically_on_rerun(project):
         "duplicate": 1,
         "total": 3,
     }
-    assert (sft["train"], sft["test"]) == (36, 4)
-    assert sft["categories"] == {"closed_qa": {"train": 18, "test": 2}, "open_qa": {"train": 18, "test": 2}}
+    # 10% of the 40 kept rows are the test split; 10% of the other 36, the validation split.
+    assert (sft["train"], sft["validation"], sft["test"]) == (32, 4, 4)
+    assert sft["categories"] == {
+        "closed_qa": {"train": 16, "validation": 2, "test": 2},
+        "open_qa": {"train": 16, "validation": 2, "test": 2},
+    }
     assert sft["relabelled"] == {reason: 0 for reason in RELABEL_REASONS} | {"total": 0}
     assert metrics["preferences"]["kept"] == 30
     record = json.loads((out / "sft_train.jsonl").read_text().splitlines()[0])
@@ -129,7 +135,7 @@ def test_rows_without_a_category_are_kept_as_general_and_counted(project):
     assert sft["kept"] == 40 and sft["dropped"]["total"] == 3
     assert sft["relabelled"] == {"category_missing": 7, "category_wrong_type": 0, "total": 7}
     general = sft["categories"]["general"]
-    assert general["train"] + general["test"] == 7
+    assert general["train"] + general["validation"] + general["test"] == 7
     assert sft["rows_read"] == sft["kept"] + sft["dropped"]["total"]
 
 
@@ -192,3 +198,22 @@ def test_hub_sources_go_through_datasets_load_dataset(monkeypatch):
     rows = read_rows("databricks/databricks-dolly-15k", "train", "bdd27f4d")
     assert calls == [("databricks/databricks-dolly-15k", "train", "bdd27f4d")]
     assert clean_rows(rows, from_dolly, 2500).examples[0]["completion"][0]["content"] == "Hello"
+
+
+def test_the_validation_split_comes_from_the_train_rows_and_leaves_the_test_split_alone(project):
+    import yaml
+
+    def split_ids(name):
+        return {json.loads(line)["id"] for line in (Path("data/prepared") / name).read_text().splitlines()}
+
+    prepare.main()
+    test, train = split_ids("sft_test.jsonl"), split_ids("sft_train.jsonl")
+    validation = split_ids("sft_validation.jsonl")
+    assert validation and not validation & train and not validation & test
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["data"]["validation_size"] = 0
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main()
+    assert split_ids("sft_test.jsonl") == test  # settings are chosen on validation, never on what test holds
+    assert split_ids("sft_train.jsonl") == train | validation
+    assert Path("data/prepared/sft_validation.jsonl").read_text() == ""

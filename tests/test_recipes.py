@@ -72,7 +72,10 @@ def test_dry_run_builds_every_recipe(name):
     summary = dry_run(name)
     assert 0 < summary.trainable_params < summary.total_params
     assert set(summary.trainers) == {"sft", "dpo", "self_rewarding"}
-    if name != "embedded":
+    if name == "smollm2":  # SmolLM2-135M-Instruct, read from the GGUF file's metadata
+        assert summary.architecture_source == "packaged SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert 134e6 < summary.total_params - summary.trainable_params < 135e6  # 134,515,008
+    elif name != "embedded":
         assert summary.architecture_source.startswith("shipped")
         assert 7.2e9 < summary.total_params - summary.trainable_params < 7.3e9  # Mistral-7B: 7,241,732,096
         assert summary.quantization.startswith("4-bit nf4")

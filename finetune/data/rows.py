@@ -36,6 +36,9 @@ DROP_REASONS = (TOO_LONG, *REASONS, DUPLICATE, DUPLICATE_ID)
 # The files prepare writes inside paths.prepared; later stages read them by these names.
 SFT_TRAIN, SFT_TEST = "sft_train.jsonl", "sft_test.jsonl"
 PREFERENCES_TRAIN, PREFERENCES_TEST = "preferences_train.jsonl", "preferences_test.jsonl"
+# Carved from the train rows (data.validation_size): eval loss during training, and where settings are chosen.
+SFT_VALIDATION, PREFERENCES_VALIDATION = "sft_validation.jsonl", "preferences_validation.jsonl"
+HELD_OUT = {"test": (SFT_TEST, PREFERENCES_TEST), "validation": (SFT_VALIDATION, PREFERENCES_VALIDATION)}
 # The file stage preference_data writes inside paths.preference_data, which dpo reads with dpo.source: generated.
 GENERATED_PAIRS = "pairs.jsonl"
 
@@ -192,7 +195,9 @@ def split_examples(examples: list[Example], test_size: float, seed: int) -> tupl
     return train, test
 
 
-def summarize(cleaned: Cleaned, train: list[Example], test: list[Example]) -> dict[str, Any]:
+def summarize(
+    cleaned: Cleaned, train: list[Example], test: list[Example], validation: list[Example]
+) -> dict[str, Any]:
     """Counts and length percentiles for metrics/data.json: every drop and relabel reason and every category is
     listed, even at 0. A relabelled row is kept (in the default category), so it is not in `dropped`."""
     import numpy as np
@@ -207,10 +212,12 @@ def summarize(cleaned: Cleaned, train: list[Example], test: list[Example]) -> di
         "relabelled": {reason: cleaned.relabelled[reason] for reason in RELABEL_REASONS}
         | {"total": sum(cleaned.relabelled.values())},
         "train": len(train),
+        "validation": len(validation),
         "test": len(test),
         "categories": {
             name: {
                 "train": sum(e["category"] == name for e in train),
+                "validation": sum(e["category"] == name for e in validation),
                 "test": sum(e["category"] == name for e in test),
             }
             for name in categories
@@ -256,19 +263,20 @@ def _probe_prompt(row: Any, where: str) -> Example:
     }
 
 
-def evaluation_prompts(prepared_dir: str, probe_path: str) -> list[Example]:
-    """The held-out SFT test split and the fixed probe prompts: {"id", "source", "category", "instruction", "prompt",
-    "reference"}, where instruction is the last user turn, as a person reading the comparison wants it."""
-    test = [
+def evaluation_prompts(prepared_dir: str, probe_path: str, split: str = "test") -> list[Example]:
+    """The held-out SFT `split` (test or validation) and the fixed probe prompts: {"id", "source", "category",
+    "instruction", "prompt", "reference"}, where instruction is the last user turn, as a person reading the
+    comparison wants it."""
+    held_out = [
         {
             "id": row["id"],
-            "source": "test",
+            "source": split,
             "category": row["category"],
             "instruction": row["prompt"][-1]["content"],
             "prompt": row["prompt"],
             "reference": row["completion"][-1]["content"],
         }
-        for row in read_jsonl(Path(prepared_dir) / SFT_TEST)
+        for row in read_jsonl(Path(prepared_dir) / HELD_OUT[split][0])
     ]
     probes = [_probe_prompt(row, f"{probe_path}:{n}") for n, row in enumerate(read_jsonl(probe_path), start=1)]
-    return test + probes
+    return held_out + probes

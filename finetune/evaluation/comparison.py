@@ -77,3 +77,25 @@ def preference_accuracy(
         for p, r in zip(policy, reference, strict=True)
     ]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}
+
+
+def pairwise_outcome(first: float | None, second: float | None) -> float:
+    """1 if the second answer scores higher, 0.5 for a tie, 0 if lower; an unranked (empty) answer loses."""
+    if first is None or second is None:
+        return 0.5 if first is None and second is None else float(first is None)
+    return 0.5 if abs(second - first) <= 1e-9 else float(second > first)
+
+
+def win_rate(first: Sequence[float | None], second: Sequence[float | None], samples: int, seed: int) -> dict:
+    """How often the second variant's answer beats the first's under the ranker (ties count half), with a 95%
+    bootstrap interval over prompts and the counts of wins, ties and losses."""
+    outcomes = [pairwise_outcome(a, b) for a, b in zip(first, second, strict=True)]
+    interval = paired_bootstrap([0.0] * len(outcomes), outcomes, samples, seed)
+    return {
+        "rate": interval["mean"],
+        "low": interval["low"],
+        "high": interval["high"],
+        "wins": outcomes.count(1.0),
+        "ties": outcomes.count(0.5),
+        "losses": outcomes.count(0.0),
+    }

@@ -11,8 +11,6 @@ from tqdm.auto import tqdm
 from finetune.config import GenerationConfig, ModelConfig
 from finetune.model.loading import load_model, load_tokenizer
 
-
-
 # Merged bf16 weights are used when they take at most this share of the GPU, leaving the rest to the KV cache.
 MERGED_WEIGHTS_SHARE = 0.5
 

@@ -8,7 +8,7 @@ from typing import Any
 from finetune.config import Config
 from finetune.data.rows import read_jsonl
 from finetune.errors import DataError
-from finetune.evaluation.comparison import VARIANTS, by_category, compare, preference_accuracy
+from finetune.evaluation.comparison import VARIANTS, by_category, compare, preference_accuracy, win_rate
 from finetune.evaluation.metrics import METRICS, bertscore_description, score_rows
 
 
@@ -71,6 +71,37 @@ def chart_data(result: dict[str, Any]):
     return variants, categories
 
 
+# The pairwise comparisons of the win rates: (first, second), the rate being how often `second` wins.
+MATCHES = {"dpo_vs_sft": ("sft", "dpo"), "sft_vs_base": ("base", "sft")}
+
+
+def win_rates(cfg: Config, answers: dict[str, list[dict]], held_out: list[int]) -> dict[str, Any]:
+    """For each held-out prompt, which variant's answer the ranker of preference_data prefers (what DPO's pairs were
+    made with): the win rate of each match with its 95% interval. A self-judge (judge with no model of its own) is
+    the base model, which none of the variants trained."""
+    from finetune.preferences.pairs import free_memory, load_ranker, rank_candidates
+
+    settings = cfg.preference_data.ranker
+    policy = None
+    if settings.name == "judge" and settings.model is None:
+        from finetune.evaluation.generation import load_variant
+
+        policy = load_variant(cfg.model, None)
+    ranker = load_ranker(settings, cfg.model, policy=policy)
+    rows = [answers["base"][i] for i in held_out]
+    prompts = [[{"role": "user", "content": row["instruction"]}] for row in rows]
+    references = [row["reference"] for row in rows]
+    result: dict[str, Any] = {"ranker": settings.name, "n": len(rows)}
+    for name, (first, second) in MATCHES.items():
+        pairs = [[answers[first][i]["prediction"], answers[second][i]["prediction"]] for i in held_out]
+        ranking = rank_candidates(settings, ranker, prompts, pairs, references, cfg.evaluate.seed)
+        firsts, seconds = zip(*ranking.scores) if ranking.scores else ((), ())
+        result[name] = win_rate(firsts, seconds, cfg.evaluate.bootstrap_samples, cfg.evaluate.seed)
+    del ranker, policy
+    free_memory()
+    return result
+
+
 def evaluate_variants(cfg: Config):
     """(metrics/eval.json's result, the side-by-side table) from the generate stages' files."""
     from trl import DPOConfig
@@ -84,8 +115,9 @@ def evaluate_variants(cfg: Config):
         )
         for variant, rows in answers.items()
     }
-    test = [i for i, row in enumerate(answers["base"]) if row["source"] == "test"]
-    result = compare(subset(scores, test), subset(answers, test), settings.bootstrap_samples, settings.seed)
+    held_out = [i for i, row in enumerate(answers["base"]) if row["source"] == settings.split]
+    result = {"split": settings.split}
+    result |= compare(subset(scores, held_out), subset(answers, held_out), settings.bootstrap_samples, settings.seed)
     result["categories"] = by_category(scores, answers, settings.bootstrap_samples, settings.seed)
     pairs = read_generations(folder, "_preferences")
     beta = cfg.dpo.trainer.get("beta", DPOConfig.beta)
@@ -94,5 +126,6 @@ def evaluate_variants(cfg: Config):
         "sft": preference_accuracy(pairs["sft"], pairs["base"], beta),  # SFT's reference: the base model
         "dpo": preference_accuracy(pairs["dpo"], pairs["sft"], beta),  # DPO's reference: the SFT model
     }
+    result["win_rate"] = win_rates(cfg, answers, held_out)
     result["bertscore_settings"] = bertscore_description(settings.bertscore)
     return rounded(result), side_by_side(answers, scores)

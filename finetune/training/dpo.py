@@ -13,7 +13,7 @@ from pathlib import Path
 
 from finetune.config import Config, ModelConfig
 from finetune.data.formats import InvalidRow, from_ultrafeedback
-from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, load_split, read_jsonl
+from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, PREFERENCES_VALIDATION, load_split, read_jsonl
 from finetune.errors import ConfigError, DataError
 from finetune.layout.speed import SpeedPlan, layout, speed_record
 from finetune.model.loading import load_model, load_tokenizer
@@ -21,6 +21,7 @@ from finetune.training.launch import is_main_process, shards_weights
 from finetune.training.records import write_layout
 from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
 from finetune.training.runs import (
+    eval_split,
     live_callbacks,
     save_adapter,
     trainer_args,
@@ -94,6 +95,7 @@ def build_dpo_trainer(
     install=None,
     sharded: bool = False,
     callbacks=(),
+    validation=None,
 ):
     """DPOTrainer over the adapter at `start_adapter` (trainable), with no separate reference model.
 
@@ -101,6 +103,7 @@ def build_dpo_trainer(
     the reference is the starting model. (A fresh peft_config would instead make the adapter-free base the
     reference.) With `reference_adapter`, that adapter's weights replace the copy: the reference is that model.
     `sharded`: the trainer runs FSDP (finetune.training.launch.shards_weights). `callbacks`: more Trainer callbacks.
+    `validation`: pairs to evaluate on every eval_steps (eval loss, rewards, accuracies), or None.
     """
     from peft import PeftModel
     from trl import DPOTrainer
@@ -112,7 +115,11 @@ def build_dpo_trainer(
     if install is not None:
         install(base)
     model = PeftModel.from_pretrained(base, start_adapter, is_trainable=True)
-    train = train.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, max_prompt_length)})
+    def cut(pairs):
+        return pairs.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, max_prompt_length)})
+
+    train = cut(train)
+    validation = cut(validation) if validation is not None else None
     other_reference = reference_adapter is not None and os.path.normpath(reference_adapter) != os.path.normpath(
         start_adapter
     )
@@ -125,6 +132,7 @@ def build_dpo_trainer(
         ref_model=None,
         args=args,
         train_dataset=train,
+        eval_dataset=validation,
         processing_class=tokenizer,
         callbacks=[*live_callbacks(metrics_dir, resume=resume, params=speed_record(speed)), *callbacks],
     )
@@ -139,6 +147,8 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         train = load_generated_pairs(cfg.paths.preference_data)
     else:
         train = load_split(cfg.paths.prepared, PREFERENCES_TRAIN, columns=("prompt", "chosen", "rejected"))
+    # The validation pairs of the dataset, whatever dpo.source: held out from every training row either way.
+    validation = eval_split(args, "dpo", cfg.paths.prepared, PREFERENCES_VALIDATION, ("prompt", "chosen", "rejected"))
     return build_dpo_trainer(
         cfg.model,
         cfg.paths.sft_adapter,
@@ -151,6 +161,7 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         install=install,
         sharded=shards_weights(cfg.distributed),
         callbacks=callbacks,
+        validation=validation,
     )
 
 

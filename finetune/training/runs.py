@@ -304,6 +304,24 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
     ]
 
 
+def eval_split(args, section: str, prepared_dir: str, name: str, columns: tuple[str, ...]):
+    """The validation split the trainer evaluates on every eval_steps, or None when trainer.eval_strategy is "no"."""
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+        return None
+    from finetune.data.rows import read_jsonl
+
+    path = Path(prepared_dir) / name
+    rows = read_jsonl(path) if path.is_file() else []
+    if not rows:
+        raise ConfigError(
+            f"{section}.trainer.eval_strategy: {path} has no rows to evaluate on; "
+            "raise data.validation_size above 0 or set eval_strategy: 'no'"
+        )
+    from datasets import Dataset
+
+    return Dataset.from_list(rows).select_columns(list(columns))
+
+
 def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) -> list[dict[str, str]]:
     """The prompt cut to `max_tokens` rendered tokens by dropping the start of its last turn.
 

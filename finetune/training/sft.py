@@ -6,13 +6,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune.config import Config
-from finetune.data.rows import SFT_TRAIN, load_split
+from finetune.data.rows import SFT_TRAIN, SFT_VALIDATION, load_split
 from finetune.layout.speed import BALANCED_SHARES, SpeedPlan, layout, speed_record
 from finetune.model.loading import build_lora_config, load_model, load_tokenizer
 from finetune.training.launch import is_main_process, shards_weights
 from finetune.training.records import write_layout
 from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
-from finetune.training.runs import live_callbacks, save_adapter, trainer_args
+from finetune.training.runs import eval_split, live_callbacks, save_adapter, trainer_args
 
 
 def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = None, install=None, callbacks=()):
@@ -32,7 +32,9 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
     )
     if install is not None:
         install(model)
-    train = load_split(cfg.paths.prepared, SFT_TRAIN, columns=("prompt", "completion"))
+    columns = ("prompt", "completion")
+    train = load_split(cfg.paths.prepared, SFT_TRAIN, columns=columns)
+    validation = eval_split(args, "sft", cfg.paths.prepared, SFT_VALIDATION, columns)
     # TRL 1.16 refuses padding_free with max_length unless it packs (its guard predates its own truncation of
     # unpacked data), so the trainer is built without max_length and the examples are cut here the way TRL cuts them.
     max_length = args.max_length if args.padding_free and not args.packing else None
@@ -42,6 +44,7 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
         model=model,
         args=args,
         train_dataset=train,
+        eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg.lora),
         callbacks=[*live_callbacks(cfg.paths.sft_metrics, resume=resume, params=speed_record(speed)), *callbacks],
@@ -49,6 +52,8 @@ def build_trainer(cfg: Config, args, resume: bool, speed: SpeedPlan | None = Non
     if max_length is not None:
         args.max_length = max_length
         trainer.train_dataset = truncate_examples(trainer.train_dataset, max_length, args.truncation_mode)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = truncate_examples(trainer.eval_dataset, max_length, args.truncation_mode)
     if speed is not None and speed.shares == BALANCED_SHARES:
         from finetune.layout.balance import balance_shares
 
