@@ -85,7 +85,7 @@ def write_params(args, work: Path, model_dir: Path):
     """params.yaml with the model, paths, data size and trainer settings of the proof; validated by load_config."""
     from ruamel.yaml import YAML
 
-    from finetune.config import load_config
+    from finetune.core.config import load_config
 
     yaml = YAML(typ="safe", pure=True)
     params = yaml.load((REPO / "params.yaml").read_text(encoding="utf-8"))

@@ -638,6 +638,7 @@ def bertscore_pair_f1(scorer, candidates: list[str], references: list[str], batc
     """
     from bert_score.utils import bert_encode, greedy_cos_idf
     from torch.nn.utils.rnn import pad_sequence
+    from tqdm.auto import tqdm
 
     check_bertscore(scorer)
     tokenizer, model = scorer._tokenizer, scorer._model
@@ -651,7 +652,8 @@ def bertscore_pair_f1(scorer, candidates: list[str], references: list[str], batc
     sentences = sorted(set(candidates) | set(references), key=lambda text: len(text.split(" ")), reverse=True)
     token_ids = _token_ids(tokenizer, sentences)
     encoded: dict[str, tuple] = {}
-    for start in range(0, len(sentences), batch_size):
+    batches = range(0, len(sentences), batch_size)
+    for start in tqdm(batches, desc="bertscore", unit="batch", disable=None):  # the slow part: the model's passes
         ids = [torch.tensor(row) for row in token_ids[start : start + batch_size]]
         lengths = [len(row) for row in ids]
         padded = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id).to(device)

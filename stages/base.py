@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.core.errors import exit_on_error
 from finetune.embedded.files import read_corpus
 from finetune.embedded.tiny_model import build_model, pack_blocks, train_tokenizer
-from finetune.errors import exit_on_error
 from finetune.model.packaged import import_base
 from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
 from finetune.training.runs import live_callbacks, save_atomically, trainer_args

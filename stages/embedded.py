@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.core.errors import exit_on_error
+from finetune.core.files import write_text
 from finetune.embedded.corpus import make_dolly_rows, make_pretraining_text, make_ultrafeedback_rows
 from finetune.embedded.files import DOLLY_FILE, PRETRAIN_FILE, ULTRAFEEDBACK_FILE, write_rows
-from finetune.errors import exit_on_error
-from finetune.files import write_text
 
 
 @exit_on_error

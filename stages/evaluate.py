@@ -18,10 +18,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import load_config
-from finetune.errors import exit_on_error
+from finetune.core.config import load_config
+from finetune.core.errors import exit_on_error
+from finetune.core.files import write_csv, write_json, write_text
+from finetune.core.process import process_cost
 from finetune.evaluation.report import chart_data, evaluate_variants, to_markdown
-from finetune.files import write_csv, write_json, write_text
 
 
 @exit_on_error
@@ -30,7 +31,7 @@ def main(params_path: str = "params.yaml") -> None:
 
     cfg = load_config(params_path)
     result, table = evaluate_variants(cfg)
-    write_json(cfg.paths.eval_metrics, result)
+    write_json(cfg.paths.eval_metrics, result | {"cost": process_cost()})
     reports = Path(cfg.paths.reports)
     write_csv(reports / "side_by_side.csv", table)
     write_text(reports / "side_by_side.md", to_markdown(table))

@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.core.errors import ConfigError, exit_on_error
 from finetune.data.rows import HELD_OUT, evaluation_prompts, read_jsonl, write_jsonl
-from finetune.errors import ConfigError, exit_on_error
 from finetune.evaluation.comparison import VARIANTS
 from finetune.evaluation.generation import completion_logps, generate_answers, load_variant, render_prompt
 from finetune.training.launch import is_main_process, join_processes, relaunch

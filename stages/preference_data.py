@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Config, load_config
+from finetune.core.config import Config, load_config
+from finetune.core.errors import DataError, exit_on_error
+from finetune.core.process import process_cost
 from finetune.data.rows import GENERATED_PAIRS, SFT_TRAIN, read_jsonl
-from finetune.errors import DataError, exit_on_error
 from finetune.preferences.pairs import generate_pairs, select_prompts, write_pairs
 
 
@@ -38,7 +39,7 @@ def make_pairs(cfg: Config) -> dict[str, Any]:
     adapter = cfg.paths.sft_adapter if settings.policy == "sft" else None
     ranker = settings.ranker
     pairs, records, metrics = generate_pairs(cfg.model, adapter, chosen_rows, settings.candidates, gen, ranker)
-    metrics = {"policy": settings.policy, **metrics}
+    metrics = {"policy": settings.policy, **metrics, "cost": process_cost()}
     write_pairs(cfg.paths.preference_data, pairs, records, metrics)
     return metrics
 

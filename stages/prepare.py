@@ -12,7 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.core.errors import DataError, exit_on_error
+from finetune.core.files import write_json
+from finetune.core.process import process_cost
 from finetune.data.formats import PREFERENCE_FORMATS, SFT_FORMATS
 from finetune.data.rows import (
     PREFERENCES_TEST,
@@ -27,8 +30,6 @@ from finetune.data.rows import (
     summarize,
     write_jsonl,
 )
-from finetune.errors import DataError, exit_on_error
-from finetune.files import write_json
 
 
 @exit_on_error
@@ -62,7 +63,7 @@ def main(params_path: str = "params.yaml") -> None:
             f"{name}: read {cleaned.rows_read}, kept {len(cleaned.examples)} (train {len(train)}, "
             f"validation {len(validation)}, test {len(test)}), dropped {summary[name]['dropped']}"
         )
-    write_json(cfg.paths.data_metrics, summary)
+    write_json(cfg.paths.data_metrics, summary | {"cost": process_cost()})
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from finetune.cards.hub import check_push_settings, git_commit, push, write_folder, write_published
-from finetune.config import load_config
-from finetune.errors import exit_on_error
+from finetune.core.config import load_config
+from finetune.core.errors import exit_on_error
 
 
 @exit_on_error

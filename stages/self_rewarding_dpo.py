@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import load_config
-from finetune.errors import exit_on_error
-from finetune.files import write_json
+from finetune.core.config import load_config
+from finetune.core.errors import exit_on_error
+from finetune.core.files import write_json
+from finetune.core.process import process_cost
 from finetune.preferences.rounds import evaluate_round, round_summary, train_round
 
 
@@ -24,7 +25,7 @@ from finetune.preferences.rounds import evaluate_round, round_summary, train_rou
 def main(name: str, params_path: str = "params.yaml") -> None:
     cfg = load_config(params_path)
     train_round(cfg, name)
-    summary = round_summary(cfg, name, evaluate_round(cfg, name))
+    summary = round_summary(cfg, name, evaluate_round(cfg, name)) | {"cost": process_cost()}
     write_json(Path(cfg.paths.round_metrics) / f"{name}.json", summary)
     delta = summary["eval"]["delta_vs_sft"]["f1"]
     print(

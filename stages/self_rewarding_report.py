@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from finetune.config import load_config
-from finetune.errors import exit_on_error
+from finetune.core.config import load_config
+from finetune.core.errors import exit_on_error
 from finetune.preferences.rounds import format_value, write_report
 
 

@@ -108,11 +108,13 @@ def copy_project(root: Path) -> None:
 
 
 def git_dvc_init(root: Path) -> None:
-    """`git init` + `dvc init` in root, with a committer identity for the tests' commits."""
+    """`git init` + `dvc init` in root, with a committer identity for the tests' commits, and the plot templates
+    dvc.yaml's dashboard names (.dvc/plots/), as a clone of the repository has them."""
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
     run(["git", "config", "user.name", "test"], root)
     run([*DVC, "init", "-q"], root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from finetune.config import load_config
+from finetune.core.config import load_config
 from finetune.layout.balance import TokenBalancedSampler, balanced_shares
 from finetune.layout.speed import BALANCED_SHARES, plan
 from finetune.training import sft as sft_training

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from conftest import REPO, tiny_params
 
-from finetune.errors import ProjectError, exit_on_error, recovery_hint
-from finetune.files import atomic_path, write_json
+from finetune.core.errors import ProjectError, exit_on_error, recovery_hint
+from finetune.core.files import atomic_path, write_json
 from finetune.training.runs import trainer_args
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -176,7 +176,7 @@ def test_a_rejected_param_under_dvc_ends_in_one_line_with_the_way_back(tiny_proj
 CHILD = textwrap.dedent(
     """
     import pathlib, sys, time
-    from finetune.errors import exit_on_error
+    from finetune.core.errors import exit_on_error
 
     @exit_on_error
     def main(out):
@@ -232,7 +232,7 @@ def test_an_unexpected_crash_prints_its_traceback_and_nothing_after_it(tmp_path)
     script = textwrap.dedent(
         """
         from dvclive import Live
-        from finetune.errors import exit_on_error
+        from finetune.core.errors import exit_on_error
 
         @exit_on_error
         def main():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from finetune.core.errors import DataError
 from finetune.data.formats import (
     DEFAULT_CATEGORY,
     PREFERENCE_FORMATS,
@@ -19,7 +20,6 @@ from finetune.data.formats import (
     with_system_prompt,
 )
 from finetune.data.rows import clean_rows, read_rows
-from finetune.errors import DataError
 
 
 def user(text):

@@ -15,7 +15,7 @@ import torch
 from test_speed import MISTRAL_7B, SEED
 from trl import SFTConfig
 
-from finetune.config import ConfigError, load_config
+from finetune.core.config import ConfigError, load_config
 from finetune.layout.speed import FSDP_SETTINGS, GIB, plan
 from finetune.model.loading import build_bnb_config
 from finetune.training.runs import trainer_args

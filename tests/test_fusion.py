@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from finetune.config import load_config
+from finetune.core.config import load_config
 from finetune.layout.fusion import ATTENTION_PROJECTIONS, fuse_projections, grouped_projections
 from finetune.model.loading import build_lora_config, load_model
 from finetune.overrides import DequantizedLinear

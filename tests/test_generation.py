@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.core.errors import DataError
 from finetune.data.rows import read_jsonl
-from finetune.errors import DataError
 from finetune.evaluation.generation import completion_logps, generate_answers, load_variant, render_prompt
 from finetune.evaluation.report import read_generations
 from stages import generate

@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 from finetune.evaluation import metrics
 from finetune.evaluation.metrics import (
     bertscore_description,

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from finetune.config import load_config
+from finetune.core.config import load_config
 from stages import sft
 
 REPO = Path(__file__).resolve().parents[1]

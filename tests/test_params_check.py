@@ -1,5 +1,5 @@
 """params.yaml is generated from conf/: a hand edit of params.yaml, or a conf/ edit that params.yaml does not have yet,
-stops every stage with one line (finetune/params_check.py) instead of running silently; `dvc exp run` and any params
+stops every stage with one line (finetune/core/params_check.py) instead of running silently; `dvc exp run` and any params
 file that is not a repository's own are left alone."""
 
 import os
@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import DVC, REPO, git_dvc_init, run
 
-from finetune.config import load_config
-from finetune.errors import ConfigError
-from finetune.params_check import check_params
+from finetune.core.config import load_config
+from finetune.core.errors import ConfigError
+from finetune.core.params_check import check_params
 from stages import prepare
 
 
@@ -176,7 +176,7 @@ def test_real_dvc_repro_refuses_both_traps_and_dvc_exp_run_recomposes(tmp_path):
     run([*DVC, "config", "hydra.enabled", "true"], root)
     shutil.copytree(REPO / "conf", root / "conf")
     compose(root)
-    read = "from finetune.config import load_config; print(load_config().lora.r)"
+    read = "from finetune.core.config import load_config; print(load_config().lora.r)"
     stage = {"cmd": f'python -c "{read}" > r.txt', "deps": ["conf"], "params": ["lora.r"], "outs": ["r.txt"]}
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"read": stage}}))
     run([*DVC, "repro"], root)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune.core.errors import DataError
 from finetune.data.formats import RELABEL_REASONS, from_dolly
 from finetune.data.rows import DROP_REASONS, clean_rows, read_rows, split_examples
-from finetune.errors import DataError
 from stages import prepare
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from finetune.cards.model_card import build_dataset_card, build_model_card
-from finetune.config import load_config
+from finetune.core.config import load_config
 from stages import dpo, evaluate, generate, publish, sft
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import torch
 from conftest import write_params
 from test_ranking import WORDS, tiny_encoder_tokenizer
 
-from finetune.config import RankerConfig, load_config
-from finetune.errors import ConfigError
+from finetune.core.config import RankerConfig, load_config
+from finetune.core.errors import ConfigError
 from finetune.evaluation import generation
 from finetune.preferences.pairs import (
     Ranking,

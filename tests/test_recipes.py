@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config import Config
+from finetune.core.config import Config
 from finetune.tools.dry_run import (
     ARCHITECTURES_DIR,
     CONF_DIR,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import load_config
+from finetune.core.config import load_config
 from finetune.training import sft as sft_training
 from finetune.training.resume import (
     KeepCurvesWithCheckpoints,

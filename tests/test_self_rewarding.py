@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import load_config
+from finetune.core.config import load_config
 from finetune.data.formats import from_ultrafeedback
 from finetune.data.rows import read_jsonl
 from finetune.evaluation.metrics import METRICS

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 # Two self-rewarding rounds (tiny_params) unrolled by foreach, each a pairs and a dpo stage, then their report.
 ROUND_STAGES = {f"self_rewarding_{step}@round{n}" for step in ("pairs", "dpo") for n in (1, 2)}
-ADAPTER_STAGES = {"sft", "dpo", "preference_data", "generate@sft", "generate@dpo", "evaluate", "publish",
+ADAPTER_STAGES = {"sft", "dpo", "preference_data", "generate@sft", "generate@dpo", "evaluate", "report", "publish",
                   *ROUND_STAGES, "self_rewarding_report"}  # fmt: skip
 ALL_STAGES = ADAPTER_STAGES | {"embedded", "prepare", "base", "generate@base"}
 
@@ -62,6 +62,8 @@ def make_hydra_project(root: Path) -> None:
     copy_project(root)
     shutil.copytree(REPO / "conf", root / "conf")
     tiny = {**tiny_params(Path(".")), "recipe": "tiny"}
+    for section in ("sft", "dpo"):  # validation curves of two points each, as the dashboard draws them
+        tiny[section]["trainer"]["eval_steps"] = 2
     recipe = changed(tiny, yaml.safe_load((REPO / "params.yaml").read_text()))
     (root / "conf/recipe/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
     config = (root / "conf/config.yaml").read_text()

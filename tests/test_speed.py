@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from finetune.config import load_config
-from finetune.errors import ConfigError
+from finetune.core.config import load_config
+from finetune.core.errors import ConfigError
 from finetune.layout.speed import (
     FUSED_PROJECTIONS,
     GIB,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import load_config
+from finetune.core.config import load_config
+from finetune.core.errors import ConfigError
 from finetune.data.rows import PREFERENCES_TRAIN, SFT_TRAIN, read_jsonl
 from finetune.embedded.tiny_model import END_INST, train_tokenizer
-from finetune.errors import ConfigError
 from finetune.model.loading import MISTRAL_CHAT_TEMPLATE, load_model, load_tokenizer
 from finetune.training import dpo as dpo_training
 from finetune.training import sft as sft_training

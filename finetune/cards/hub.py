@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.cards.model_card import DATA_KEYS, EVAL_KEYS, build_dataset_card, build_model_card, missing_keys
-from finetune.config import Config, PublishConfig
+from finetune.core.config import Config, PublishConfig
+from finetune.core.errors import ConfigError, DataError, ProjectError
 from finetune.data.rows import PREFERENCES_TEST, PREFERENCES_TRAIN, is_local_source, read_jsonl
-from finetune.errors import ConfigError, DataError, ProjectError
 
 TOKEN_VARIABLE = "HF_TOKEN"
 MODEL_DIR, DATASET_DIR, PUBLISHED_FILE = "model", "dataset", "published.json"

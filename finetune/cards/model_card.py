@@ -12,7 +12,7 @@ from typing import Any
 import jinja2
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
-from finetune.config import Config
+from finetune.core.config import Config
 
 VARIANTS = ("base", "sft", "dpo")  # the order of finetune.evaluation.generation.VARIANTS, without importing torch
 METRICS = ("f1", "rougeL", "bertscore_f1")

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from finetune.core.errors import DataError
 from finetune.data.formats import (
     REASONS,
     RELABEL_REASONS,
@@ -26,7 +27,6 @@ from finetune.data.formats import (
     InvalidRow,
     with_system_prompt,
 )
-from finetune.errors import DataError
 
 TOO_LONG = "too_long"
 DUPLICATE = "duplicate"
@@ -228,7 +228,7 @@ def summarize(
 
 def write_jsonl(path: Path, examples: Iterable[Example], drop: tuple[str, ...] = ("n_chars",)) -> None:
     """One example per line, keys in a fixed order, so the same input gives byte-identical files."""
-    from finetune.files import atomic_path
+    from finetune.core.files import atomic_path
 
     with atomic_path(path) as partial, partial.open("w", encoding="utf-8", newline="\n") as out:
         for example in examples:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.files import write_text
+from finetune.core.files import write_text
 
 DOLLY_FILE, ULTRAFEEDBACK_FILE, PRETRAIN_FILE = "dolly.jsonl", "ultrafeedback.jsonl", "pretrain.txt"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from finetune.config import TinyModelConfig
+from finetune.core.config import TinyModelConfig
 from finetune.model.loading import MISTRAL_CHAT_TEMPLATE
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

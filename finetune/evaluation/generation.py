@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from finetune.config import GenerationConfig, ModelConfig
+from finetune.core.config import GenerationConfig, ModelConfig
 from finetune.model.loading import load_model, load_tokenizer
 
 # Merged bf16 weights are used when they take at most this share of the GPU, leaving the rest to the KV cache.

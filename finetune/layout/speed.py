@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, decoder_layers
 
 GIB = 2**30

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from finetune.config import LoraConfig, ModelConfig
+from finetune.core.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 
 
 def packaged_file(package: str, file: str) -> Path:

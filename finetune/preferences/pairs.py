@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finetune.config import GenerationConfig, ModelConfig, RankerConfig
+from finetune.core.config import GenerationConfig, ModelConfig, RankerConfig
+from finetune.core.errors import ConfigError
+from finetune.core.files import write_json
 from finetune.data.formats import InvalidRow, from_ultrafeedback
 from finetune.data.rows import GENERATED_PAIRS, write_jsonl
-from finetune.errors import ConfigError
-from finetune.files import write_json
 from finetune.preferences.ranking import (
     build_pair,
     judge_scores,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import DebertaV2Model, DebertaV2PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -423,7 +424,7 @@ def reward_model_scores(
     texts = [reward_model_text(tokenizer, prompt, response) for prompt, response in zip(prompts, responses)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]))
     scores: list[float] = [0.0] * len(texts)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="reward model", unit="batch", disable=None):
         indices = order[start : start + batch_size]
         add_special = texts[indices[0]][1]
         batch = tokenizer(

@@ -14,13 +14,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Config, RoundConfig, round_adapter
+from finetune.core.config import Config, RoundConfig, round_adapter
+from finetune.core.errors import ConfigError, DataError
+from finetune.core.files import atomic_path
+from finetune.core.process import process_cost
 from finetune.data.rows import GENERATED_PAIRS, SFT_TRAIN, evaluation_prompts, read_jsonl, write_jsonl
-from finetune.errors import ConfigError, DataError
 from finetune.evaluation.comparison import answer_lengths
 from finetune.evaluation.metrics import METRICS, mean_scores, paired_bootstrap, score_rows
 from finetune.evaluation.report import rounded
-from finetune.files import atomic_path
 from finetune.preferences.pairs import METRICS_FILE, generate_pairs, select_prompts, write_pairs
 
 EVAL_FILE = "eval.jsonl"  # inside paths.round_data/NAME: the round model's held-out answers and scores
@@ -65,7 +66,7 @@ def make_round_pairs(cfg: Config, name: str) -> dict[str, Any]:
     gen = sampling(section, settings.seed)
     ranker = section.ranker
     pairs, records, metrics = generate_pairs(cfg.model, settings.start, prompts, section.candidates, gen, ranker)
-    metrics = {"round": name, "index": index, "start": settings.start, **metrics}
+    metrics = {"round": name, "index": index, "start": settings.start, **metrics, "cost": process_cost()}
     write_pairs(Path(cfg.paths.round_data) / name, pairs, records, metrics)
     return metrics
 

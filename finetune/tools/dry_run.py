@@ -6,7 +6,7 @@
     python -m finetune.tools.dry_run --write-params           # regenerate params.yaml from conf/ (default recipe), as DVC does
 
 For each recipe: compose conf/ with `recipe=NAME` through Hydra's compose API (what `dvc exp run -S recipe=NAME`
-does), validate the result with finetune.config.load_config, build the model on the meta device from its architecture
+does), validate the result with finetune.core.config.load_config, build the model on the meta device from its architecture
 config (the hub's, via AutoConfig, when reachable; otherwise recipes/architectures/<org>--<name>.json), wrap it with
 the recipe's LoRA (every target module must exist), build the BitsAndBytesConfig, and build TRL's SFTConfig and
 DPOConfig from `sft.trainer` / `dpo.trainer` / `self_rewarding.trainer`, and build every ranker model the recipe
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Config, build_section, load_config
-from finetune.errors import ConfigError, ProjectError
+from finetune.core.config import Config, build_section, load_config
+from finetune.core.errors import ConfigError, ProjectError
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.config import PARAMS_FILE, load_config
-from finetune.errors import DataError, exit_on_error
+from finetune.core.config import PARAMS_FILE, load_config
+from finetune.core.errors import DataError, exit_on_error
 from finetune.evaluation.metrics import bertscore_description, mean_scores, score_rows
 
 TEXT_FIELDS = ("prediction", "reference")

@@ -11,10 +11,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.config import Config, ModelConfig
+from finetune.core.config import Config, ModelConfig
+from finetune.core.errors import ConfigError, DataError
 from finetune.data.formats import InvalidRow, from_ultrafeedback
 from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, PREFERENCES_VALIDATION, load_split, read_jsonl
-from finetune.errors import ConfigError, DataError
 from finetune.layout.speed import SpeedPlan, layout, speed_record
 from finetune.model.loading import load_model, load_tokenizer
 from finetune.training.launch import is_main_process, shards_weights

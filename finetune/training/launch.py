@@ -15,9 +15,9 @@ import os
 import subprocess
 import sys
 
-from finetune.config import DistributedConfig
-from finetune.errors import ConfigError
-from finetune.process import die_with_parent
+from finetune.core.config import DistributedConfig
+from finetune.core.errors import ConfigError
+from finetune.core.process import die_with_parent
 from finetune.training.devices import claim_gpus, visible_gpus
 
 
@@ -106,7 +106,7 @@ def relaunch(module: str, args: list[str], settings: DistributedConfig) -> int |
               flush=True)  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
     try:  # the launched processes inherit the locked files: the claim holds as long as any of them runs
-        # preexec_fn: the launched processes end with this one (finetune.process.die_with_parent).
+        # preexec_fn: the launched processes end with this one (finetune.core.process.die_with_parent).
         run = subprocess.run(command, env=env, pass_fds=claim.descriptors, check=False, preexec_fn=die_with_parent)
         return run.returncode
     finally:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune.config import Config, load_config
-from finetune.errors import ProjectError, exit_on_error
+from finetune.core.config import Config, load_config
+from finetune.core.errors import ProjectError, exit_on_error
 from finetune.training.resume import RUN_FILE, differences
 from finetune.training.runs import save_atomically
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.files import write_json
+from finetune.core.files import write_json
 
 LAYOUT_FILE = "layout.json"  # inside the stage's metrics folder (paths.sft_metrics, paths.dpo_metrics)
 

@@ -22,8 +22,7 @@ CURVES_DIR = "curves"  # inside each checkpoint: the DVCLive curves as they were
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # finetune/
 STAGES_DIR = PACKAGE_DIR.parent / "stages"
 # The library code a training run's result depends on (an edit to, say, the model card does not discard checkpoints).
-TRAINING_CODE = ("config.py", "errors.py", "files.py", "overrides.py", "data", "model", "training", "layout",
-                 "preferences", "embedded")  # fmt: skip
+TRAINING_CODE = ("core", "overrides.py", "data", "model", "training", "layout", "preferences", "embedded")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune.errors import ConfigError, ProjectError
+from finetune.core.errors import ConfigError, ProjectError
 from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, has_cuda
 
 
@@ -155,6 +155,19 @@ class LogPeakMemory(TrainerCallback):
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
 
+class RecordCost(TrainerCallback):
+    """Put the stage's wall time and peak GPU memory so far (finetune.core.process.process_cost) in DVCLive's summary
+    (metrics.json, written when DVCLive's callback ends the run next), so `dvc exp show` compares runs' costs."""
+
+    def __init__(self, live):
+        self.live = live
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from finetune.core.process import process_cost
+
+        self.live.summary["cost"] = process_cost()
+
+
 class ReportSharding(TrainerCallback):
     """Print how FSDP sharded the model once the Trainer has wrapped it (finetune.training.launch.sharding_summary)."""
 
@@ -297,6 +310,7 @@ def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None
         ReportSharding(),
         LogThroughput(),
         LogEveryStepToDvcLive(live),
+        RecordCost(live),
         DVCLiveCallback(live=live),
         KeepCurvesWithCheckpoints(metrics_dir),
         StopOnNonFiniteLoss(),
@@ -376,7 +390,7 @@ def save_atomically(save, destination: str) -> None:
     wait_for_everyone()  # every process has finished training
     if not is_main_process():
         return
-    from finetune.files import atomic_path
+    from finetune.core.files import atomic_path
 
     with atomic_path(destination) as partial:
         save(str(partial))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.config import Config
+from finetune.core.config import Config
 from finetune.data.rows import SFT_TRAIN, SFT_VALIDATION, load_split
 from finetune.layout.speed import BALANCED_SHARES, SpeedPlan, layout, speed_record
 from finetune.model.loading import build_lora_config, load_model, load_tokenizer

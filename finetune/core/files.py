@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ProjectError
+from finetune.core.errors import ProjectError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -38,12 +38,12 @@ def recovery_hint(environ: Mapping[str, str]) -> str:
 
 
 def exit_on_error(main: F) -> F:
-    """Run a stage's main() as a process that ends with its parent (finetune.process); a ProjectError, or a full
+    """Run a stage's main() as a process that ends with its parent (finetune.core.process); a ProjectError, or a full
     disk, becomes one line `error: ...` on stderr and exit status 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from finetune.process import die_with_parent, stop_on_sigterm
+        from finetune.core.process import die_with_parent, stop_on_sigterm
 
         die_with_parent()
         stop_on_sigterm()

@@ -22,9 +22,9 @@ from typing import Any, Callable
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from finetune.core.errors import ConfigError
+from finetune.core.params_check import check_params
 from finetune.data.formats import PREFERENCE_FORMATS, SFT_FORMATS
-from finetune.errors import ConfigError
-from finetune.params_check import check_params
 
 PARAMS_FILE = "params.yaml"
 # How sft, dpo and generation lay the same work out on a GPU (finetune/layout/speed.py).
@@ -467,7 +467,7 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark else ""
         raise ConfigError(f"{path}:{line} not valid YAML ({getattr(error, 'problem', error)})") from None
-    check_params(path, raw)  # the repository's params.yaml must be what conf/ composes (finetune/params_check.py)
+    check_params(path, raw)  # the repository's params.yaml must be what conf/ composes (finetune/core/params_check.py)
     try:
         return _build(Config, raw, "")
     except ConfigError as error:

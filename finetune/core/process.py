@@ -29,3 +29,18 @@ def stop_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def process_cost() -> dict[str, float]:
+    """What this stage process has cost so far, for the metrics it writes (`dvc exp show` compares runs by it):
+    `wall_s`, the seconds since the process started (imports and loading included), and, when it used CUDA,
+    `peak_gpu_memory_gib`, the most GPU memory its tensors held at once on its current device."""
+    import time
+
+    import psutil
+
+    cost = {"wall_s": round(time.time() - psutil.Process().create_time(), 1)}
+    torch = sys.modules.get("torch")  # never imported here: a stage that did not use torch used no GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cost["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return cost

@@ -22,7 +22,7 @@ it is caught.
 
 The check applies only to a DVC repository's own params.yaml (the file next to .dvc/, the one Hydra writes) with
 Hydra on; any other params file (a test's, a copy) is read as it is, and so is a repository with Hydra off, where
-params.yaml is the source. `python -m finetune.params_check` runs the same check alone.
+params.yaml is the source. `python -m finetune.core.params_check` runs the same check alone.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ConfigError, exit_on_error
+from finetune.core.errors import ConfigError, exit_on_error
 
 PARAMS_NAME = "params.yaml"  # the file DVC's Hydra composition writes (ParamsDependency.DEFAULT_PARAMS_FILE)
 EXP_RUN_VARIABLES = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")  # set by `dvc exp run` for the stages it runs
