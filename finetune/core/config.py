@@ -153,6 +153,7 @@ class LoraConfig:
 class SftConfig:
     trainer: dict[str, Any]  # trl.SFTConfig keywords, validated by TRL
     speed: str = _one_of(SPEED_MODES)  # how the run is laid out on the GPU (finetune/layout/speed.py)
+    memory_budget_gib: float | None = _checked(lambda x: x is None or x > 0, "be positive or null")
 
 
 DPO_SOURCES = ("dataset", "generated")  # paths.prepared/preferences_train.jsonl | paths.preference_data/pairs.jsonl
@@ -164,6 +165,7 @@ class DpoConfig:
     trainer: dict[str, Any]  # trl.DPOConfig keywords, validated by TRL
     source: str = _one_of(DPO_SOURCES)  # which preference pairs DPO trains on
     speed: str = _one_of(SPEED_MODES)  # how the run is laid out on the GPU (finetune/layout/speed.py)
+    memory_budget_gib: float | None = _checked(lambda x: x is None or x > 0, "be positive or null")
 
 
 RANKERS = ("reference", "pairrm", "reward_model", "judge")

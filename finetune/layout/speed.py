@@ -421,6 +421,17 @@ def torch_compiled_forward(forward):
 _compiled = functools.cache(torch_compiled_forward)
 
 
+def memory_budget(gpu_bytes: int | None, budget_gib: float | None) -> int | None:
+    """The bytes a run may use: `budget_gib` when it is set and smaller than the GPU, capped on PyTorch's allocator
+    so that one large GPU stands in for a smaller one (a run that outgrows it fails as it would there)."""
+    if gpu_bytes is None or budget_gib is None or budget_gib * GIB >= gpu_bytes:
+        return gpu_bytes
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / gpu_bytes)
+    return int(budget_gib * GIB)
+
+
 def gpu_memory_bytes() -> int | None:
     import torch
 
@@ -442,9 +453,13 @@ def attention_for_varying_shapes() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str, sharded: bool = False):
+def layout(
+    model_cfg, stage: str, trainer: dict[str, Any], requested: str, sharded: bool = False,
+    budget_gib: float | None = None,
+):  # fmt: skip
     """(trainer keywords, plan, install) for a stage; `install(model)` adds the per-batch checkpointing hook.
-    `sharded`: this process trains with FSDP (finetune.training.launch.shards_weights).
+    `sharded`: this process trains with FSDP (finetune.training.launch.shards_weights). `budget_gib`: the GPU memory
+    to plan within, enforced on the allocator (memory_budget), or None for all the GPU has.
 
     Prints the plan: which layout runs, and why, belongs in the log of every run.
     """
@@ -452,7 +467,7 @@ def layout(model_cfg, stage: str, trainer: dict[str, Any], requested: str, shard
     from finetune.training.launch import world_size
 
     attention_for_varying_shapes()
-    gpu = gpu_memory_bytes()
+    gpu = memory_budget(gpu_memory_bytes(), budget_gib)
     shape = model_shape(model_cfg) if gpu is not None and requested != "as_written" else None
     quantized = use_4bit(model_cfg)
     kwargs, chosen = plan(stage, trainer, requested, shape, gpu, quantized, world=world_size(), sharded=sharded)

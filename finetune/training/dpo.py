@@ -190,7 +190,9 @@ def train_dpo(cfg: Config, callbacks=()) -> None:
     output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
     resume_from = checkpoint_to_resume(output_dir, dpo_fingerprint(cfg))
     sharded = shards_weights(cfg.distributed)
-    trainer_kwargs, speed, install = layout(cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded)
+    trainer_kwargs, speed, install = layout(
+        cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded, budget_gib=cfg.dpo.memory_budget_gib
+    )
     args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
     if is_main_process():
         restore_curves(resume_from, cfg.paths.dpo_metrics)

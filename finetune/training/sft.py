@@ -82,7 +82,9 @@ def train_sft(cfg: Config, callbacks=()) -> None:
     output_dir = str(Path(cfg.paths.checkpoints) / "sft")
     resume_from = checkpoint_to_resume(output_dir, sft_fingerprint(cfg))
     sharded = shards_weights(cfg.distributed)
-    trainer_kwargs, speed, install = layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, sharded=sharded)
+    trainer_kwargs, speed, install = layout(
+        cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, sharded=sharded, budget_gib=cfg.sft.memory_budget_gib
+    )
     args = trainer_args(SFTConfig, "sft", trainer_kwargs, output_dir)
     if is_main_process():
         restore_curves(resume_from, cfg.paths.sft_metrics)

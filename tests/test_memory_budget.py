@@ -1,0 +1,50 @@
+"""sft.memory_budget_gib / dpo.memory_budget_gib: the layout plans within a budget, and the allocator enforces it, so
+one large GPU can stand in for a smaller one."""
+
+from __future__ import annotations
+
+import pytest
+from test_speed import MISTRAL_7B, SEED
+
+from finetune.core.config import load_config
+from finetune.layout import speed
+from finetune.layout.speed import GIB, memory_budget, plan
+
+
+def test_no_budget_or_a_budget_above_the_gpu_plans_for_the_whole_gpu():
+    assert memory_budget(None, 6) is None  # no GPU: nothing to plan
+    assert memory_budget(140 * GIB, None) == 140 * GIB
+    assert memory_budget(80 * GIB, 100) == 80 * GIB
+
+
+def test_a_budget_below_the_gpu_is_planned_for_and_capped_on_the_allocator(monkeypatch):
+    import torch
+
+    capped = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction: capped.append(fraction))
+    assert memory_budget(140 * GIB, 7) == 7 * GIB
+    assert capped == [pytest.approx(7 / 140)]
+
+
+def test_the_same_gpu_plans_a_smaller_layout_within_a_smaller_budget():
+    _, roomy = plan("sft", SEED, "fast", MISTRAL_7B, 140 * GIB, quantized=True)
+    _, tight = plan("sft", SEED, "fast", MISTRAL_7B, 6 * GIB, quantized=True)
+    assert roomy.base_weights != "as loaded"  # a bf16 copy of the 4-bit weights fits 140 GiB...
+    assert tight.base_weights == "as loaded"  # ...but not 6 GiB
+    assert tight.max_tokens_per_batch <= roomy.max_tokens_per_batch
+
+
+def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch):
+    import yaml
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sft"]["memory_budget_gib"] = 6
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cfg = load_config(str(path))
+    seen = []
+    monkeypatch.setattr(speed, "gpu_memory_bytes", lambda: 140 * GIB)
+    monkeypatch.setattr(speed, "memory_budget", lambda gpu, budget: seen.append((gpu, budget)) or None)
+    speed.layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, budget_gib=cfg.sft.memory_budget_gib)
+    assert seen == [(140 * GIB, 6.0)]
