@@ -7,9 +7,9 @@ Run from the repository root on a CUDA machine with the project installed (`pip 
 
 No model hub is needed: a MistralConfig with Mistral-7B-v0.1's shape is initialised at random in bf16 directly on
 the GPU and saved with save_pretrained (safetensors), with a BPE tokenizer built by the project's own
-finetune.embedded.tiny_model.train_tokenizer on the embedded corpus (its ids stay below the 32000 rows of the embedding).
-Then `python -m stages.{embedded,prepare,sft,dpo} PARAMS` run as subprocesses on a params file derived from
-params.yaml (model.name_or_path = that folder, load_in_4bit true, paths in a scratch folder, few steps), and the
+finetune.embedded.tiny_model.train_tokenizer on the embedded corpus (its ids stay below the 32000 rows of the
+embedding). Then `python -m stages.{embedded,prepare,sft,dpo} PARAMS` run as subprocesses on a params file derived
+from params.yaml (model.name_or_path = that folder, load_in_4bit true, paths in a scratch folder, few steps), and the
 DVCLive curves they write are summarised in gpu_proof.json and gpu_proof.md.
 
 The random-weight losses say nothing about quality: the proof is that the stages run end to end in 4 bits on a 7B

@@ -6,10 +6,10 @@
 
 `python -m stages.sft PARAMS` with `distributed.processes: 1` and then `2` (the stage re-runs itself under
 `accelerate launch`), on the same data, seed-000 recipe and `sft.speed: fast`, so both runs take the same optimizer
-steps over the same examples (each GPU takes a share of every step: finetune.layout.balance splits it by tokens). From the
-DVCLive curves the stage writes at the recipe's logging interval: non-padding tokens/s over the intervals after the
-first four steps (TRL's num_tokens, summed over GPUs) and the logged losses; peak memory per GPU is polled from
-nvidia-smi; the two adapters are compared weight by weight. Then a kill-and-resume check on 2 GPUs with the last
+steps over the same examples (each GPU takes a share of every step: finetune.layout.balance splits it by tokens).
+From the DVCLive curves the stage writes at the recipe's logging interval: non-padding tokens/s over the intervals
+after the first four steps (TRL's num_tokens, summed over GPUs) and the logged losses; peak memory per GPU is polled
+from nvidia-smi; the two adapters are compared weight by weight. Then a kill-and-resume check on 2 GPUs with the last
 strategy (resume_on), dpo on 2 GPUs, and generate on 1 and 2 GPUs with greedy decoding, whose answers must be
 identical. Writes OUT/multi_gpu.json and OUT/multi_gpu.md (multi_gpu_ddp_fsdp.* for `--strategies ddp,fsdp`).
 `--profile` profiles steps 8-11 of each sft run (finetune.training.runs.ProfileSteps; benchmarks/idle_gaps.py reads the

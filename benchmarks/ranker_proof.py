@@ -10,8 +10,9 @@ Each model is built from a shipped architecture config (recipes/architectures/ll
 mistralai--Mistral-7B-v0.1.json) with random weights, saved with save_pretrained (safetensors) next to a tokenizer
 trained here on the embedded corpus (PairRM: a [CLS] … [SEP] BPE tokenizer with PairRM's marker tokens; reward model:
 the project's own BPE tokenizer with Mistral's chat template; both vocabularies are far below the embeddings' rows).
-Then the stage's own code loads and runs them: finetune.preferences.pairs.load_ranker (from_pretrained, safetensors only) and
-finetune.preferences.pairs.rank_candidates on a few dozen candidate sets made from the embedded corpus, and build_pairs.
+Then the stage's own code loads and runs them: finetune.preferences.pairs.load_ranker (from_pretrained, safetensors
+only) and finetune.preferences.pairs.rank_candidates on a few dozen candidate sets made from the embedded corpus, and
+build_pairs.
 
 Written to $OUT (or --out): ranker_proof.json and ranker_proof.md with device, versions, parameter counts, shapes,
 timings, peak memory, whether every score is finite, and position-bias checks: with both orders the scores must not

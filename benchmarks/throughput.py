@@ -1,13 +1,14 @@
-"""Throughput benchmark: the project's own sft, dpo, generation and BERTScore code, seed layout vs finetune.layout.speed.
+"""Throughput benchmark: the project's sft, dpo, generation and BERTScore code, seed layout vs finetune.layout.speed.
 
     python benchmarks/throughput.py                  # on a CUDA machine: Mistral-7B shape, random weights
     python benchmarks/throughput.py --tiny           # the same flow on a tiny model; a CPU smoke test
 
-Every configuration runs through the pipeline's code: finetune.training.sft.build_trainer / finetune.training.dpo.build_trainer with the
-trainer keywords finetune.layout.speed.plan makes of the seed-000 recipe (`as_written` is the seed's layout: batch 1 x
-accumulation 8, every layer checkpointed), finetune.evaluation.generation.load_variant + generate_answers, and
-finetune.evaluation.metrics.bertscore_f1. The model is a random-weight Mistral-7B-v0.1 shape (no hub here), loaded once in 4 bits
-and reused, so the benchmark measures steps rather than loading. The data are instruction-like: token lengths drawn
+Every configuration runs through the pipeline's code: finetune.training.sft.build_trainer /
+finetune.training.dpo.build_trainer with the trainer keywords finetune.layout.speed.plan makes of the seed-000 recipe
+(`as_written` is the seed's layout: batch 1 x accumulation 8, every layer checkpointed),
+finetune.evaluation.generation.load_variant + generate_answers, and finetune.evaluation.metrics.bertscore_f1. The
+model is a random-weight Mistral-7B-v0.1 shape (no hub here), loaded once in 4 bits and reused, so the benchmark
+measures steps rather than loading. The data are instruction-like: token lengths drawn
 log-normal (median about 250, a tail clipped at 1024), the text taken from the embedded corpus.
 
 Reported per configuration: non-padding tokens/s (TRL's own `num_tokens` count) over the steps after a warm-up that
@@ -215,7 +216,8 @@ class CachedModel:
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
         elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
-            self.model = None  # finetune.layout.fusion stacked the weights of unquantized layers: start from a fresh load
+            # finetune.layout.fusion stacked the weights of unquantized layers: start from a fresh load
+            self.model = None
 
 
 def step_meter():
@@ -516,7 +518,8 @@ def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: 
     return results
 
 
-# name -> what differs from the stage's own fast layout (finetune.layout.speed.plan + installer): "plan" fields replaced
+# name -> what differs from the stage's own fast layout (finetune.layout.speed.plan + installer):
+# "plan" fields replaced
 EAGER_4BIT = {
     "compiled": False,
     "attention": "sdpa",
@@ -928,7 +931,8 @@ def main(argv=None) -> int:
         shape = model_shape(cfg.model)
         attention_for_varying_shapes()  # as finetune.layout.speed.layout does in every training stage
         result = {
-            "what": "stages.sft / stages.dpo / finetune.evaluation.generation / finetune.evaluation.metrics on a random-weight model: the seed "
+            "what": "stages.sft / stages.dpo / finetune.evaluation.generation / finetune.evaluation.metrics "
+            "on a random-weight model: the seed "
             "recipe's layout vs finetune.layout.speed's fast and low-memory layouts, in one process",
             "date": time.strftime("%Y-%m-%d"),
             "versions": versions(),
@@ -946,7 +950,8 @@ def main(argv=None) -> int:
         sections = args.sections.split(",")
         if "training" in sections:
             cache = CachedModel(load_model)
-            sft_training.load_model = dpo_training.load_model = cache  # the stages' own trainers, minus reloading 7B weights
+            # the stages' own trainers, minus reloading 7B weights
+            sft_training.load_model = dpo_training.load_model = cache
             try:
                 result["training"] = run_training(params, work, cache, shape, args.tiny, steps)
             except Exception as error:  # keep what was measured; report the rest

@@ -32,7 +32,9 @@ def main(params_path: str = "params.yaml") -> None:
 
     cfg = load_config(params_path)
     if cfg.base.gguf is not None:
-        import_base(cfg.base.gguf, cfg.paths.embedded, cfg.base.block_size, cfg.paths.base_model, cfg.paths.base_metrics)
+        import_base(
+            cfg.base.gguf, cfg.paths.embedded, cfg.base.block_size, cfg.paths.base_model, cfg.paths.base_metrics
+        )
         return
     texts, paragraphs = read_corpus(Path(cfg.paths.embedded))
     tokenizer = train_tokenizer(texts, cfg.base.architecture.vocab_size)

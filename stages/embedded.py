@@ -29,7 +29,10 @@ def main(params_path: str = "params.yaml") -> None:
     write_rows(out_dir / DOLLY_FILE, make_dolly_rows(seed, cfg.embedded.sft_rows))
     write_rows(out_dir / ULTRAFEEDBACK_FILE, make_ultrafeedback_rows(seed, cfg.embedded.preference_rows))
     write_text(out_dir / PRETRAIN_FILE, "\n\n".join(make_pretraining_text(seed)) + "\n")
-    print(f"embedded: wrote {cfg.embedded.sft_rows} instruction rows and {cfg.embedded.preference_rows} pairs to {out_dir}")
+    print(
+        f"embedded: wrote {cfg.embedded.sft_rows} instruction rows and {cfg.embedded.preference_rows} pairs "
+        f"to {out_dir}"
+    )
 
 
 if __name__ == "__main__":

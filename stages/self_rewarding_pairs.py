@@ -23,7 +23,8 @@ def main(name: str, params_path: str = "params.yaml") -> None:
     metrics = make_round_pairs(cfg, name)
     print(
         f"self_rewarding {name}: {metrics['pairs']} pairs from {metrics['prompts']} prompts x "
-        f"{metrics['candidates']} candidates ranked by {metrics['ranker']} (tie rate {format_value(metrics['tie_rate'])})"
+        f"{metrics['candidates']} candidates ranked by {metrics['ranker']} "
+        f"(tie rate {format_value(metrics['tie_rate'])})"
     )
 
 

@@ -1,4 +1,4 @@
-"""Files written whole or not at all: every stage output goes to a temporary name beside it, then is renamed over it."""
+"""Files written whole or not at all: every stage output goes to a temporary name beside it, then renamed over it."""
 
 from __future__ import annotations
 

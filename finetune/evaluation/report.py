@@ -1,4 +1,4 @@
-"""The evaluate stage's result: every variant scored, compared and tabulated, plus the tables and charts of reports/."""
+"""The evaluate stage's result: each variant scored, compared and tabulated, plus the tables and charts of reports/."""
 
 from __future__ import annotations
 

@@ -2,9 +2,7 @@
 
 Under data parallelism every GPU takes a share of the step's examples, and the gradients are averaged once all of
 them are done: the share with the most tokens sets the pace. Dealt in the sampler's order, shares of examples whose
-lengths vary as instruction data does are uneven. On benchmarks/throughput.py's lengths (lognormal, median 250
-tokens) the larger of two shares of 4 examples held 1.19x the mean share's tokens, of 16 examples 1.10x; split here,
-1.03x and 1.00x (tests/test_balance.py measures it).
+lengths vary as instruction data does are uneven (tests/test_balance.py measures by how much, and how much less here).
 
 The split keeps the mathematics of the step: the same examples (the Trainer's random sampler draws a permutation
 from the seed and the epoch; this sampler draws the same one, so 1 and N GPUs train on the same steps), the same

@@ -2,10 +2,9 @@
 
 q, k and v read the same input, as do gate and up. PEFT runs each as its own LoRA layer: three products apiece
 (frozen weight, A, B) forward and five backward, 56 per Mistral layer and step. At the seed's 8 examples per
-optimizer step the fast layout is bound by the CPU issuing them (benchmarks/results/throughput_profile_fast_h100.txt:
-1,794 products per step, the GPU busy 52% of the time). Fused, each sibling group takes one product for its frozen
-weights (stacked once into one tensor, the layers' own weights becoming views of it, so no memory is added), one
-batched product for the A matrices and one for the B matrices (block-diagonal), 32 per layer in all (12 forward).
+optimizer step the fast layout is bound by the CPU issuing them. Fused, each sibling group takes one product for its
+frozen weights (stacked once into one tensor, the layers' own weights becoming views of it, so no memory is added),
+one batched product for the A matrices and one for the B matrices (block-diagonal), 32 per layer in all (12 forward).
 
 The arithmetic is PEFT's: `base(x) + B(A(dropout(x))) * scaling` with the same casts, every projection drawing its
 own dropout mask as PEFT's separate dropout modules do (tests/test_fusion.py compares outputs and gradients with

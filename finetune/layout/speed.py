@@ -24,9 +24,7 @@ and loss normalisation of that run and changes only the layout:
 
 `speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
 (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
-decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit: on the H100 benchmark
-(benchmarks/throughput.py) the fast SFT layout, with the bf16 copy and checkpointing nothing below 4,736 tokens per
-batch, peaked at 52.5 GiB of 80 over 96 steps.
+decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit to measured peaks.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ USABLE_SHARE = 0.85
 DEQUANTIZED_SHARE = 0.25
 # Optimizers that compute AdamW, which the fast layout runs as PyTorch's fused AdamW: a few multi-tensor kernels per
 # step instead of bitsandbytes' Python loop over every LoRA tensor (448 for r16 on the seven projections of a
-# 32-layer model; 40 ms of CPU per step in the H100 profile, while the GPU waited). The 8-bit and paged variants
+# 32-layer model), during which the GPU waits. The 8-bit and paged variants
 # exist to save optimizer-state memory, which for a LoRA adapter is small (float32 states for 42M parameters:
 # 0.34 GB); the fused step keeps those states in float32, i.e. without 8-bit rounding.
 FUSED_ADAMW = "adamw_torch_fused"
@@ -190,7 +188,7 @@ FSDP_SETTINGS = {
     },
 }
 # The fast layout collates the next batches in this many worker processes, unless the trainer settings choose: in
-# the training process each collation (about 4-8 ms on the H100 machine) was time the GPU waited.
+# the training process each collation is time the GPU waits.
 LOADER_WORKERS = 2
 FUSED_PROJECTIONS = "q/k/v and gate/up fused, one product each for frozen weights, LoRA A and LoRA B"
 BALANCED_SHARES = "by token count (finetune.layout.balance)"
@@ -444,8 +442,8 @@ def attention_for_varying_shapes() -> None:
     """Keep scaled-dot-product attention off cuDNN for training runs.
 
     cuDNN's attention builds an execution plan for each new input shape, and padding-free or padded batches of
-    instruction data have a new shape at nearly every step: on an H200 that halved the fast layout's throughput
-    (benchmarks/results/throughput.json, variants). PyTorch's flash and memory-efficient kernels need no plans.
+    instruction data have a new shape at nearly every step, so training would re-plan at nearly every step.
+    PyTorch's flash and memory-efficient kernels need no plans.
     """
     import torch
 
@@ -524,8 +522,8 @@ def pack_padded_batches(backbone) -> None:
     padding, left-padded ones and cached generation run unchanged.
 
     Under flex attention, every padding-free row (packed here, or by TRL's SFT collator) gets its block mask from
-    document_block_mask instead of transformers' compiled create_block_mask: on an H100 that compile stalled in
-    ptxas for over 5 minutes on the first row of about 11,000 tokens (32 examples per step).
+    document_block_mask instead of transformers' compiled create_block_mask, whose compile can stall for minutes on
+    the first long row.
     """
     from finetune.overrides import wrap_forward
 
@@ -663,8 +661,8 @@ def compile_decoder_layers(model) -> int:
     """Compile each decoder layer in place with torch.compile; returns how many.
 
     A QLoRA step in eager mode is bound by Python, not by the GPU: every decoder layer calls seven LoRA wrappers
-    around bitsandbytes matmuls, each with its own casts, dropout and scaling (a profile of the eager fast layout on
-    an H100 spent 3.1 s of CPU per 1.8 s of GPU, benchmarks/results/throughput_profile_eager_h100.txt). Compiled, a
+    around bitsandbytes matmuls, each with its own casts, dropout and scaling, and the GPU waits on the CPU issuing
+    them. Compiled, a
     layer's casts, dropout and scaling are fused and its Python runs once per graph call. All layers share one
     compiled graph (torch's "regional compilation"), so compiling costs one layer's time, paid in the first steps;
     batches of new lengths reuse it through dynamic shapes. Compiling in place keeps the modules, hooks and the

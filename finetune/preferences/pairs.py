@@ -8,7 +8,8 @@ The one implementation behind stage preference_data and every self-rewarding rou
 - `build_pairs` turns the scores into UltraFeedback-binarized rows (ties and unusable rows dropped and counted);
 - `generate_pairs` does all of it for one policy and writes nothing; `write_pairs` writes the files.
 
-The scoring itself (rubric, parsing, PairRM, reward models, reference metrics, pair choice) is finetune.preferences.ranking.
+The scoring itself (rubric, parsing, PairRM, reward models, reference metrics, pair choice) is
+finetune.preferences.ranking.
 """
 
 from __future__ import annotations
@@ -171,8 +172,8 @@ def free_memory() -> None:
 
 
 def _judge(model, tokenizer, settings: RankerConfig, seed: int):
-    """A `judge` for finetune.preferences.ranking.judge_scores: each rubric prompt, in the model's chat template, sampled
-    `settings.judgments` times."""
+    """A `judge` for finetune.preferences.ranking.judge_scores: each rubric prompt, in the model's chat template,
+    sampled `settings.judgments` times."""
     from finetune.evaluation.generation import render_prompt, sample_candidates, sampling
 
     gen = sampling(settings, seed)

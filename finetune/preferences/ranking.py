@@ -189,7 +189,8 @@ def unshuffle(values: Sequence, order: Sequence[int]) -> list:
 
 
 def in_shuffled_order(candidates: Sequence[str], rng, score: Callable[[list[str]], Sequence[float]]) -> list[float]:
-    """`score` applied to the candidates shown in a random order, its per-candidate results mapped back to input order."""
+    """`score` applied to the candidates shown in a random order, its per-candidate results mapped back to input
+    order."""
     order = shuffled_order(len(candidates), rng)
     shown = [candidates[i] for i in order]
     return unshuffle(list(score(shown)), order)
@@ -349,7 +350,8 @@ def pairrm_logits(
 
 
 def pairrm_preference(model, tokenizer, source: str, a: str, b: str) -> float:
-    """How much better `a` is than `b`, both orders averaged: (logit(a, b) - logit(b, a)) / 2, antisymmetric in a, b."""
+    """How much better `a` is than `b`, both orders averaged: (logit(a, b) - logit(b, a)) / 2, antisymmetric in a,
+    b."""
     ab, ba = pairrm_logits(model, tokenizer, [source, source], [a, b], [b, a])
     return (ab - ba) / 2
 
@@ -443,7 +445,8 @@ def reward_model_scores(
 
 
 def reference_scores(candidates: Sequence[str], reference: str, settings=None) -> list[float]:
-    """Each candidate's similarity to the gold answer: the mean of SQuAD token F1 and ROUGE-L (finetune.evaluation.metrics).
+    """Each candidate's similarity to the gold answer: the mean of SQuAD token F1 and ROUGE-L
+    (finetune.evaluation.metrics).
 
     With a `BertScoreConfig` as `settings`, BERTScore F1 joins the mean (loads a model: not the cheap default).
     """

@@ -1,17 +1,17 @@
 """Check recipes without weights: compose, validate, build each one's model shape, LoRA, 4-bit and trainer configs.
 
-    python -m finetune.tools.dry_run                          # every recipe in conf/recipe/
-    python -m finetune.tools.dry_run seed003-zephyr-alpaca    # some of them
-    python -m finetune.tools.dry_run --offline                # never ask the hub (the shipped architecture configs only)
-    python -m finetune.tools.dry_run --write-params           # regenerate params.yaml from conf/ (default recipe), as DVC does
+    python -m finetune.tools.dry_run                        # every recipe in conf/recipe/
+    python -m finetune.tools.dry_run seed003-zephyr-alpaca  # some of them
+    python -m finetune.tools.dry_run --offline              # never ask the hub (the shipped architecture configs only)
+    python -m finetune.tools.dry_run --write-params         # params.yaml from conf/ (default recipe), as DVC writes it
 
 For each recipe: compose conf/ with `recipe=NAME` through Hydra's compose API (what `dvc exp run -S recipe=NAME`
-does), validate the result with finetune.core.config.load_config, build the model on the meta device from its architecture
-config (the hub's, via AutoConfig, when reachable; otherwise recipes/architectures/<org>--<name>.json), wrap it with
-the recipe's LoRA (every target module must exist), build the BitsAndBytesConfig, and build TRL's SFTConfig and
-DPOConfig from `sft.trainer` / `dpo.trainer` / `self_rewarding.trainer`, and build every ranker model the recipe
-names (PairRM, a reward model, a judge) on the meta device from its architecture config. One line per recipe; exit
-status 0 only if every recipe passes.
+does), validate the result with finetune.core.config.load_config, build the model on the meta device from its
+architecture config (the hub's, via AutoConfig, when reachable; otherwise recipes/architectures/<org>--<name>.json),
+wrap it with the recipe's LoRA (every target module must exist), build the BitsAndBytesConfig, and build TRL's
+SFTConfig and DPOConfig from `sft.trainer` / `dpo.trainer` / `self_rewarding.trainer`, and build every ranker model
+the recipe names (PairRM, a reward model, a judge) on the meta device from its architecture config. One line per
+recipe; exit status 0 only if every recipe passes.
 
 The trainer configs are built as on a CPU: keys are checked against the config dataclass's fields (so keys TRL no
 longer accepts fail by name), bf16/fp16 must be true/false and not both true, and the config is then constructed

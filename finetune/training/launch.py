@@ -3,8 +3,8 @@
 `dvc repro sft` always runs `python -m stages.sft`; with `distributed.processes: N > 1` that process starts N copies
 of itself through accelerate and exits with their status. Inside them, RANK/WORLD_SIZE are set and only rank 0
 writes metrics, adapters and checkpoints' bookkeeping. `distributed.strategy` picks data parallelism with a whole
-model per GPU (ddp) or with the weights sharded across the GPUs (fsdp: finetune.layout.speed.FSDP_SETTINGS for the Trainer).
-On a machine with GPUs the stage first claims its GPUs (finetune.training.devices), so that runs side by side
+model per GPU (ddp) or with the weights sharded across the GPUs (fsdp: finetune.layout.speed.FSDP_SETTINGS for the
+Trainer). On a machine with GPUs the stage first claims its GPUs (finetune.training.devices), so that runs side by side
 (`dvc queue start -j N`) never share one. With `distributed.engine: ray`, sft and dpo train on a Ray cluster instead
 (finetune.training.ray_engine), where Ray hands out the GPUs.
 """
