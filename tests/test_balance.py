@@ -1,5 +1,5 @@
-"""finetune.layout.balance: each optimizer step's examples split across GPUs by tokens, the same examples per step as the
-Trainer's own sampler, and the split installed in a real SFTTrainer's data loader."""
+"""finetune.layout.balance: each optimizer step's examples split across GPUs by tokens, the same examples per step as
+the Trainer's own sampler, and the split installed in a real SFTTrainer's data loader."""
 
 from __future__ import annotations
 

@@ -45,7 +45,10 @@ def test_every_config_field_has_exactly_one_home_conf_config_yaml():
         for key, spec, _ in config_fields()
         if spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING
     ]
-    assert not with_defaults, f"{with_defaults} have a default in finetune/core/config.py; conf/config.yaml is their home"
+    assert not with_defaults, (
+        f"{with_defaults} have a default in finetune/core/config.py; "
+        "conf/config.yaml is their home"
+    )
     not_in_conf = [key for key, _, value in config_fields() if value is dataclasses.MISSING]
     assert not not_in_conf, f"conf/config.yaml does not set {not_in_conf}"
 

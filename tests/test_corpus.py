@@ -71,7 +71,8 @@ def test_same_seed_same_output_and_other_seed_other_output():
 def test_output_does_not_depend_on_string_hashing():
     # Set iteration order changes with PYTHONHASHSEED; the data must not.
     code = ("import hashlib, json; from finetune.embedded.corpus import *; print(hashlib.sha256(json.dumps("
-            "[make_dolly_rows(5, 300), make_ultrafeedback_rows(5, 300), make_pretraining_text(5)]).encode()).hexdigest())")
+            "[make_dolly_rows(5, 300), make_ultrafeedback_rows(5, 300), make_pretraining_text(5)])"
+            ".encode()).hexdigest())")
     root = Path(__file__).resolve().parents[1]
     digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout for hash_seed in ("1", "2")}

@@ -251,7 +251,8 @@ def test_paired_bootstrap_rejects_unpaired_input():
 
 @pytest.mark.parametrize("idf", [False, True])
 def test_bertscore_equals_bert_scores_own_loop(minilm, idf):
-    """finetune.evaluation.metrics scores with bert-score's pieces in a faster loop: the numbers must be BERTScorer.score's."""
+    """finetune.evaluation.metrics scores with bert-score's pieces in a faster loop: the numbers must be
+    BERTScorer.score's."""
     settings = dataclasses.replace(MINILM, idf=idf, batch_size=3)  # several batches, some sentences repeated
     words = "the a cat dog sat ran on under mat rug quickly slowly red big small house tree river".split()
     rng = random.Random(0)

@@ -42,8 +42,8 @@ STARTED = "Ray runtime started"  # what `ray start` prints once its node has joi
 # halves), so the float32 losses may differ in their last bits; the data order and the updates are the same.
 LOSS_TOLERANCE = 1e-4  # relative, per step
 MAX_STEPS = 12  # a checkpoint every 2 steps: the kill lands after the first with steps to go
-ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-       "RAY_DEDUP_LOGS": "0"}  # fmt: skip
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+       "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}  # fmt: skip
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """params.yaml is generated from conf/: a hand edit of params.yaml, or a conf/ edit that params.yaml does not have yet,
-stops every stage with one line (finetune/core/params_check.py) instead of running silently; `dvc exp run` and any params
-file that is not a repository's own are left alone."""
+stops every stage with one line (finetune/core/params_check.py) instead of running silently; `dvc exp run` and any
+params file that is not a repository's own are left alone."""
 
 import os
 import re

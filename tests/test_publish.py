@@ -202,6 +202,9 @@ def test_model_card_has_the_exact_numbers_of_eval_json_and_data_json(dry_run):
     assert f"| SFT | base | {number(prefs['sft']['accuracy'])} | {number(prefs['sft']['margin'])} |" in card
     assert f"| SFT + DPO | SFT | {number(prefs['dpo']['accuracy'])} | {number(prefs['dpo']['margin'])} |" in card
     assert result["bertscore_settings"]["hash"] in card
+    match = result["win_rate"]["dpo_vs_sft"]
+    interval = f"{number(match['rate'])} [{number(match['low'])}, {number(match['high'])}]"
+    assert f"| SFT + DPO over SFT | {interval} | {match['wins']} / {match['ties']} / {match['losses']} |" in card
     for category, summary in result["categories"].items():
         f1 = " / ".join(number(summary[v]["f1"]) for v in ("base", "sft", "dpo"))
         assert f"| {category} | {summary['n']} | {f1} |" in card

@@ -1,6 +1,6 @@
-"""The configured ranker, end to end through finetune.preferences.pairs: loading (safetensors checkpoints, as a hub id or
-folder would be), `rank_candidates` for all four rankers on tiny random models or a scripted judge, pair building
-with ties and invalid rows counted, and the one-line errors of bad ranker settings."""
+"""The configured ranker, end to end through finetune.preferences.pairs: loading (safetensors checkpoints, as a hub id
+or folder would be), `rank_candidates` for all four rankers on tiny random models or a scripted judge, pair
+building with ties and invalid rows counted, and the one-line errors of bad ranker settings."""
 
 from __future__ import annotations
 
@@ -230,7 +230,11 @@ def test_a_self_judge_is_the_policy_and_a_judge_model_is_loaded_like_the_policy(
     loaded = {}
     monkeypatch.setattr(generation, "load_variant", lambda cfg, adapter: loaded.setdefault("cfg", cfg) and ("m", "t"))
     load_ranker(settings("judge", model="org/judge", revision="abc"), dataclasses.replace(MODEL, load_in_4bit=True))
-    assert (loaded["cfg"].name_or_path, loaded["cfg"].revision, loaded["cfg"].load_in_4bit) == ("org/judge", "abc", True)
+    assert (loaded["cfg"].name_or_path, loaded["cfg"].revision, loaded["cfg"].load_in_4bit) == (
+        "org/judge",
+        "abc",
+        True,
+    )
 
 
 def test_a_real_tiny_model_judges_itself_and_its_unparseable_verdicts_are_counted():

@@ -1,4 +1,5 @@
-"""Ranking candidates for preference pairs: judge-score parsing, pairs, shuffling, PairRM, reward models, references."""
+"""Ranking candidates for preference pairs: judge-score parsing, pairs, shuffling, PairRM, reward models,
+references."""
 
 import math
 import random

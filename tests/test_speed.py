@@ -1,4 +1,5 @@
-"""finetune.layout.speed: the fast layout is the same training run, laid out differently, and fits the GPU it is planned for.
+"""finetune.layout.speed: the fast layout is the same training run, laid out differently, and fits the GPU it is
+planned for.
 
 The loss-trajectory test runs the real sft stage on the tiny project in the seed layout (batch 1 x accumulation 4)
 and the fast layout (one padding-free batch of 4), eager and with compiled decoder layers as the stage runs it.
@@ -413,7 +414,9 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
     def run(name, layout):
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, dpo_metrics=str(tmp_path / name)))
         args = trainer_args(DPOConfig, "dpo", fast, str(tmp_path / f"{name}-checkpoints"))
-        trainer = dpo_training.build_trainer(run_cfg, args, resume=False, speed=layout, install=installer(layout, shape))
+        trainer = dpo_training.build_trainer(
+            run_cfg, args, resume=False, speed=layout, install=installer(layout, shape)
+        )
         reference = list(trainer.train_dataset["ref_chosen_logps"])
         calls = record_layer_inputs(trainer.model)
         trainer.train()
