@@ -224,13 +224,13 @@ def load_architecture(cfg: Config, hub: bool):
 
     name = cfg.model.name_or_path
     local = Path(name)
-    if (local / "config.json").is_file():
-        return AutoConfig.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code), f"local {name}", []
     if name == cfg.paths.base_model and cfg.base.gguf is not None:  # stage `base` imports it from a package
         from finetune.model.packaged import packaged_file
 
         path = packaged_file(cfg.base.gguf.package, cfg.base.gguf.file)
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name), f"packaged {path.name}", []
+    if (local / "config.json").is_file():
+        return AutoConfig.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code), f"local {name}", []
     if name == cfg.paths.base_model:  # the embedded model, not built yet: stage `base` builds it from these params
         arch = dataclasses.asdict(cfg.base.architecture)
         return MistralConfig(**arch, sliding_window=None, tie_word_embeddings=True), "params base.architecture", []
