@@ -679,5 +679,6 @@ def compile_decoder_layers(model) -> int:
 
 
 def speed_record(chosen: SpeedPlan | None) -> dict[str, Any] | None:
-    """The plan as the run's DVCLive params (metrics/STAGE/params.yaml), so `dvc exp show` shows what ran."""
+    """The plan as the run's DVCLive params (metrics/STAGE/params.yaml, untracked, beside the curves); the tracked
+    record `dvc exp show` reads is metrics/STAGE/layout.json (finetune.training.records)."""
     return None if chosen is None else {"speed": asdict(chosen)}
