@@ -25,7 +25,7 @@ SMALL = {"prompts": 10, "candidates": 3, "max_new_tokens": 16, "batch_size": 8, 
 METRIC_KEYS = {
     "policy", "ranker", "prompts", "candidates", "pairs", "ties_dropped", "tie_rate", "invalid_dropped",
     "empty_candidates", "mean_score", "mean_score_chosen", "mean_score_rejected", "mean_gap", "mean_response_words",
-    "judgments", "unparseable_judgments", "unparseable_rate",
+    "judgments", "unparseable_judgments", "unparseable_rate", "cost",
 }  # fmt: skip
 
 

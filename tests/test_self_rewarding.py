@@ -19,7 +19,7 @@ from finetune.evaluation.metrics import METRICS
 from finetune.preferences import rounds
 from stages import generate, self_rewarding_dpo, self_rewarding_pairs, self_rewarding_report, sft
 
-ROUND_KEYS = {"round", "index", "start", "reference", "pairs", "training", "eval"}
+ROUND_KEYS = {"round", "index", "start", "reference", "pairs", "training", "eval", "cost"}
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +184,7 @@ def test_the_reference_policy_is_the_start_model_or_the_sft_model(one_round, mov
 
     from finetune.model.loading import load_model
     from finetune.training.runs import trainer_args
-    from stages.dpo import build_dpo_trainer, load_pairs
+    from finetune.training.dpo import build_dpo_trainer, load_pairs
 
     _, cfg = one_round
     settings = rounds.round_settings(cfg, "round1")[1]

@@ -375,9 +375,11 @@ def test_the_hook_counts_only_the_real_tokens_of_a_batch_that_will_be_packed(tin
 
 
 def three_steps(trainer: dict, batch: int, accumulation: int) -> dict:
-    """`trainer` for a 3-step test run of `batch` x `accumulation`, without checkpointing or saved checkpoints."""
+    """`trainer` for a 3-step test run of `batch` x `accumulation`, without checkpointing, saved checkpoints or
+    evaluation on the validation split."""
     return {
         **trainer,
+        "eval_strategy": "no",
         "per_device_train_batch_size": batch,
         "gradient_accumulation_steps": accumulation,
         "max_steps": 3,
