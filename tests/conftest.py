@@ -15,7 +15,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # What a tiny git + DVC copy of the project needs (tests/test_sharing.py).
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "finetune", "data/raw", "data/prompts")
+PROJECT_FILES = (
+    "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "finetune", "data/raw", "data/prompts",
+)  # fmt: skip
 DVC = [sys.executable, "-m", "dvc"]
 
 # A base model small enough to pre-train in seconds on 2 CPU cores, with the real architecture (GQA: 4 heads, 2 KV).

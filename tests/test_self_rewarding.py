@@ -183,8 +183,8 @@ def test_the_reference_policy_is_the_start_model_or_the_sft_model(one_round, mov
     from trl import DPOConfig
 
     from finetune.model.loading import load_model
-    from finetune.training.runs import trainer_args
     from finetune.training.dpo import build_dpo_trainer, load_pairs
+    from finetune.training.runs import trainer_args
 
     _, cfg = one_round
     settings = rounds.round_settings(cfg, "round1")[1]
