@@ -38,6 +38,7 @@ WRITTEN_AGAINST = {
     "bitsandbytes": "0.50.2",
     "bert-score": "0.3.13",
     "dvclive": "3.49.1",
+    "trl": "1.16.0",
 }
 
 
@@ -59,6 +60,19 @@ def _parameters(function) -> list[str]:
         return list(inspect.signature(function).parameters)
     except (TypeError, ValueError):
         return []
+
+
+def _constants(function) -> frozenset[object]:
+    """The constants (strings, numbers) a function's code uses, with those of its nested code; none for a missing one."""
+    constants, codes = set(), [function.__code__] if hasattr(function, "__code__") else []
+    while codes:
+        code = codes.pop()
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):
+                codes.append(constant)
+            elif isinstance(constant, str | int | float):
+                constants.add(constant)
+    return frozenset(constants)
 
 
 def _names(function) -> frozenset[str]:
@@ -743,3 +757,71 @@ def check_gguf_quantization(model=None) -> None:
         quantizer = getattr(model, "hf_quantizer", None)
         quant_method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
         _require("gguf" in quant_method.lower(), "transformers", "the GGUF loader's hf_quantizer", name)
+
+
+# --- trl 1.16.0: DPOTrainer's frozen copy of the adapter it trains, an adapter named "ref" -------------------------
+# Upstream: no upstream issue known (the name is fixed in DPOTrainer.__init__, not a setting).
+
+REFERENCE_ADAPTER = "ref"
+
+
+def reference_adapter_name(model) -> str:
+    """The name of the frozen copy of the loaded adapter that TRL 1.16's DPOTrainer reads the reference from."""
+    check_reference_adapter()
+    if REFERENCE_ADAPTER not in model.peft_config:
+        raise _changed("trl", "DPOTrainer's frozen reference adapter (none on this model)", "reference_adapter_name")
+    return REFERENCE_ADAPTER
+
+
+def check_reference_adapter() -> None:
+    from trl import DPOTrainer
+
+    _require(
+        REFERENCE_ADAPTER in _constants(DPOTrainer.__init__),
+        "trl",
+        "the name of DPOTrainer's frozen adapter copy",
+        "reference_adapter_name",
+    )
+
+
+# --- trl 1.16.0: SFTTrainer refuses padding_free with max_length unless it packs ----------------------------------
+# Upstream: the refusal came with https://github.com/huggingface/trl/pull/5359 ("truncate before the collator"), and
+# TRL 1.16's own dataset preparation cuts unpacked examples anyway; no issue asks to lift it.
+
+
+def padding_free_sft_trainer(make_trainer: Callable[[], Any], args) -> Any:
+    """An SFTTrainer (`make_trainer()`) whose unpacked padding-free examples are cut to args.max_length.
+
+    TRL 1.16 refuses that combination, so the trainer is built with max_length None (the route its message offers),
+    its tokenized examples are then cut as its preparation cuts them (truncate_examples), and max_length is put back
+    so the run's arguments record it. Other settings build the trainer unchanged.
+    """
+    if not args.padding_free or args.packing or args.max_length is None:
+        return make_trainer()
+    check_padding_free_refusal()
+    max_length, args.max_length = args.max_length, None
+    try:
+        trainer = make_trainer()
+    finally:
+        args.max_length = max_length
+    trainer.train_dataset = truncate_examples(trainer.train_dataset, max_length, args.truncation_mode)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = truncate_examples(trainer.eval_dataset, max_length, args.truncation_mode)
+    return trainer
+
+
+def truncate_examples(dataset, max_length: int, mode: str):
+    """Tokenized examples cut to max_length tokens (`keep_start` or `keep_end`), dropping any left with no label, as
+    SFTTrainer._prepare_dataset cuts unpacked examples."""
+    cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]})
+    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
+def check_padding_free_refusal() -> None:
+    from trl import SFTTrainer
+
+    refusal = any("is not enforced" in str(constant) for constant in _constants(SFTTrainer.__init__))
+    _require(refusal, "trl", "SFTTrainer's refusal of padding_free with max_length", "padding_free_sft_trainer")
+    cuts = {"truncation_mode", "max_length"} <= _names(SFTTrainer._prepare_dataset)
+    _require(cuts, "trl", "SFTTrainer._prepare_dataset's truncation", "padding_free_sft_trainer")

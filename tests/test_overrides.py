@@ -28,6 +28,8 @@ GUARDS = [
     overrides.check_lora_layers,
     overrides.check_dequantize,
     overrides.check_bertscore,
+    overrides.check_reference_adapter,
+    overrides.check_padding_free_refusal,
 ]
 
 
@@ -191,6 +193,27 @@ def test_the_model_guards_fail_on_a_changed_model(monkeypatch):
     monkeypatch.delitem(linear._parameters, "weight")
     with pytest.raises(RuntimeError, match=loudly("torch", "weight_as_view")):
         overrides.weight_as_view(linear, torch.zeros(4, 4))
+
+
+def test_the_trl_guards_fail_when_trl_drops_the_code_they_route_around(monkeypatch):
+    from trl import DPOTrainer, SFTTrainer
+
+    def init_without_the_check(self, *args, **kwargs):
+        return None
+
+    monkeypatch.setattr(DPOTrainer, "__init__", init_without_the_check)
+    with pytest.raises(RuntimeError, match=loudly("trl", "reference_adapter_name")):
+        overrides.check_reference_adapter()
+    monkeypatch.setattr(SFTTrainer, "__init__", init_without_the_check)
+    with pytest.raises(RuntimeError, match=loudly("trl", "padding_free_sft_trainer")):
+        overrides.padding_free_sft_trainer(lambda: None, types.SimpleNamespace(padding_free=True, packing=False, max_length=8))
+
+
+def test_trainers_outside_the_refused_combination_are_built_unchanged():
+    built = object()
+    for padding_free, packing, max_length in ((False, False, 8), (True, True, 8), (True, False, None)):
+        args = types.SimpleNamespace(padding_free=padding_free, packing=packing, max_length=max_length)
+        assert overrides.padding_free_sft_trainer(lambda: built, args) is built
 
 
 def test_instance_guards_fail_on_objects_without_the_private_state():

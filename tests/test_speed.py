@@ -540,7 +540,7 @@ def test_only_the_first_process_writes_curves_and_adapters(tmp_path, monkeypatch
 def test_padding_free_examples_are_cut_to_max_length_as_trl_cuts_them():
     from datasets import Dataset
 
-    from finetune.training.sft import truncate_examples
+    from finetune.overrides import truncate_examples
 
     rows = Dataset.from_list([
         {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},

@@ -15,21 +15,18 @@ from finetune.core.config import Config, ModelConfig
 from finetune.core.errors import ConfigError, DataError
 from finetune.data.formats import InvalidRow, from_ultrafeedback
 from finetune.data.rows import GENERATED_PAIRS, PREFERENCES_TRAIN, PREFERENCES_VALIDATION, load_split, read_jsonl
-from finetune.layout.speed import SpeedPlan, layout, speed_record
+from finetune.layout.speed import SpeedPlan, speed_record
 from finetune.model.loading import load_model, load_tokenizer
-from finetune.training.launch import is_main_process, shards_weights
-from finetune.training.records import write_layout
-from finetune.training.resume import checkpoint_to_resume, finish_run, restore_curves, run_fingerprint
+from finetune.overrides import reference_adapter_name
+from finetune.training.launch import shards_weights
+from finetune.training.resume import finish_run, run_fingerprint
+from finetune.training.start import start_run
 from finetune.training.runs import (
     eval_split,
     live_callbacks,
     save_adapter,
-    trainer_args,
     truncate_prompt,
 )
-
-REFERENCE_ADAPTER = "ref"  # TRL 1.16's name for its frozen copy of the loaded adapter, where it reads the reference
-
 
 def load_pairs(path: str | Path, missing_hint: str):
     """Generated pairs as a `datasets.Dataset` of prompt/chosen/rejected, validated as prepare validates
@@ -66,8 +63,7 @@ def use_reference_adapter(model, folder: str) -> None:
     from peft import PeftConfig, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    if REFERENCE_ADAPTER not in model.peft_config:
-        raise RuntimeError("use_reference_adapter: the trainer made no frozen 'ref' adapter to load into")
+    reference = reference_adapter_name(model)
     theirs, ours = PeftConfig.from_pretrained(folder), model.peft_config["default"]
     for key in ("r", "lora_alpha", "target_modules"):
         if getattr(theirs, key, None) != getattr(ours, key, None):
@@ -76,10 +72,10 @@ def use_reference_adapter(model, folder: str) -> None:
                 f"({getattr(theirs, key, None)!r} vs {getattr(ours, key, None)!r})"
             )
     weights = load_peft_weights(folder, device="cpu")
-    result = set_peft_model_state_dict(model, weights, adapter_name=REFERENCE_ADAPTER)
-    loaded = [key for key in model.state_dict() if f".{REFERENCE_ADAPTER}." in key]
+    result = set_peft_model_state_dict(model, weights, adapter_name=reference)
+    loaded = [key for key in model.state_dict() if f".{reference}." in key]
     if result.unexpected_keys or len(loaded) != len(weights):
-        raise RuntimeError(f"use_reference_adapter: {folder} does not fit the 'ref' adapter ({result})")
+        raise RuntimeError(f"use_reference_adapter: {folder} does not fit the {reference!r} adapter ({result})")
 
 
 def build_dpo_trainer(
@@ -187,15 +183,6 @@ def train_dpo(cfg: Config, callbacks=()) -> None:
     `callbacks`: more Trainer callbacks, after the stage's own (finetune.training.ray_engine reports checkpoints)."""
     from trl import DPOConfig
 
-    output_dir = str(Path(cfg.paths.checkpoints) / "dpo")
-    resume_from = checkpoint_to_resume(output_dir, dpo_fingerprint(cfg))
-    sharded = shards_weights(cfg.distributed)
-    trainer_kwargs, speed, install = layout(
-        cfg.model, "dpo", cfg.dpo.trainer, cfg.dpo.speed, sharded=sharded, budget_gib=cfg.dpo.memory_budget_gib
-    )
-    args = trainer_args(DPOConfig, "dpo", trainer_kwargs, output_dir)
-    if is_main_process():
-        restore_curves(resume_from, cfg.paths.dpo_metrics)
-        write_layout(speed, cfg.paths.dpo_metrics)
-    trainer = build_trainer(cfg, args, resume_from is not None, speed, install, callbacks)
-    train_and_save(trainer, resume_from, cfg.paths.dpo_adapter, output_dir)
+    run = start_run(cfg, "dpo", cfg.dpo, DPOConfig, dpo_fingerprint(cfg), cfg.paths.dpo_metrics)
+    trainer = build_trainer(cfg, run.args, run.resume_from is not None, run.speed, run.install, callbacks)
+    train_and_save(trainer, run.resume_from, cfg.paths.dpo_adapter, run.output_dir)
