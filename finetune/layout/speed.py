@@ -303,10 +303,12 @@ def plan(
     if requested == "low_memory":
         return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": "speed: low_memory"})
 
-    # fast: the largest real batch whose longest possible form fits once enough layers are checkpointed.
+    # fast: the largest real batch whose longest possible form fits once enough layers are checkpointed; batch 1
+    # when none does, still padding-free and compiled, keeping the written optimizer (its states are memory too).
     for batch in _divisors_descending(effective):
         worst = batch * sequences * max_length
-        if layers_to_checkpoint(shape, worst, budget) is None:
+        tight = layers_to_checkpoint(shape, worst, budget) is None
+        if tight and (batch > 1 or budget <= 0):
             continue
         free_tokens = 0
         while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0) <= budget:
@@ -318,7 +320,7 @@ def plan(
             "activation_checkpointing": free_tokens < worst,
         }
         written_optim = written.get("optim")
-        if written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
+        if not tight and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
         runs_bnb = any(marker in str(kwargs.get("optim", "")) for marker in CUDA_ONLY_OPTIMIZERS)
         batches_from = "as written"
@@ -344,7 +346,8 @@ def plan(
             min(free_tokens, worst),
             budget_gib,
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
-            f"(= the configured {per_device} x {accumulation})",
+            f"(= the configured {per_device} x {accumulation})"
+            + (", every layer checkpointed for the longest batches" if tight else ""),
             compiled=not sharded,
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
@@ -360,7 +363,7 @@ def plan(
             if stage == "sft" and world > 1 and "train_sampling_strategy" not in written
             else "in sampler order",
         )
-    reason = f"{gpu_bytes / GIB:.0f} GiB GPU: too small for a real batch, so batch 1 with every layer checkpointed"
+    reason = f"{gpu_bytes / GIB:.0f} GiB GPU: no room beside the weights, so the seeds' layout"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
 
 
