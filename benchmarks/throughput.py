@@ -156,6 +156,7 @@ def benchmark_params(work: Path, model_dir: Path, tiny: bool) -> dict:
                 "save_total_limit": 1,
                 "seed": 0,
                 "max_length": MAX_LENGTH,
+                "eval_strategy": "no",  # no validation split is written here, and evaluating is not what is measured
             }
         )
         if tiny:
@@ -203,7 +204,7 @@ class CachedModel:
         from peft import PeftModel
 
         from finetune.layout.fusion import FUSED_WEIGHT
-        from finetune.overrides import DequantizedLinear, restore_bnb_optimizer_waits
+        from finetune.overrides import DequantizedLinear
 
         if isinstance(trainer_model, PeftModel):
             self.model = trainer_model.unload()
@@ -212,7 +213,6 @@ class CachedModel:
         for module in self.model.modules():  # and the compiled decoder layers
             module._compiled_call_impl = None
         self.model.set_attn_implementation("sdpa")
-        restore_bnb_optimizer_waits()  # the next configuration runs bitsandbytes as shipped
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
         elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
@@ -314,14 +314,15 @@ def train_run(
     warmup: int,
     adapter_out: Path | None = None,
     reference_batches: tuple[int, ...] = (),
+    walk_modules_each_step: bool = False,
 ) -> dict:
     """Build the stage's trainer with these keywords, train, and measure (and TRL's reference pass again at each of
-    `reference_batches` pairs per batch)."""
+    `reference_batches` pairs per batch; with `walk_modules_each_step`, without the stages' WalkModulesOnce)."""
     from trl import DPOConfig, SFTConfig
 
     from finetune.training import dpo as dpo_training
     from finetune.training import sft as sft_training
-    from finetune.training.runs import trainer_args
+    from finetune.training.runs import WalkModulesOnce, trainer_args
 
     reset_memory()
     output_dir = str(Path(cfg.paths.checkpoints) / name)
@@ -332,6 +333,8 @@ def train_run(
     started = time.perf_counter()
     trainer = module.build_trainer(cfg, args, resume=False, speed=speed_plan, install=install)
     build = time.perf_counter() - started  # for fast DPO this includes TRL's reference log-prob precompute
+    if walk_modules_each_step:
+        trainer.remove_callback(WalkModulesOnce)
     trainer.add_callback(meter)
     meter.trainer = trainer
     started = time.perf_counter()
@@ -524,7 +527,6 @@ EAGER_4BIT = {
     "compiled": False,
     "attention": "sdpa",
     "base_weights": "as loaded",
-    "optimizer_waits": "as the optimizer does",
 }  # the fast layout before compiling
 VARIANTS = {
     "fast": {},
@@ -535,21 +537,22 @@ VARIANTS = {
         "kwargs": {"dataloader_num_workers": 0, "dataloader_persistent_workers": False},
         "plan": {"batches_from": "as written"},
     },
-    "fast_paged_adamw_8bit": {
-        "kwargs": {"optim": "paged_adamw_8bit"},
-        "plan": {"optimizer": "as written", "optimizer_waits": "none per tensor"},
-    },
-    "fast_optimizer_waits": {
-        "kwargs": {"optim": "paged_adamw_8bit"},
-        "plan": {"optimizer": "as written", "optimizer_waits": "as the optimizer does"},
-    },
+    "fast_paged_adamw_8bit": {"kwargs": {"optim": "paged_adamw_8bit"}, "plan": {"optimizer": "as written"}},
     "fast_separate_projections": {"plan": {"projections": "separate"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     "fast_4bit": {"plan": {"base_weights": "as loaded"}},
+    "fast_eager": {"plan": {"compiled": False}},
+    "fast_walk_modules_each_step": {"walk_modules_each_step": True},
+    # A zero budget makes checkpoint_as_needed checkpoint every layer of every batch, as the seed layout does.
+    "fast_all_layers_checkpointed": {
+        "kwargs": {"activation_checkpointing": True},
+        "plan": {"checkpointing": "all layers", "memory_budget_gib": 0.0},
+    },
     "eager_4bit_sdpa": {"plan": EAGER_4BIT},
     "fast_effective_batch_32": {"trainer": {"gradient_accumulation_steps": 32}},
     "dpo_fast": {"stage": "dpo"},
     "dpo_padded": {"stage": "dpo", "plan": {"padding_free": False}},
+    "dpo_reference_per_step": {"stage": "dpo", "kwargs": {"precompute_ref_log_probs": False}},
     "dpo_profiled": {"stage": "dpo", "profile": True},
     "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
     "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
@@ -557,11 +560,20 @@ VARIANTS = {
 
 
 def run_variants(
-    cfg_params: dict, work: Path, out: Path, cache: CachedModel, shape, steps: int, save, names: list[str]
+    cfg_params: dict,
+    work: Path,
+    out: Path,
+    cache: CachedModel,
+    shape,
+    steps: int,
+    save,
+    names: list[str],
+    adapter: Path | None = None,
 ) -> dict:
     """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
     after it); `*_profiled*` runs finetune.training.runs.ProfileSteps over steps 8-11, writing OUT/profile_NAME/ with
-    benchmarks/idle_gaps.py's report of where the GPU waited."""
+    benchmarks/idle_gaps.py's report of where the GPU waited. DPO variants start from the SFT adapter `adapter`, or
+    else from the one the first SFT variant writes."""
     import torch
 
     from finetune.layout.speed import GIB, gpu_memory_bytes, installer, plan
@@ -569,7 +581,7 @@ def run_variants(
     from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV
 
     results = {}
-    adapter = work / "adapter_variants"
+    adapter = adapter or work / "adapter_variants"
     if not adapter.exists() and (work / "adapter_fast").exists():  # the training section's SFT adapter
         adapter = work / "adapter_fast"
     for name in names:
@@ -595,6 +607,7 @@ def run_variants(
             "warmup": 4,  # the first steps compile: static, then dynamic shapes
             "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,
             "reference_batches": variant.get("reference_batches", ()),
+            "walk_modules_each_step": variant.get("walk_modules_each_step", False),
         }
         if variant.get("profile"):
             os.environ[PROFILE_ENV] = str(out / f"profile_{name}")
@@ -615,6 +628,7 @@ def run_variants(
                 )
                 if k in run
             }
+            results[name]["process_id"] = os.getpid()  # benchmarks/ablation.py checks each run had its own process
         except Exception as error:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
@@ -869,6 +883,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def saved_model_info(model_dir: Path) -> dict:
+    """What build_random_model reports that a saved model still tells: its parameter count (counted on the meta
+    device, so nothing is loaded) and where it is."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {"parameters": model.num_parameters(), "saved_to": str(model_dir), "reused": True}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -877,6 +902,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--sections", default="training,generation,bertscore")
     parser.add_argument("--variants", default=None, help=f"with --sections variants: some of {', '.join(VARIANTS)}")
+    parser.add_argument("--reuse-model", action="store_true", help="load the model in --model-dir, do not build one")
+    parser.add_argument("--adapter", default=None, help="the SFT adapter DPO variants start from")
     args = parser.parse_args(argv)
 
     import torch
@@ -906,9 +933,12 @@ def main(argv=None) -> int:
     try:
         embedded.main(str(params_path))
         started = time.perf_counter()
-        model_info = build_random_model(
-            TINY if args.tiny else MISTRAL_7B, Path(params["paths"]["embedded"]), model_dir, seed=0
-        )
+        if args.reuse_model:
+            model_info = saved_model_info(model_dir)
+        else:
+            model_info = build_random_model(
+                TINY if args.tiny else MISTRAL_7B, Path(params["paths"]["embedded"]), model_dir, seed=0
+            )
         model_info["shape"] = "tiny" if args.tiny else "Mistral-7B-v0.1"
         model_info["build_s"] = round(time.perf_counter() - started, 1)
         cfg = config_of(params)
@@ -990,7 +1020,8 @@ def main(argv=None) -> int:
 
             try:
                 chosen = args.variants.split(",") if args.variants else list(VARIANTS)
-                run_variants(params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen)
+                adapter = Path(args.adapter).resolve() if args.adapter else None
+                run_variants(params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen, adapter)
             finally:
                 sft_training.load_model = dpo_training.load_model = load_model
                 cache.model = None

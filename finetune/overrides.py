@@ -271,49 +271,6 @@ def check_studio_posts(live=None) -> None:
         _require(isinstance(skip, set), "dvclive", "Live._studio_events_to_skip", name)
 
 
-# --- bitsandbytes 0.50.2: the device wait after every tensor's update in Optimizer8bit.step ------------------------
-# Upstream: https://github.com/bitsandbytes-foundation/bitsandbytes/pull/2050 (open: drops the per-parameter wait for
-# non-paged CUDA optimizers).
-
-
-def unblock_bnb_optimizers() -> None:
-    """Let bitsandbytes' optimizers (paged_adamw_8bit, ...) queue their per-tensor updates instead of waiting on each.
-
-    Optimizer8bit.step synchronizes the device after every parameter's update (sync_gpu). LoRA on the seven
-    projections of a 32-layer model has 448 tensors, so each optimizer step waited 448 times for the GPU, which then
-    idled while Python issued the next update. The updates go to one CUDA stream, which runs them in order anyway, and
-    nothing on the CPU reads the optimizer states in between (saving a checkpoint copies them in stream order), so no
-    value changes. Process-wide (the optimizer looks sync_gpu up in its module), as a stage trains once per process;
-    restore_bnb_optimizer_waits undoes it.
-    """
-    import bitsandbytes.optim.optimizer as bnb_optimizer
-
-    check_bnb_waits()
-    bnb_optimizer.sync_gpu = _no_wait
-
-
-def restore_bnb_optimizer_waits() -> None:
-    """Undo unblock_bnb_optimizers: bitsandbytes' optimizers wait after each update again, as shipped."""
-    import bitsandbytes.optim.optimizer as bnb_optimizer
-    import bitsandbytes.utils
-
-    check_bnb_waits()
-    bnb_optimizer.sync_gpu = bitsandbytes.utils.sync_gpu
-
-
-def _no_wait(tensor) -> None:
-    return None
-
-
-def check_bnb_waits() -> None:
-    import bitsandbytes.optim.optimizer as bnb_optimizer
-
-    name = "unblock_bnb_optimizers"
-    _require(hasattr(bnb_optimizer, "sync_gpu"), "bitsandbytes", "bitsandbytes.optim.optimizer.sync_gpu", name)
-    waits = "sync_gpu" in _names(getattr(bnb_optimizer.Optimizer8bit, "step", None))
-    _require(waits, "bitsandbytes", "Optimizer8bit.step's call of sync_gpu", name)
-
-
 # --- torch 2.13.0: dynamo's settings, and the compiled call of a module (nn.Module._compiled_call_impl) -------------
 # Upstream: no upstream issue known (settings, not a bug).
 

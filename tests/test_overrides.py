@@ -22,7 +22,6 @@ GUARDS = [
     overrides.check_rebalance_sampler,
     overrides.check_module_walks,
     overrides.check_studio_posts,
-    overrides.check_bnb_waits,
     overrides.check_compiler_settings,
     overrides.check_module_compile,
     overrides.check_lora_layers,
@@ -106,12 +105,6 @@ def dvclive_live():
     return Live
 
 
-def bnb_optimizer_module():
-    import bitsandbytes.optim.optimizer
-
-    return bitsandbytes.optim.optimizer
-
-
 def lora_layer():
     from peft.tuners.lora import LoraLayer
 
@@ -142,7 +135,6 @@ REMOVED = [
     (rebalance_sampler, "_assign", overrides.check_rebalance_sampler, "transformers", "SharesSampler"),
     (lambda: torch.nn.Module, "zero_grad", overrides.check_module_walks, "torch", "walk_modules_once"),
     (dvclive_live, "post_data_to_studio", overrides.check_studio_posts, "dvclive", "skip_unconfigured_studio_posts"),
-    (bnb_optimizer_module, "sync_gpu", overrides.check_bnb_waits, "bitsandbytes", "unblock_bnb_optimizers"),
     (lambda: torch.nn.Module, "compile", overrides.check_module_compile, "torch", "compile_in_place"),
     (lora_layer, "_cast_input_dtype", overrides.check_lora_layers, "peft", "lora_input"),
     (bnb_functional, "dequantize_4bit", overrides.check_dequantize, "bitsandbytes", "dequantize_base"),
@@ -224,7 +216,6 @@ def test_instance_guards_fail_on_objects_without_the_private_state():
 
 
 def test_a_failing_guard_changes_nothing(monkeypatch):
-    import bitsandbytes.optim.optimizer as bnb_optimizer
     from transformers import Trainer
 
     trainer = types.SimpleNamespace()
@@ -232,12 +223,6 @@ def test_a_failing_guard_changes_nothing(monkeypatch):
     with pytest.raises(RuntimeError, match=loudly("transformers", "replace_train_sampler")):
         overrides.replace_train_sampler(trainer, lambda train_dataset=None: None)
     assert vars(trainer) == {}
-
-    waits = bnb_optimizer.sync_gpu
-    monkeypatch.setattr(bnb_optimizer.Optimizer8bit, "step", lambda self, closure=None: None)
-    with pytest.raises(RuntimeError, match=loudly("bitsandbytes", "unblock_bnb_optimizers")):
-        overrides.unblock_bnb_optimizers()
-    assert bnb_optimizer.sync_gpu is waits
 
     model = tiny_causal_lm()
     monkeypatch.setattr(torch.nn.Module, "zero_grad", lambda self: None)  # no set_to_none any more
@@ -308,13 +293,3 @@ def test_a_real_dvclive_run_without_studio_skips_its_payloads(tmp_path, monkeypa
     live.next_step()  # sync() posts to Studio: now nothing
     assert (tmp_path / "metrics" / "plots" / "metrics" / "loss.tsv").is_file()
 
-
-def test_bnb_waits_are_removed_and_restored(monkeypatch):
-    import bitsandbytes.optim.optimizer as bnb_optimizer
-    import bitsandbytes.utils
-
-    monkeypatch.setattr(bnb_optimizer, "sync_gpu", bnb_optimizer.sync_gpu)  # restored after the test
-    overrides.unblock_bnb_optimizers()
-    assert bnb_optimizer.sync_gpu(torch.zeros(1)) is None and bnb_optimizer.sync_gpu is not bitsandbytes.utils.sync_gpu
-    overrides.restore_bnb_optimizer_waits()
-    assert bnb_optimizer.sync_gpu is bitsandbytes.utils.sync_gpu

@@ -71,7 +71,6 @@ def test_fast_on_an_80_gb_gpu_is_one_real_batch_of_the_same_examples():
     assert {k: kwargs[k] for k in ("bf16", "max_length")} == {k: SEED[k] for k in ("bf16", "max_length")}
     # AdamW as one fused step with float32 states instead of bitsandbytes' loop over 8-bit ones: the same update rule.
     assert kwargs["optim"] == "adamw_torch_fused" and chosen.optimizer == "adamw_torch_fused (for paged_adamw_8bit)"
-    assert chosen.optimizer_waits == "as the optimizer does"  # no bitsandbytes optimizer left to unblock
     assert chosen.mode == "fast" and chosen.max_tokens_per_batch == 8 * 1024
     # The worst batch (8 full-length rows) needs some layers checkpointed; typical batches need none.
     assert kwargs["activation_checkpointing"] is True
@@ -92,7 +91,6 @@ def test_only_adamw_optimizers_are_swapped_for_the_fused_one():
         kwargs, chosen = plan("sft", {**SEED, "optim": optim}, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
         assert kwargs["optim"] == runs
         assert chosen.optimizer == ("as written" if runs == optim else f"adamw_torch_fused (for {optim})")
-        assert chosen.optimizer_waits == ("none per tensor" if "8bit" in runs else "as the optimizer does")
     kwargs, chosen = plan("sft", SEED, "low_memory", MISTRAL_7B, 80 * GIB, quantized=True)
     assert kwargs["optim"] == "paged_adamw_8bit" and chosen.optimizer == "as written"  # memory first
 

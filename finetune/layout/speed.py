@@ -167,7 +167,6 @@ class SpeedPlan:
     compiled: bool = False  # decoder layers run through torch.compile (see compile_decoder_layers)
     attention: str = "sdpa"  # the attention implementation the layout sets
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (overrides.dequantize_base)
-    optimizer_waits: str = "as the optimizer does"  # or "none per tensor" (overrides.unblock_bnb_optimizers)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
@@ -322,7 +321,6 @@ def plan(
         written_optim = written.get("optim")
         if not tight and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
-        runs_bnb = any(marker in str(kwargs.get("optim", "")) for marker in CUDA_ONLY_OPTIMIZERS)
         batches_from = "as written"
         if "dataloader_num_workers" not in written:
             kwargs.update(dataloader_num_workers=LOADER_WORKERS, dataloader_persistent_workers=True)
@@ -351,7 +349,6 @@ def plan(
             compiled=not sharded,
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
-            optimizer_waits="none per tensor" if runs_bnb else "as the optimizer does",
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
@@ -484,7 +481,7 @@ def layout(
 
 def installer(chosen: SpeedPlan, shape: ModelShape | None):
     """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, fused projections, compiled layers,
-    optimizer waits, packing of padded batches, per-batch checkpointing hook)."""
+    packing of padded batches, per-batch checkpointing hook)."""
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
@@ -499,10 +496,6 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
             fuse_projections(model)
         if chosen.compiled:
             compile_decoder_layers(model)
-        if chosen.optimizer_waits == "none per tensor":
-            from finetune.overrides import unblock_bnb_optimizers
-
-            unblock_bnb_optimizers()
         if chosen.padding_free:
             pack_padded_batches(model.base_model)
         if chosen.mode == "fast" and chosen.checkpointing != "off":

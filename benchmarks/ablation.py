@@ -1,0 +1,379 @@
+"""Lever ablation of the fast training layout: every lever of finetune.layout.speed measured ON and OFF, each run in
+a fresh process, with a keep / delete verdict per lever.
+
+    python benchmarks/ablation.py                                # one CUDA GPU: every lever, 3 repeats
+    python benchmarks/ablation.py --levers compiled,flex_attention --repeats 5
+    python benchmarks/ablation.py --cold-cache                   # every process starts with an empty inductor cache
+    python benchmarks/ablation.py --tiny --out /tmp/ablation     # CPU smoke test of the flow; verdicts mean nothing
+
+A run is `benchmarks/throughput.py --sections variants --variants NAME` in its own process, on one model built once;
+repeats alternate ON, OFF / OFF, ON (ABBA). Results: OUT/ablation.json (every run) and OUT/ablation.md (verdicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+from gpu_proof import default_model_dir  # noqa: E402
+from throughput import VARIANTS  # noqa: E402
+
+MIN_GAIN = 0.03  # what a lever must buy beyond the runs' own spread to be worth its code
+CHILD_TIMEOUT_S = 3600  # a 7B run loads, compiles and trains in minutes: an hour means it hung
+
+
+@dataclass(frozen=True)
+class Lever:
+    what: str
+    on: str  # the throughput.VARIANTS run with the lever
+    off: str  # the same run without it
+
+
+LEVERS = {
+    "bf16_weights": Lever("bf16 copy of the 4-bit weights", "fast", "fast_4bit"),
+    "compiled": Lever("compiled decoder layers", "fast", "fast_eager"),
+    "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
+    "fused_projections": Lever("fused q/k/v and gate/up projections", "fast", "fast_separate_projections"),
+    "fused_adamw": Lever("fused AdamW instead of the written paged_adamw_8bit", "fast", "fast_paged_adamw_8bit"),
+    "loader_workers": Lever("batches collated in loader worker processes", "fast", "fast_loader_in_process"),
+    "walk_modules_once": Lever("WalkModulesOnce", "fast", "fast_walk_modules_each_step"),
+    "selective_checkpointing": Lever(
+        "checkpointing only the layers a batch needs", "fast", "fast_all_layers_checkpointed"
+    ),
+    "dpo_padding_free": Lever("DPO pairs packed padding-free", "dpo_fast", "dpo_padded"),
+    "dpo_precomputed_reference": Lever("DPO reference log-probs precomputed", "dpo_fast", "dpo_reference_per_step"),
+}
+NOT_MEASURED = {"token_balanced_shares": "needs 2 GPUs, not measured on one"}
+TINY_LEVERS = ("compiled", "dpo_padding_free")  # one lever of each stage: the smoke test covers both
+PREPARED_ROWS = "data/prepared"  # under a run's work folder (params.yaml paths.prepared)
+
+
+@dataclass(frozen=True)
+class Settings:
+    work: Path
+    out: Path
+    model_dir: Path
+    tiny: bool
+    cold_cache: bool
+
+    @property
+    def inductor_cache(self) -> Path:
+        return self.work / "inductor_cache"
+
+    @property
+    def adapter(self) -> Path:
+        return self.work / "prepare" / "work" / "adapter_variants"  # where the prepare run's SFT variant saves it
+
+
+# ---------------------------------------------------------------------------------------------- pure rules
+
+
+def stage_of(lever: Lever) -> str:
+    return VARIANTS[lever.on].get("stage", "sft")
+
+
+def run_order(levers: list[str], repeats: int) -> list[tuple[str, int]]:
+    """(variant, repeat) in running order: each variant once per repeat (levers sharing an ON variant share its
+    run), each lever's ON before its OFF, and every odd repeat reversed, so that over two repeats all variants sit
+    at the same mean position (ABBA) and a drift over time favours none."""
+    sequence = list(dict.fromkeys(variant for name in levers for variant in (LEVERS[name].on, LEVERS[name].off)))
+    return [(variant, repeat) for repeat in range(repeats) for variant in (sequence[::-1] if repeat % 2 else sequence)]
+
+
+def relative_spread(rates: list[float]) -> float:
+    return (max(rates) - min(rates)) / statistics.median(rates)
+
+
+def verdict(on_rates: list[float | None], off_rates: list[float | None]) -> dict:
+    """The house rule: a lever stays if its median ON rate beats the median OFF rate by MIN_GAIN more than the
+    larger relative spread of the two sides. A side with no runs, or a run with no rate, gives "error"."""
+    if not on_rates or not off_rates or not all(on_rates) or not all(off_rates):
+        return {"verdict": "error"}
+    gain = statistics.median(on_rates) / statistics.median(off_rates) - 1
+    spread = max(relative_spread(on_rates), relative_spread(off_rates))
+    return {
+        "gain": gain,
+        "spread": spread,
+        "verdict": "keep" if gain >= MIN_GAIN + spread else "delete",
+        "off_faster": gain < 0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+def child_environment(cache: Path) -> dict:
+    environment = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(cache),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
+    environment.pop("TRITON_CACHE_DIR", None)  # triton's kernels then live in the inductor cache and go with it
+    return environment
+
+
+def rows_digest(work: Path) -> str | None:
+    """One hash of every prepared row file a run trained on: equal digests, equal rows."""
+    files = sorted((work / PREPARED_ROWS).rglob("*.jsonl"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(work)).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def child_command(settings: Settings, variant: str, run_dir: Path, prepare: bool) -> list[str]:
+    command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--sections", "variants", "--variants", variant]
+    command += ["--out", str(run_dir / "out"), "--work", str(run_dir / "work"), "--model-dir", str(settings.model_dir)]
+    if not prepare:  # the prepare run builds the model and saves the adapter the others start from
+        command += ["--reuse-model", "--adapter", str(settings.adapter)]
+    return command + (["--tiny"] if settings.tiny else [])
+
+
+def outcome(exit_status: int | None, result_file: Path, variant: str) -> dict:
+    """The variant's entry of the child's throughput.json, or the reason there is none."""
+    if exit_status is None:
+        return {"error": f"no result within {CHILD_TIMEOUT_S} s"}
+    if not result_file.is_file():
+        return {"error": f"exit status {exit_status}, no throughput.json"}
+    variants = json.loads(result_file.read_text()).get("variants", {})
+    return variants.get(variant) or {"error": f"exit status {exit_status}, no result"}
+
+
+def run_process(settings: Settings, variant: str, label: str, prepare: bool = False) -> dict:
+    """One throughput.py process running `variant`; its result, with its log in OUT/logs/LABEL.log."""
+    run_dir = settings.work / label
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cache = settings.inductor_cache
+    if settings.cold_cache:  # what a first `dvc repro` on a fresh machine meets
+        shutil.rmtree(cache, ignore_errors=True)
+    log = settings.out / "logs" / f"{label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"ablation: {label} ({variant}) ...", flush=True)
+    started = time.perf_counter()
+    with log.open("w") as stream:
+        try:
+            code = subprocess.run(
+                child_command(settings, variant, run_dir, prepare),
+                cwd=REPO,
+                env=child_environment(cache),
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                timeout=CHILD_TIMEOUT_S,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    record = {
+        "variant": variant,
+        "label": label,
+        "exit_status": code,
+        "process_wall_s": round(time.perf_counter() - started, 1),
+        "rows_digest": rows_digest(run_dir / "work"),
+        "log": str(log),
+        **outcome(code, run_dir / "out" / "throughput.json", variant),
+    }
+    if not prepare:  # its data are regenerated from seed 0 by every run; the prepare run's adapter is still needed
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"ablation: {label}: {record.get('tokens_per_s', record.get('error'))}", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def side(runs: list[dict], variant: str) -> dict:
+    chosen = [run for run in runs if run["variant"] == variant]
+    peaks = [run["peak_memory_gib"] for run in chosen if run.get("peak_memory_gib") is not None]
+    return {
+        "rates": [run.get("tokens_per_s") for run in chosen],
+        "rates_incl_build": [run.get("tokens_per_s_incl_build") for run in chosen],
+        "peak_gib": max(peaks) if peaks else None,
+    }
+
+
+def summarise(levers: list[str], measured: list[dict]) -> list[dict]:
+    summaries = []
+    for name in levers:
+        lever = LEVERS[name]
+        on, off = side(measured, lever.on), side(measured, lever.off)
+        summaries.append(
+            {
+                "lever": name,
+                "what": lever.what,
+                "stage": stage_of(lever),
+                "on": lever.on,
+                "off": lever.off,
+                "on_side": on,
+                "off_side": off,
+                **verdict(on["rates"], off["rates"]),
+            }
+        )
+    return summaries
+
+
+def rates_text(rates: list[float | None]) -> str:
+    known = [rate for rate in rates if rate]
+    if not known:
+        return "–"
+    return " / ".join(f"{value:,.0f}" for value in (min(known), statistics.median(known), max(known)))
+
+
+def peak_text(gib: float | None) -> str:
+    return "–" if gib is None else f"{gib:.2f}"
+
+
+def verdict_text(summary: dict) -> str:
+    if summary["verdict"] == "delete" and summary["off_faster"]:
+        return "**delete** (OFF is faster)"
+    return f"**{summary['verdict']}**"
+
+
+def lever_row(summary: dict) -> str:
+    on, off = summary["on_side"], summary["off_side"]
+    judged = summary["verdict"] != "error"
+    cells = [
+        f"{summary['what']} (`{summary['on']}` vs `{summary['off']}`)",
+        summary["stage"],
+        rates_text(on["rates"]),
+        rates_text(off["rates"]),
+        f"{peak_text(on['peak_gib'])} / {peak_text(off['peak_gib'])}",
+        f"{summary['gain']:+.1%}" if judged else "–",
+        f"{summary['spread']:.1%}" if judged else "–",
+        verdict_text(summary),
+        rates_text(on["rates_incl_build"]),
+        rates_text(off["rates_incl_build"]),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(result: dict) -> str:
+    versions = result["versions"]
+    device = versions.get("gpu") or "CPU"
+    lines = ["# Lever ablation of `speed: fast` (benchmarks/ablation.py)", ""]
+    if result["tiny"]:
+        lines += [f"**Smoke run on {device} with the tiny model: the verdicts mean nothing.**", ""]
+    cache = (
+        "emptied before every process (--cold-cache)"
+        if result["cold_cache"]
+        else "warm (filled first by one unmeasured run of each variant)"
+    )
+    lines += [
+        f"Date: {result['date']}. Device: {device} ({versions.get('gpu_memory_gib')} GiB); "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "gpu_memory_gib"))
+        + ".",
+        f"Each run is one fresh process (`benchmarks/throughput.py --sections variants`, {result['steps']} "
+        f"optimizer steps), {result['repeats']} repeat(s) per variant in ABBA order; inductor cache {cache}.",
+        f"Verdict: gain = median ON / median OFF − 1; spread = (max − min) / median, the larger side's; keep if "
+        f"gain ≥ {MIN_GAIN:.0%} + spread. Rates are steady-state non-padding tokens/s; the last two columns "
+        "include building the trainer and compiling. Peak GiB is the highest of a side's runs.",
+        "",
+        "| lever | stage | ON tokens/s min / med / max | OFF tokens/s min / med / max | peak GiB ON / OFF | gain "
+        "| spread | verdict | ON incl. build min / med / max | OFF incl. build min / med / max |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        *[lever_row(summary) for summary in result["levers"]],
+        *[f"| {name} | sft | – | – | – | – | – | {reason} | – | – |" for name, reason in NOT_MEASURED.items()],
+        "",
+        "Same rows in every run: " + ("yes" if result["same_rows"] else "**no**") + f". Order: {result['order']}.",
+    ]
+    failed = [run for run in result["runs"] if "error" in run]
+    lines += [f"- {run['label']} ({run['variant']}): {run['error']} (log {run['log']})" for run in failed]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, 1 repeat, a couple of levers")
+    parser.add_argument("--levers", default=None, help=f"comma-separated, some of {', '.join(LEVERS)}")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per variant (default 3, 1 with --tiny)")
+    parser.add_argument("--cold-cache", action="store_true", help="empty the inductor cache before every process")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "ablation_out")
+    parser.add_argument("--work", default=None, help="scratch and inductor cache (default /tmp/ablation[_tiny])")
+    parser.add_argument("--model-dir", default=None, help="where the random model is built once")
+    args = parser.parse_args(argv)
+    args.levers = args.levers.split(",") if args.levers else list(TINY_LEVERS if args.tiny else LEVERS)
+    unknown = [name for name in args.levers if name not in LEVERS]
+    if unknown:
+        parser.error(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    return args
+
+
+def prepared_versions(settings: Settings) -> dict:
+    """gpu_proof.versions() as the prepare run recorded it: the parent never touches the GPU, the children have it."""
+    result_file = settings.work / "prepare" / "out" / "throughput.json"
+    return json.loads(result_file.read_text())["versions"] if result_file.is_file() else {}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        work=Path(args.work or ("/tmp/ablation_tiny" if args.tiny else "/tmp/ablation")).resolve(),
+        out=out,
+        model_dir=Path(args.model_dir or default_model_dir(args.tiny)).resolve(),
+        tiny=args.tiny,
+        cold_cache=args.cold_cache,
+    )
+    order = run_order(args.levers, args.repeats)
+    result = {
+        "what": "finetune.layout.speed's levers, each ON vs OFF, one fresh process per run (benchmarks/ablation.py)",
+        "date": time.strftime("%Y-%m-%d"),
+        "tiny": args.tiny,
+        "cold_cache": args.cold_cache,
+        "repeats": args.repeats,
+        "steps": 3 if args.tiny else 24,  # throughput.py's own steps per variant
+        "order": ", ".join(f"{variant}#{repeat}" for variant, repeat in order),
+        "runs": [],
+    }
+
+    def save() -> None:
+        (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    prepare = {**run_process(settings, "fast", "prepare", prepare=True), "role": "prepare"}
+    result["runs"].append(prepare)
+    result["versions"] = prepared_versions(settings)
+    save()
+    if "error" in prepare:
+        print(f"ablation: the prepare run failed: {prepare['error']}; see {prepare['log']}", file=sys.stderr)
+        return 1
+    if not args.cold_cache:  # every measured process then finds its graphs compiled, as a second `dvc repro` does
+        for variant in dict.fromkeys(variant for variant, _ in order if variant != "fast"):  # prepare ran fast
+            result["runs"].append({**run_process(settings, variant, f"warm_up_{variant}"), "role": "cache warm-up"})
+            save()
+    for position, (variant, repeat) in enumerate(order):
+        run = run_process(settings, variant, f"{variant}_r{repeat}")
+        result["runs"].append({**run, "role": "measured", "repeat": repeat, "position": position})
+        save()
+    measured = [run for run in result["runs"] if run["role"] == "measured"]
+    result["levers"] = summarise(args.levers, measured)
+    result["not_measured"] = NOT_MEASURED
+    result["same_rows"] = len({run["rows_digest"] for run in result["runs"] if run["rows_digest"]}) == 1
+    save()
+    (out / "ablation.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result), flush=True)
+    return 1 if any(summary["verdict"] == "error" for summary in result["levers"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

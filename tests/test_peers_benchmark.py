@@ -1,0 +1,52 @@
+"""benchmarks/peers.py --tiny: the peer benchmark's flow on a CPU (one process per run, repeats in alternating order,
+hook-counted tokens, DPO's combined rate), so the GPU run meets no surprise but the engines that need CUDA."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tiny_peers_run_each_engine_in_turn_and_count_tokens_alike(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--tiny", "--engines", "trl,trl_dpo",
+               "--repeats", "2", "--out", str(out), "--work", str(tmp_path / "work"),
+               "--model-dir", str(tmp_path / "model")]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / "peers.json").read_text())
+    runs = result["runs"]
+
+    # The whole order, then again: engines alternate rather than repeating one engine in a row
+    assert [(r["repeat"], r["engine"]) for r in runs] == [(0, "trl"), (0, "trl_dpo"), (1, "trl"), (1, "trl_dpo")]
+    assert all(r["budget_gib"] is None and "error" not in r for r in runs)
+    for r in runs:
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s_incl_setup"] > 0
+        assert len(r["losses"]) == r["steps"] and all(math.isfinite(loss) for loss in r["losses"])
+        # The hook counts what TRL counts, so engines whose trainers count nothing are measured alike
+        assert r["tokens_total"] == r["trainer_tokens_total"] > 0
+    for name in ("trl", "trl_dpo"):  # the same rows in every repeat: the same tokens, step by step
+        first, second = (r for r in runs if r["engine"] == name)
+        assert first["step_tokens"] == second["step_tokens"]
+    dpo = runs[1]
+    training, reference = dpo["tokens_per_s_training_only"], dpo["reference_pass"]["tokens_per_s"]
+    assert dpo["tokens_per_s"] == pytest.approx(1 / (1 / training + 1 / reference), abs=0.1)
+
+    # The same rows as benchmarks/throughput.py writes (its fast runs' row counts, seed 0)
+    assert result["data"]["sft_tokens"]["rows"] == 48 and result["data"]["dpo_prompt_plus_chosen_tokens"]["rows"] == 24
+    if not torch.cuda.is_available():
+        for name in ("trl_liger", "trl_liger_dpo", "unsloth", "unsloth_d0_ckpt", "unsloth_dpo"):
+            assert "no CUDA device" in result["skipped"][name]
+    assert "trl" not in result["skipped"] and "trl_dpo" not in result["skipped"]
+    report = (out / "peers.md").read_text()
+    assert report.startswith("# Peers") and "## SFT" in report and "## DPO" in report and "Not run here" in report
