@@ -69,6 +69,7 @@ class Settings:
     model_dir: Path
     tiny: bool
     cold_cache: bool
+    budget_gib: float | None  # every run plans within and is capped at this much GPU memory; None: the whole GPU
 
     @property
     def inductor_cache(self) -> Path:
@@ -143,6 +144,8 @@ def child_command(settings: Settings, variant: str, run_dir: Path, prepare: bool
     command += ["--out", str(run_dir / "out"), "--work", str(run_dir / "work"), "--model-dir", str(settings.model_dir)]
     if not prepare:  # the prepare run builds the model and saves the adapter the others start from
         command += ["--reuse-model", "--adapter", str(settings.adapter)]
+    if settings.budget_gib is not None:
+        command += ["--memory-budget-gib", str(settings.budget_gib)]
     return command + (["--tiny"] if settings.tiny else [])
 
 
@@ -274,12 +277,14 @@ def markdown(result: dict) -> str:
         if result["cold_cache"]
         else "warm (filled first by one unmeasured run of each variant)"
     )
+    budget = f"{result['memory_budget_gib']:g} GiB (--memory-budget-gib)" if result["memory_budget_gib"] else "all"
     lines += [
         f"Date: {result['date']}. Device: {device} ({versions.get('gpu_memory_gib')} GiB); "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "gpu_memory_gib"))
         + ".",
         f"Each run is one fresh process (`benchmarks/throughput.py --sections variants`, {result['steps']} "
-        f"optimizer steps), {result['repeats']} repeat(s) per variant in ABBA order; inductor cache {cache}.",
+        f"optimizer steps), {result['repeats']} repeat(s) per variant in ABBA order; inductor cache {cache}; "
+        f"GPU memory: {budget}.",
         f"Verdict: gain = median ON / median OFF − 1; spread = (max − min) / median, the larger side's; keep if "
         f"gain ≥ {MIN_GAIN:.0%} + spread. Rates are steady-state non-padding tokens/s; the last two columns "
         "include building the trainer and compiling. Peak GiB is the highest of a side's runs.",
@@ -309,6 +314,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT") or "ablation_out")
     parser.add_argument("--work", default=None, help="scratch and inductor cache (default /tmp/ablation[_tiny])")
     parser.add_argument("--model-dir", default=None, help="where the random model is built once")
+    parser.add_argument("--memory-budget-gib", type=float, default=None, help="GPU memory every run plans within")
     args = parser.parse_args(argv)
     args.levers = args.levers.split(",") if args.levers else list(TINY_LEVERS if args.tiny else LEVERS)
     unknown = [name for name in args.levers if name not in LEVERS]
@@ -334,6 +340,7 @@ def main(argv=None) -> int:
         model_dir=Path(args.model_dir or default_model_dir(args.tiny)).resolve(),
         tiny=args.tiny,
         cold_cache=args.cold_cache,
+        budget_gib=args.memory_budget_gib,
     )
     order = run_order(args.levers, args.repeats)
     result = {
@@ -341,6 +348,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "tiny": args.tiny,
         "cold_cache": args.cold_cache,
+        "memory_budget_gib": args.memory_budget_gib,
         "repeats": args.repeats,
         "steps": 3 if args.tiny else 24,  # throughput.py's own steps per variant
         "order": ", ".join(f"{variant}#{repeat}" for variant, repeat in order),

@@ -453,16 +453,24 @@ def on_this_device(chosen):
     return chosen if torch.cuda.is_available() else dataclasses.replace(chosen, attention="sdpa")
 
 
-def run_training(cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: bool, steps: dict) -> dict:
-    from finetune.layout.speed import gpu_memory_bytes, installer, plan
+def planned_gpu_bytes(budget_gib: float | None) -> int:
+    """The GPU memory the layouts plan for: the GPU's, or `budget_gib` capped on the allocator as the stages cap
+    `memory_budget_gib` (finetune.layout.speed.memory_budget). On a CPU (--tiny) there is no GPU to plan for; a
+    notional 80 GB GPU exercises the same planning code."""
+    from finetune.layout.speed import GIB, gpu_memory_bytes, memory_budget
+
+    return memory_budget(gpu_memory_bytes(), budget_gib) or 80 * GIB
+
+
+def run_training(
+    cfg_params: dict, work: Path, cache: CachedModel, shape, tiny: bool, steps: dict, planned_gpu: int
+) -> dict:
+    from finetune.layout.speed import installer, plan
     from finetune.model.loading import use_4bit
 
     results: dict = {}
-    gpu = gpu_memory_bytes()
     cfg = config_of(cfg_params)
     quantized = use_4bit(cfg.model)
-    # On a CPU (--tiny) there is no GPU to plan for; a notional 80 GB GPU exercises the same planning code.
-    planned_gpu = gpu if gpu is not None else 80 * 2**30
 
     seed_sft = dict(cfg.sft.trainer)
     fast_sft, fast_sft_plan = plan("sft", seed_sft, "fast", shape, planned_gpu, quantized)
@@ -568,6 +576,7 @@ def run_variants(
     steps: int,
     save,
     names: list[str],
+    planned_gpu: int,
     adapter: Path | None = None,
 ) -> dict:
     """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
@@ -576,7 +585,7 @@ def run_variants(
     else from the one the first SFT variant writes."""
     import torch
 
-    from finetune.layout.speed import GIB, gpu_memory_bytes, installer, plan
+    from finetune.layout.speed import installer, plan
     from finetune.model.loading import use_4bit
     from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV
 
@@ -593,7 +602,7 @@ def run_variants(
             cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(adapter)))
         section = cfg.sft if stage == "sft" else cfg.dpo
         trainer = {**section.trainer, **variant.get("trainer", {})}
-        fast, chosen = plan(stage, trainer, "fast", shape, gpu_memory_bytes() or 80 * GIB, use_4bit(cfg.model))
+        fast, chosen = plan(stage, trainer, "fast", shape, planned_gpu, use_4bit(cfg.model))
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
         run_steps = 12 if variant.get("profile") else steps  # ProfileSteps profiles steps 8-11
         arguments = {
@@ -904,6 +913,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=None, help=f"with --sections variants: some of {', '.join(VARIANTS)}")
     parser.add_argument("--reuse-model", action="store_true", help="load the model in --model-dir, do not build one")
     parser.add_argument("--adapter", default=None, help="the SFT adapter DPO variants start from")
+    parser.add_argument("--memory-budget-gib", type=float, default=None, help="plan within and cap the GPU at this")
     args = parser.parse_args(argv)
 
     import torch
@@ -959,6 +969,7 @@ def main(argv=None) -> int:
             full_length_rows=steps["sft_low"] * EFFECTIVE_BATCH,
         )
         shape = model_shape(cfg.model)
+        planned_gpu = planned_gpu_bytes(args.memory_budget_gib)
         attention_for_varying_shapes()  # as finetune.layout.speed.layout does in every training stage
         result = {
             "what": "stages.sft / stages.dpo / finetune.evaluation.generation / finetune.evaluation.metrics "
@@ -968,6 +979,7 @@ def main(argv=None) -> int:
             "versions": versions(),
             "model": model_info,
             "shape": dataclasses.asdict(shape),
+            "memory_budget_gib": args.memory_budget_gib,  # None: the whole GPU
             "lora": dataclasses.asdict(cfg.lora),
             "data": data,
             "errors": {},
@@ -983,7 +995,7 @@ def main(argv=None) -> int:
             # the stages' own trainers, minus reloading 7B weights
             sft_training.load_model = dpo_training.load_model = cache
             try:
-                result["training"] = run_training(params, work, cache, shape, args.tiny, steps)
+                result["training"] = run_training(params, work, cache, shape, args.tiny, steps, planned_gpu)
             except Exception as error:  # keep what was measured; report the rest
                 traceback.print_exc()
                 result["errors"]["training"] = f"{type(error).__name__}: {error}"
@@ -1021,7 +1033,9 @@ def main(argv=None) -> int:
             try:
                 chosen = args.variants.split(",") if args.variants else list(VARIANTS)
                 adapter = Path(args.adapter).resolve() if args.adapter else None
-                run_variants(params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen, adapter)
+                run_variants(
+                    params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen, planned_gpu, adapter
+                )
             finally:
                 sft_training.load_model = dpo_training.load_model = load_model
                 cache.model = None
