@@ -54,6 +54,9 @@ LEVERS = {
     "selective_checkpointing": Lever(
         "checkpointing only the layers a batch needs", "fast", "fast_all_layers_checkpointed"
     ),
+    "fast_layout": Lever(
+        "the fast layout instead of the seeds' (at a small --memory-budget-gib: batch 1)", "fast", "low_memory"
+    ),
     "dpo_padding_free": Lever("DPO pairs packed padding-free", "dpo_fast", "dpo_padded"),
     "dpo_precomputed_reference": Lever("DPO reference log-probs precomputed", "dpo_fast", "dpo_reference_per_step"),
 }

@@ -538,6 +538,7 @@ EAGER_4BIT = {
 }  # the fast layout before compiling
 VARIANTS = {
     "fast": {},
+    "low_memory": {"requested": "low_memory"},  # the seeds' layout: what the fast layout replaces at small budgets
     "fast_profiled": {"profile": True},
     "fast_profiled_python": {"profile": True, "python_frames": True},
     "fast_logging_every_step": {"kwargs": {"logging_steps": 1}},
@@ -602,7 +603,8 @@ def run_variants(
             cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(adapter)))
         section = cfg.sft if stage == "sft" else cfg.dpo
         trainer = {**section.trainer, **variant.get("trainer", {})}
-        fast, chosen = plan(stage, trainer, "fast", shape, planned_gpu, use_4bit(cfg.model))
+        requested = variant.get("requested", "fast")
+        fast, chosen = plan(stage, trainer, requested, shape, planned_gpu, use_4bit(cfg.model))
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
         run_steps = 12 if variant.get("profile") else steps  # ProfileSteps profiles steps 8-11
         arguments = {
