@@ -39,6 +39,7 @@ from finetune.layout.speed import (
 from finetune.tools.dry_run import architecture_file, default_section
 from finetune.training import sft as sft_training
 from finetune.training.launch import launch_command, relaunch
+from finetune.model.loading import decoder_layers
 from finetune.training.runs import trainer_args
 
 # Mistral-7B-v0.1 as finetune.layout.speed.model_shape counts it (checked against the shipped architecture below).
@@ -439,8 +440,11 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
     assert padded_losses[-1] != pytest.approx(padded_losses[0], rel=1e-3)  # training moved the policy
 
 
-def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_path, monkeypatch):
-    """Same examples per optimizer step, same order, same token-level normalisation: the same run."""
+@pytest.mark.parametrize("tight", [False, True], ids=["roomy", "tight"])
+def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_path, monkeypatch, tight):
+    """Same examples per optimizer step, same order, same token-level normalisation: the same run. Roomy: one
+    batch of 4 with no layer checkpointed; tight (a budget where not even one full-length row fits the memory model):
+    batch 1 x accumulation 4, every layer checkpointed through its compiled forward."""
     from trl import SFTConfig
 
     monkeypatch.chdir(tmp_path)
@@ -449,13 +453,15 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
     seed = three_steps(cfg.sft.trainer, batch=1, accumulation=4)
     shape = model_shape(cfg.model)
-    fast, chosen = plan("sft", seed, "fast", shape, 80 * GIB, quantized=False)
+    one_row = batch_bytes(shape, int(seed.get("max_length") or 1024), shape.layers)
+    gpu = (static_bytes(shape, quantized=False) + one_row / 2) / 0.85 if tight else 80 * GIB
+    fast, chosen = plan("sft", seed, "fast", shape, gpu, quantized=False)
+    batch = (1, 4) if tight else (4, 1)
     assert (fast["per_device_train_batch_size"], fast["gradient_accumulation_steps"], fast["padding_free"]) == (
-        4,
-        1,
+        *batch,
         True,
     )
-    assert chosen.compiled and chosen.checkpointing == "off"
+    assert chosen.compiled and chosen.checkpointing.startswith("as memory needs" if tight else "off")
     assert chosen.projections == FUSED_PROJECTIONS  # unquantized weights: stacked as they are
 
     def losses(name, kwargs, install=None):
@@ -464,12 +470,15 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
         trainer = sft_training.build_trainer(run_cfg, args, resume=False, speed=chosen, install=install)
         trainer.train()
         compiled = [layer for layer in trainer.model.modules() if getattr(layer, "_compiled_call_impl", None)]
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], len(compiled)
+        checkpointed = [layer for layer in decoder_layers(trainer.model) if layer.gradient_checkpointing]
+        steps = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return steps, len(compiled), len(checkpointed)
 
-    (seed_losses, _), (eager_losses, eager_compiled) = losses("seed", seed), losses("eager", fast)
+    (seed_losses, _, _), (eager_losses, eager_compiled, _) = losses("seed", seed), losses("eager", fast)
     torch._dynamo.utils.counters.clear()
     on_cpu = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
-    fast_losses, fast_compiled = losses("fast", fast, install=installer(on_cpu, shape))
+    fast_losses, fast_compiled, fast_checkpointed = losses("fast", fast, install=installer(on_cpu, shape))
+    assert fast_checkpointed == (shape.layers if tight else 0)  # the per-batch hook's choice for the last batch
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled for real, not left to eager
     print(dict(torch._dynamo.utils.counters["stats"]), dict(torch._dynamo.utils.counters["graph_break"]))
     assert len(seed_losses) == len(fast_losses) == 3
