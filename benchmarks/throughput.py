@@ -290,6 +290,25 @@ def reset_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
+def gpu_state() -> dict:
+    """What may make a later run in one process faster than an earlier one (the allocator's pool and retries, the
+    SM clock and temperature through NVML when it is there); empty on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    state = {
+        "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2),
+        "allocator_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+    }
+    for key, read in (("sm_clock_mhz", torch.cuda.clock_rate), ("temperature_c", torch.cuda.temperature)):
+        try:
+            state[key] = read()
+        except Exception:  # no pynvml, or one of NVML's own errors: the state is a clue, not a result
+            state[key] = None
+    return state
+
+
 def peak_gib() -> float | None:
     import torch
 
@@ -594,9 +613,10 @@ def run_variants(
     adapter = adapter or work / "adapter_variants"
     if not adapter.exists() and (work / "adapter_fast").exists():  # the training section's SFT adapter
         adapter = work / "adapter_fast"
-    for name in names:
+    for position, name in enumerate(names):
         torch._dynamo.reset()  # compile each variant afresh: dynamo's guards do not see inductor's options
         variant = VARIANTS[name]
+        key = name if name not in results else f"{name}#{names[:position].count(name) + 1}"  # a variant run again
         stage = variant.get("stage", "sft")
         cfg = config_of(cfg_params, **variant.get("config", {}))
         if stage == "dpo":
@@ -624,8 +644,9 @@ def run_variants(
             os.environ[PROFILE_ENV] = str(out / f"profile_{name}")
             os.environ[PROFILE_STACKS_ENV] = "1" if variant.get("python_frames") else "0"
         try:
+            before = gpu_state()
             run = train_run(**arguments)
-            results[name] = {
+            results[key] = {
                 k: run.get(k)
                 for k in (
                     "tokens_per_s",
@@ -639,10 +660,15 @@ def run_variants(
                 )
                 if k in run
             }
-            results[name]["process_id"] = os.getpid()  # benchmarks/ablation.py checks each run had its own process
+            results[key].update(
+                process_id=os.getpid(),  # benchmarks/ablation.py checks each run had its own process
+                position_in_process=position,
+                gpu_before=before,
+                gpu_after=gpu_state(),
+            )
         except Exception as error:
             traceback.print_exc()
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            results[key] = {"error": f"{type(error).__name__}: {error}"}
             cache.model = None
             reset_memory()
         finally:
