@@ -22,8 +22,9 @@ and loss normalisation of that run and changes only the layout:
 - on several GPUs, each SFT step's examples split among them by token count (finetune.layout.balance), so that no GPU
   waits for one with longer examples: the same examples per step, only which GPU takes which changes.
 
-`speed: low_memory` is the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto`
-(the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
+Where no real batch fits (about 6 GiB for a 7B model), fast runs batch 1, still compiled and padding-free, with the
+written optimizer kept for its smaller states. `speed: low_memory` is the seeds' layout (batch 1, every layer
+checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
 decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit to measured peaks.
 """
 
