@@ -13,7 +13,6 @@ repeats alternate ON, OFF / OFF, ON (ABBA). Results: OUT/ablation.json (every ru
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -132,14 +131,11 @@ def child_environment(cache: Path) -> dict:
 
 
 def rows_digest(work: Path) -> str | None:
-    """One hash of every prepared row file a run trained on: equal digests, equal rows."""
-    files = sorted((work / PREPARED_ROWS).rglob("*.jsonl"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(work)).encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+    """One hash of the prepared rows a run trained on (finetune.training.resume.digest): equal digests, equal rows."""
+    from finetune.training.resume import digest
+
+    prepared = work / PREPARED_ROWS
+    return digest(prepared) if prepared.is_dir() else None
 
 
 def child_command(settings: Settings, variant: str, run_dir: Path, prepare: bool) -> list[str]:

@@ -47,15 +47,17 @@ from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, v
 from throughput import (  # noqa: E402
     EFFECTIVE_BATCH,
     MAX_LENGTH,
+    RUN_STEPS,
+    TINY_RUN_STEPS,
     benchmark_params,
     config_of,
     corpus_words,
     peak_gib,
-    reference_pass,
     reset_memory,
     saved_model_info,
     steady_rate,
     step_meter,
+    with_reference_pass,
     write_instruction_data,
 )
 
@@ -86,10 +88,6 @@ ENGINES = {
     "unsloth_d0_ckpt_dpo": Engine("unsloth", "dpo", checkpointing="unsloth", dropout=0.0),
 }
 CPU_ENGINES = ("trl", "trl_ckpt", "trl_dpo")
-# throughput.py's main writes rows for these optimizer steps of its fast runs (and its low-memory run's long rows,
-# which come before the DPO pairs from the same random stream): the same counts give the same rows, md5 for md5.
-DATA_STEPS = {"sft_fast": 96, "dpo_fast": 24, "sft_low": 2}
-TINY_DATA_STEPS = {"sft_fast": 6, "dpo_fast": 3, "sft_low": 1}
 STEPS = {"sft": 32, "dpo": 24}  # as the 2026-12-04 peer run on the H200; DPO's 24 see every pair once
 TINY_STEPS = {"sft": 6, "dpo": 3}  # every tiny row once
 WARMUP_STEPS = 4  # as throughput.py's fast runs
@@ -172,7 +170,9 @@ def prepare(work: Path, model_dir: Path, tiny: bool, steps: dict, reuse_model: b
     model_info["shape"] = "tiny" if tiny else "Mistral-7B-v0.1"
     cfg = config_of(params)
     prepared = Path(params["paths"]["prepared"])
-    data_steps = TINY_DATA_STEPS if tiny else DATA_STEPS
+    # throughput.py's rows for its runs' steps (its low-memory run's long rows come before the DPO pairs from the same
+    # random stream): the same counts give the same rows, md5 for md5.
+    data_steps = TINY_RUN_STEPS if tiny else RUN_STEPS
     data = write_instruction_data(
         prepared,
         corpus_words(embedded_dir),
@@ -350,20 +350,6 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
     if engine.stage == "dpo":
         result.update(with_reference_pass(trainer, result["tokens_per_s"]))
     return result
-
-
-def with_reference_pass(trainer, training_rate: float | None) -> dict:
-    """throughput.py's DPO rate: TRL's precomputed reference pass timed again (twice if it compiled), and
-    1 / (1/training + 1/reference) tokens/s."""
-    reference = reference_pass(trainer)
-    if reference["compiled_during_pass"]:
-        reference = reference_pass(trainer)
-    combined = 1 / (1 / training_rate + 1 / reference["tokens_per_s"]) if training_rate else None
-    return {
-        "reference_pass": reference,
-        "tokens_per_s_training_only": training_rate,
-        "tokens_per_s": round(combined, 1) if combined else None,
-    }
 
 
 def count_tokens(trainer) -> list[tuple[int, object]]:

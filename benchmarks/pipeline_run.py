@@ -1,5 +1,6 @@
-"""Run the pipeline's stages in dvc.yaml's order without DVC, timing each: for a machine where DVC is not installed
-(the lent GPU machine), or to time one recipe end to end.
+"""Run the pipeline's training and evaluation stages in dvc.yaml's order without DVC, timing each: for a machine where
+DVC is not installed (the lent GPU machine), or to time one recipe end to end. Left out: params_check (it compares
+params.yaml with conf/ through DVC's composer), report (the page) and publish.
 
     python benchmarks/pipeline_run.py PARAMS [--stages sft,dpo,...] [--out DIR]
 
@@ -21,7 +22,8 @@ import yaml
 
 
 def stage_commands(params: dict) -> list[tuple[str, list[str]]]:
-    """(DVC stage name, command arguments) in the order `dvc repro` runs them for these params."""
+    """(DVC stage name, command arguments) in the order `dvc repro` runs them for these params (less the stages the
+    module docstring leaves out)."""
     rounds = list(params["self_rewarding"]["rounds"])
     commands = [("embedded", ["stages.embedded"]), ("prepare", ["stages.prepare"]), ("base", ["stages.base"]),
                 ("sft", ["stages.sft"]), ("preference_data", ["stages.preference_data"]), ("dpo", ["stages.dpo"])]

@@ -45,6 +45,9 @@ SEED_RECIPE = "seed000-mistral-dolly-dpo"
 H100_BF16_DENSE_FLOPS = 989.4e12  # the H100 SXM's published dense bf16 peak; MFU is measured against it
 MAX_LENGTH = 1024
 EFFECTIVE_BATCH = 8  # the seed recipe's 1 x 8
+# Optimizer steps of the training section's runs; the rows written for them follow (benchmarks/peers.py reuses them).
+RUN_STEPS = {"sft_fast": 96, "sft_seed": 6, "sft_low": 2, "dpo_fast": 24, "dpo_seed": 3}
+TINY_RUN_STEPS = {"sft_fast": 6, "sft_seed": 3, "sft_low": 1, "dpo_fast": 3, "dpo_seed": 2}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -394,15 +397,7 @@ def train_run(
         "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
     }
     if stage == "dpo" and trainer.args.precompute_ref_log_probs:
-        # Precomputed reference log-probs are paid once, before training: time that pass again, a second time if the
-        # first compiled a graph, and count both, for a rate comparable with the seed layout's per-step reference.
-        result["reference_pass"] = reference_pass(trainer)
-        if result["reference_pass"]["compiled_during_pass"]:
-            result["reference_pass"] = reference_pass(trainer)
-        result["tokens_per_s_training_only"] = result["tokens_per_s"]
-        result["tokens_per_s"] = round(
-            1 / (1 / result["tokens_per_s"] + 1 / result["reference_pass"]["tokens_per_s"]), 1
-        )
+        result.update(with_reference_pass(trainer, result["tokens_per_s"]))
     if reference_batches:
         result["reference_pass_by_batch"] = {size: reference_pass(trainer, size) for size in reference_batches}
     if adapter_out is not None:
@@ -415,6 +410,21 @@ def train_run(
         flush=True,
     )
     return result
+
+
+def with_reference_pass(trainer, training_rate: float | None) -> dict:
+    """Precomputed reference log-probs are paid once, before training: that pass timed again (a second time if the
+    first compiled a graph), and 1 / (1/training + 1/reference) tokens/s, a rate comparable with the seed layout's
+    per-step reference."""
+    reference = reference_pass(trainer)
+    if reference["compiled_during_pass"]:
+        reference = reference_pass(trainer)
+    combined = 1 / (1 / training_rate + 1 / reference["tokens_per_s"]) if training_rate else None
+    return {
+        "reference_pass": reference,
+        "tokens_per_s_training_only": training_rate,
+        "tokens_per_s": round(combined, 1) if combined else None,
+    }
 
 
 def reference_pass(trainer, batch_size: int | None = None) -> dict:
@@ -661,7 +671,7 @@ def run_variants(
                 if k in run
             }
             results[key].update(
-                process_id=os.getpid(),  # benchmarks/ablation.py checks each run had its own process
+                process_id=os.getpid(),  # tests/test_ablation.py checks that each run had its own process
                 position_in_process=position,
                 gpu_before=before,
                 gpu_after=gpu_state(),
@@ -982,11 +992,7 @@ def main(argv=None) -> int:
         cfg = config_of(params)
         tokenizer = load_tokenizer(cfg.model)
         words = corpus_words(Path(params["paths"]["embedded"]))
-        steps = (
-            {"sft_fast": 6, "sft_seed": 3, "sft_low": 1, "dpo_fast": 3, "dpo_seed": 2}
-            if args.tiny
-            else {"sft_fast": 96, "sft_seed": 6, "sft_low": 2, "dpo_fast": 24, "dpo_seed": 3}
-        )
+        steps = TINY_RUN_STEPS if args.tiny else RUN_STEPS
         data = write_instruction_data(
             Path(params["paths"]["prepared"]),
             words,

@@ -1,6 +1,7 @@
 """Every place the pipeline reaches into a library's internals: private attributes and methods it replaces or reads,
-library code it re-implements, and library settings it changes. The rest of the package calls these instead of
-reaching into a library itself.
+library code it re-implements, and private library settings it changes (public ones, such as PyTorch's cuDNN
+attention switch or its allocator cap, stay with the code that needs them). The rest of the package calls these
+instead of reaching into a library itself.
 
 Each override is a small function (or class) here, under a header naming the library and the version it was written
 against (WRITTEN_AGAINST, the pins of pyproject.toml) and the upstream issue, where one is known, whose fix would let
@@ -501,26 +502,6 @@ def check_lora_layers() -> None:
     _require(state, "peft", "LoraLayer's adapter state", name)
 
 
-# --- torch 2.13.0: a module's parameter registry (nn.Module._parameters) -----------------------------------------
-# Upstream: no upstream issue known.
-
-
-def weight_as_view(layer, view: torch.Tensor) -> None:
-    """Make a linear layer's weight a plain tensor (a view of a stacked weight) instead of its own Parameter.
-
-    nn.Module has no public way to unregister a parameter; delattr would also drop the name PEFT and the layer's
-    forward read.
-    """
-    check_parameter_registry(layer)
-    del layer._parameters["weight"]
-    layer.weight = view
-
-
-def check_parameter_registry(layer) -> None:
-    registry = getattr(layer, "_parameters", None)
-    _require(isinstance(registry, dict) and "weight" in registry, "torch", "nn.Module._parameters", "weight_as_view")
-
-
 # --- bitsandbytes 0.50.2: Linear4bit, its weights dequantized once (its dtype contract re-implemented) ---------------
 # Upstream: no upstream issue known.
 
@@ -689,31 +670,6 @@ def check_bertscore(scorer=None) -> None:
     if scorer is not None:
         found = all(hasattr(scorer, attribute) for attribute in ("_model", "_tokenizer", "_idf_dict"))
         _require(found, "bert-score", "BERTScorer's _model, _tokenizer, _idf_dict", name)
-
-
-# --- transformers 5.23.0: a model loaded from a GGUF file keeps its GgufHfQuantizer ---------------------------------
-# Upstream: no upstream issue known. The weights are already dequantized to float32 when loaded, but save_pretrained
-# refuses a model whose quantizer is not serializable.
-
-
-def forget_gguf_quantization(model) -> None:
-    """Make a GGUF-loaded model (dequantized on load) an ordinary one, so save_pretrained writes plain safetensors."""
-    check_gguf_quantization(model)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def check_gguf_quantization(model=None) -> None:
-    name = "forget_gguf_quantization"
-    from transformers import PreTrainedModel
-
-    uses = {"is_serializable", "quantization_config"} <= _names(PreTrainedModel.save_pretrained)
-    _require(uses, "transformers", "save_pretrained's check of hf_quantizer.is_serializable()", name)
-    if model is not None:
-        quantizer = getattr(model, "hf_quantizer", None)
-        quant_method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
-        _require("gguf" in quant_method.lower(), "transformers", "the GGUF loader's hf_quantizer", name)
 
 
 # --- trl 1.16.0: DPOTrainer's frozen copy of the adapter it trains, an adapter named "ref" -------------------------

@@ -35,13 +35,9 @@ def test_the_same_gpu_plans_a_smaller_layout_within_a_smaller_budget():
 
 
 def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch):
-    import yaml
-    from conftest import REPO
+    from conftest import write_params
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sft"]["memory_budget_gib"] = 6
-    path = tmp_path / "budget.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path = write_params(tmp_path, lambda params: params["sft"].update(memory_budget_gib=6))
     cfg = load_config(str(path))
     seen = []
     monkeypatch.setattr(speed, "gpu_memory_bytes", lambda: 140 * GIB)

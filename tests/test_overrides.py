@@ -67,7 +67,6 @@ def test_the_model_guards_pass_on_mistral_and_llama(architecture):
     overrides.check_checkpoint_function(layer)
     overrides.check_reproduced_forward(layer.self_attn)
     overrides.check_reproduced_forward(layer.mlp)
-    overrides.check_parameter_registry(layer.self_attn.q_proj)
 
 
 def test_each_override_names_the_version_pinned_in_pyproject():
@@ -180,11 +179,6 @@ def test_the_model_guards_fail_on_a_changed_model(monkeypatch):
     with pytest.raises(RuntimeError, match=loudly("transformers", "wrap_forward")):
         overrides.wrap_forward(model.model, lambda forward: forward)
     assert "forward" not in vars(model.model)
-
-    linear = torch.nn.Linear(4, 4)
-    monkeypatch.delitem(linear._parameters, "weight")
-    with pytest.raises(RuntimeError, match=loudly("torch", "weight_as_view")):
-        overrides.weight_as_view(linear, torch.zeros(4, 4))
 
 
 def test_the_trl_guards_fail_when_trl_drops_the_code_they_route_around(monkeypatch):

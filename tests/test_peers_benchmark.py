@@ -1,5 +1,6 @@
-"""benchmarks/peers.py --tiny: the peer benchmark's flow on a CPU (one process per run, repeats in alternating order,
-hook-counted tokens, DPO's combined rate), so the GPU run meets no surprise but the engines that need CUDA."""
+"""benchmarks/peers.py --tiny: the peer benchmark's flow on a CPU (one process per run, the whole order of engines
+again at each repeat, hook-counted tokens, DPO's combined rate), so the GPU run meets no surprise but the engines that
+need CUDA."""
 
 from __future__ import annotations
 

@@ -25,17 +25,9 @@ from finetune.training.resume import (
     run_fingerprint,
 )
 from stages import sft
+from test_training import curve_steps, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def curve_steps(folder, name="loss") -> list[int]:
-    lines = (Path(folder) / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
-    return [int(line.split("\t")[0]) for line in lines]
-
-
-def read_metrics(folder) -> dict:
-    return json.loads((Path(folder) / "metrics.json").read_text())
 
 
 class RecordSteps:

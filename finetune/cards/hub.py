@@ -16,6 +16,7 @@ from typing import Any
 from finetune.cards.model_card import DATA_KEYS, EVAL_KEYS, build_dataset_card, build_model_card, missing_keys
 from finetune.core.config import Config, PublishConfig
 from finetune.core.errors import ConfigError, DataError, ProjectError
+from finetune.core.files import atomic_path, read_json, write_json
 from finetune.data.rows import PREFERENCES_TEST, PREFERENCES_TRAIN, is_local_source, read_jsonl
 
 TOKEN_VARIABLE = "HF_TOKEN"
@@ -60,12 +61,7 @@ def check_push_settings(settings: PublishConfig, environ: dict[str, str]) -> str
 
 def read_metrics(path: str, required: tuple[str, ...], stage: str) -> dict[str, Any]:
     """A metrics file that holds every key in `required`; else a one-line error naming the stage to re-run."""
-    try:
-        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run dvc repro {stage}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); run dvc repro {stage}") from None
+    metrics = read_json(path, stage)
     missing = missing_keys(metrics, required)
     if missing:
         raise DataError(f"{path}: no {missing[0]}; re-run dvc repro {stage}")
@@ -167,18 +163,9 @@ def build_folder(cfg: Config, destination: Path, commit: str | None) -> dict[str
 
 def write_folder(cfg: Config, commit: str | None) -> dict[str, list[str]]:
     """Build paths.publish in a side folder and rename it into place: never half-written, never stale files."""
-    final = Path(cfg.paths.publish)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        files = build_folder(cfg, partial, commit)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    return files
+    with atomic_path(cfg.paths.publish) as partial:
+        partial.mkdir()
+        return build_folder(cfg, partial, commit)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,4 +215,4 @@ def push(settings: PublishConfig, folder: Path, token: str) -> dict[str, dict[st
 
 def write_published(folder: Path, published: dict[str, dict[str, Any]]) -> None:
     """Record each pushed repo and its commit in folder/published.json (not itself pushed)."""
-    (folder / PUBLISHED_FILE).write_text(json.dumps(published, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / PUBLISHED_FILE, published)

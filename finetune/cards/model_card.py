@@ -14,7 +14,9 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 
 from finetune.core.config import Config
 
-VARIANTS = ("base", "sft", "dpo")  # the order of finetune.evaluation.generation.VARIANTS, without importing torch
+# finetune.evaluation.comparison.VARIANTS and finetune.evaluation.metrics.METRICS, as eval.json holds them; named again
+# so that publish does not depend on the evaluation code (and its overrides), which would rerun it on every change there.
+VARIANTS = ("base", "sft", "dpo")
 METRICS = ("f1", "rougeL", "bertscore_f1")
 MODEL_TAGS = ("trl", "dpo", "sft", "lora", "qlora", "dvc")
 DATASET_TAGS = ("dpo", "preference", "dvc")

@@ -24,6 +24,7 @@ class DataError(ProjectError):
 
 
 F = TypeVar("F", bound=Callable[..., object])
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errno codes of a full disk or an exhausted quota
 
 
 def recovery_hint(environ: Mapping[str, str]) -> str:
@@ -53,7 +54,7 @@ def exit_on_error(main: F) -> F:
             print(f"error: {error}{recovery_hint(os.environ)}", file=sys.stderr)
             raise SystemExit(2) from None
         except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if error.errno not in DISK_FULL:
                 raise
             where = error.filename or "an output"
             print(f"error: {where}: no space left on the device{recovery_hint(os.environ)}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -11,9 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.core.errors import ProjectError
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+from finetune.core.errors import DISK_FULL, DataError, ProjectError
 
 
 def partial_path(path: str | Path) -> Path:
@@ -54,6 +51,16 @@ def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in DISK_FULL:
         return True
     return "No space left on device" in str(error)
+
+
+def read_json(path: str | Path, stage: str) -> Any:
+    """A stage's JSON output; a missing or broken file is one line naming the stage that writes it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run dvc repro {stage}") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); run dvc repro {stage}") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

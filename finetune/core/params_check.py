@@ -22,7 +22,7 @@ it is caught.
 
 The check applies only to a DVC repository's own params.yaml (the file next to .dvc/, the one Hydra writes) with
 Hydra on; any other params file (a test's, a copy) is read as it is, and so is a repository with Hydra off, where
-params.yaml is the source. `python -m finetune.core.params_check` runs the same check alone.
+params.yaml is the source. `python -m stages.params_check` runs the check alone.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from finetune.core.errors import ConfigError, exit_on_error
+from finetune.core.errors import ConfigError
 
 PARAMS_NAME = "params.yaml"  # the file DVC's Hydra composition writes (ParamsDependency.DEFAULT_PARAMS_FILE)
 EXP_RUN_VARIABLES = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")  # set by `dvc exp run` for the stages it runs
@@ -153,24 +152,3 @@ def check_params(path: str | Path, raw: Any) -> None:
         f"from conf/ by `dvc exp run`, and `dvc repro` never recomposes it: to run conf/ as it is, run `{rerun}`; "
         f"to keep params.yaml's values, put them in conf/ (then `{rerun}`){passed}"
     )
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> None:
-    """Check a params file (default: ./params.yaml) and say so, as every stage does when it loads its config."""
-    from ruamel.yaml import YAML
-
-    path = Path((argv if argv is not None else sys.argv[1:] or [PARAMS_NAME])[0])
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    if applies_to(path) is None:
-        print(f"{path}: not checked (not a DVC repository's params.yaml with Hydra on, or inside `dvc exp run`)")
-        return
-    raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
-    check_params(path, raw)
-    recipe = raw.get("recipe") if isinstance(raw, dict) else None
-    print(f"{path}: what conf/ composes" + (f" (recipe {recipe})" if recipe else ""))
-
-
-if __name__ == "__main__":
-    main()

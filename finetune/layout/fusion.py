@@ -78,7 +78,8 @@ def _stack_weights(parent, names: tuple[str, ...]) -> bool:
     for base in bases:
         # Each layer keeps its weight as a plain view: the stacked weight is the one parameter, counted, frozen by
         # PEFT and moved once. A merge into a layer's weight (PEFT's merge_and_unload) writes into it.
-        overrides.weight_as_view(base, stacked.data[offset : offset + base.out_features])
+        del base.weight  # unregistered, then set again as a plain attribute, where PEFT and the forward read it
+        base.weight = stacked.data[offset : offset + base.out_features]
         offset += base.out_features
     return True
 

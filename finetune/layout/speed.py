@@ -373,8 +373,10 @@ def checkpoint_as_needed(
     Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
     per-layer flags, so a short batch recomputes nothing. With `packs_padding` (pack_padded_batches installed), a
     padded batch that will be packed counts only its real tokens. With `compiled` (compile_decoder_layers), a
-    checkpointed layer recomputes through its compiled forward (see recompute_compiled).
+    checkpointed layer recomputes through its compiled forward (finetune.overrides.checkpoint_around_compiled).
     """
+    from finetune.overrides import checkpoint_around_compiled
+
     layers = decoder_layers(model)
     if not layers:
         return
@@ -393,18 +395,10 @@ def checkpoint_as_needed(
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = index < cache[bucket]
             if compiled and layer.gradient_checkpointing:
-                recompute_compiled(layer)
+                checkpoint_around_compiled(layer, _compiled)
         return None
 
     model.register_forward_pre_hook(choose, with_kwargs=True)
-
-
-def recompute_compiled(layer) -> None:
-    """Checkpoint a compiled decoder layer around its compiled forward instead of inside it (inductor could not
-    partition a checkpoint inside the compiled layer; see finetune.overrides.checkpoint_around_compiled)."""
-    from finetune.overrides import checkpoint_around_compiled
-
-    checkpoint_around_compiled(layer, _compiled)
 
 
 def torch_compiled_forward(forward):

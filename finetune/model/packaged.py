@@ -25,12 +25,12 @@ def load_gguf(path: Path):
     """(model, tokenizer) from a GGUF file, dequantized to float32 by transformers (with the `gguf` package)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.overrides import forget_gguf_quantization
+    from transformers import GgufConfig as GgufLoading
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    forget_gguf_quantization(model)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, quantization_config=GgufLoading(dequantize=True)
+    )  # dequantized on load: a plain model, which save_pretrained writes as safetensors
     if tokenizer.chat_template is None:
         raise ConfigError(f"base.gguf.file: {path} carries no chat template; the pipeline's prompts need one")
     return model, tokenizer

@@ -109,7 +109,8 @@ def train_round(cfg: Config, name: str) -> None:
 
 
 def held_out_prompts(cfg: Config) -> list[dict[str, Any]]:
-    """The first self_rewarding.eval_prompts held-out test prompts, in the order generate@sft answered them."""
+    """The first self_rewarding.eval_prompts held-out prompts of evaluate.split, in the order generate@sft answered
+    them."""
     rows = evaluation_prompts(cfg.paths.prepared, cfg.paths.probe_prompts, cfg.evaluate.split)
     prompts = [row for row in rows if row["source"] == cfg.evaluate.split]
     return prompts[: cfg.self_rewarding.eval_prompts]

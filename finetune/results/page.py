@@ -8,7 +8,6 @@ pipeline wrote; `render_page` is pure, so tests build pages from fixture data.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from finetune.core.config import Config
 from finetune.core.errors import DataError
+from finetune.core.files import read_json
 from finetune.results import charts
 from finetune.results.charts import DELTA_LABELS, METRIC_LABELS, VARIANT_COLORS, Series
 
@@ -50,15 +50,6 @@ class Results:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_json(path: str | Path, stage: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run dvc repro {stage}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); run dvc repro {stage}") from None
-
-
 def load_csv(path: str | Path) -> list[dict[str, str]]:
     with open(path, encoding="utf-8", newline="") as rows:
         return list(csv.DictReader(rows))
@@ -86,7 +77,7 @@ def to_number(value: str | None) -> float | int | str | None:
 def load_results(cfg: Config, versions: dict[str, str | None]) -> Results:
     """The page's inputs from the pipeline's files (paths.*); a missing evaluation says which stage to run."""
     reports = Path(cfg.paths.reports)
-    evaluation = load_json(cfg.paths.eval_metrics, "evaluate")
+    evaluation = read_json(cfg.paths.eval_metrics, "evaluate")
     table = reports / "side_by_side.csv"
     if not table.is_file():
         raise DataError(f"{table}: not found; run dvc repro evaluate")
@@ -103,14 +94,14 @@ def load_results(cfg: Config, versions: dict[str, str | None]) -> Results:
         for name in names
     }
     training = {
-        stage: load_json(folder / "metrics.json", stage) for stage, folder in folders.items()
+        stage: read_json(folder / "metrics.json", stage) for stage, folder in folders.items()
         if (folder / "metrics.json").is_file()
     }  # fmt: skip
     return Results(
         recipe=cfg.recipe,
         model=cfg.model.name_or_path + (f" @ {cfg.model.revision}" if cfg.model.revision else ""),
         evaluation=evaluation,
-        data=load_json(cfg.paths.data_metrics, "prepare"),
+        data=read_json(cfg.paths.data_metrics, "prepare"),
         examples=examples,
         rounds=rounds,
         curves=curves,

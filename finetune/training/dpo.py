@@ -20,13 +20,14 @@ from finetune.model.loading import load_model, load_tokenizer
 from finetune.overrides import reference_adapter_name
 from finetune.training.launch import shards_weights
 from finetune.training.resume import finish_run, run_fingerprint
-from finetune.training.start import start_run
 from finetune.training.runs import (
     eval_split,
     live_callbacks,
     save_adapter,
     truncate_prompt,
 )
+from finetune.training.start import start_run
+
 
 def load_pairs(path: str | Path, missing_hint: str):
     """Generated pairs as a `datasets.Dataset` of prompt/chosen/rejected, validated as prepare validates
