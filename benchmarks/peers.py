@@ -3,7 +3,7 @@ way benchmarks/throughput.py measures the project, each engine and GPU memory bu
 
     python benchmarks/peers.py --unsloth-site DIR      # CUDA: Mistral-7B shape, every engine, budgets 6,24,48 GiB
     python benchmarks/peers.py --engines trl,unsloth_d0 --budgets 24,none --repeats 5
-    python benchmarks/peers.py --tiny                  # CPU smoke test: tiny model, the TRL engines, whole device
+    python benchmarks/peers.py --tiny [--unsloth-site DIR]  # CPU smoke test: tiny model, whole device
 
 Every engine trains on throughput.py's rows (write_instruction_data, seed 0, its fast runs' row counts), its
 random-weight model and the seed-000 recipe: NF4 with double quantization, bf16 compute, LoRA r16 / alpha 32 /
@@ -15,10 +15,8 @@ warm-up (DPO: 1 / (1/training + 1/TRL's reference pass)), tokens/s including tra
 GiB, per-step losses; into OUT/peers.json (every repeat) and OUT/peers.md (min / median / max over repeats).
 
 Unsloth 2026.10.9 pins transformers<=5.17, trl<=1.15 and datasets<5, so its runs import from their own folder
-(DIR, put first on their PYTHONPATH); the wheel's `studio/` folder is never imported by training:
-
-    pip install --no-deps --target DIR unsloth==2026.10.9 unsloth_zoo==2026.10.9 transformers==5.17.0 trl==1.15.0 \
-        datasets==4.8.5 tokenizers==0.23.2 cut-cross-entropy==25.1.1 && rm -rf DIR/studio
+(DIR, put first on their PYTHONPATH), which `bash benchmarks/unsloth_site.sh DIR` installs. Without a GPU, Unsloth
+trains on its CPU backend (bf16 LoRA, no 4-bit): the --tiny runs check the calls made to it, not its GPU kernels.
 """
 
 from __future__ import annotations
@@ -69,6 +67,7 @@ class Engine:
     checkpointing: bool | str = False  # activation checkpointing; Unsloth's "unsloth" offloads activations to the CPU
     liger: bool = False  # TRL's use_liger_kernel
     dropout: float = 0.05  # LoRA dropout: the recipe's; Unsloth's fast path wants 0
+    fused_preference_loss: bool = False  # Unsloth's opt-in DPO log-probs from hidden states, never whole logits
 
 
 ENGINES = {
@@ -86,8 +85,11 @@ ENGINES = {
     "unsloth_ckpt_dpo": Engine("unsloth", "dpo", checkpointing="unsloth"),
     "unsloth_d0_dpo": Engine("unsloth", "dpo", dropout=0.0),
     "unsloth_d0_ckpt_dpo": Engine("unsloth", "dpo", checkpointing="unsloth", dropout=0.0),
+    "unsloth_d0_ckpt_fused_dpo": Engine(
+        "unsloth", "dpo", checkpointing="unsloth", dropout=0.0, fused_preference_loss=True
+    ),
 }
-CPU_ENGINES = ("trl", "trl_ckpt", "trl_dpo")
+CPU_ENGINES = ("trl", "trl_ckpt", "trl_dpo", "unsloth_d0_ckpt", "unsloth_d0_ckpt_dpo")  # Unsloth's with DIR
 STEPS = {"sft": 32, "dpo": 24}  # as the 2026-12-04 peer run on the H200; DPO's 24 see every pair once
 TINY_STEPS = {"sft": 6, "dpo": 3}  # every tiny row once
 WARMUP_STEPS = 4  # as throughput.py's fast runs
@@ -131,7 +133,7 @@ def skip_reason(engine: Engine, unsloth_site: Path | None) -> str | None:
     import torch
 
     reasons = []
-    if (engine.liger or engine.library == "unsloth") and not torch.cuda.is_available():
+    if engine.liger and not torch.cuda.is_available():
         reasons.append("no CUDA device")
     if engine.liger and importlib.util.find_spec("liger_kernel") is None:
         reasons.append("liger-kernel is not installed")
@@ -212,6 +214,8 @@ def run_child(name: str, budget_gib: float | None, args, repeat: int) -> dict:
     if ENGINES[name].library == "unsloth":  # its pinned transformers, trl and datasets shadow the project's
         paths = [str(args.unsloth_site.resolve()), env.get("PYTHONPATH")]
         env.update(UNSLOTH_ENV, PYTHONPATH=os.pathsep.join(path for path in paths if path))
+        if ENGINES[name].fused_preference_loss:
+            env["UNSLOTH_FUSED_PREFERENCE_LOSS"] = "1"
     started = time.perf_counter()
     exit_code = subprocess.run(command, cwd=args.work, env=env).returncode
     if result_path.is_file():
@@ -456,10 +460,6 @@ def build_trainer(engine: Engine, model, recipe: dict):
         )
     if engine.stage == "sft":
         return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
-    if engine.library == "unsloth":
-        from unsloth import PatchDPOTrainer
-
-        PatchDPOTrainer()
     return DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
     )
@@ -553,7 +553,8 @@ def describe(engine: Engine) -> str:
     library = {"trl": "TRL 1.16", "unsloth": "Unsloth (TRL 1.15)"}[engine.library]
     checkpointing = {False: "no ckpt", True: "ckpt", "unsloth": 'ckpt "unsloth" (offloaded)'}[engine.checkpointing]
     padding = "padding-free" if engine.stage == "sft" and engine.library == "trl" else None
-    parts = [library, "+ Liger" if engine.liger else None, padding, checkpointing, f"dropout {engine.dropout:g}"]
+    fused = "fused preference loss" if engine.fused_preference_loss else None
+    parts = [library, "+ Liger" if engine.liger else None, padding, checkpointing, f"dropout {engine.dropout:g}", fused]
     return ", ".join(part for part in parts if part)
 
 

@@ -1,6 +1,6 @@
 """benchmarks/peers.py --tiny: the peer benchmark's flow on a CPU (one process per run, the whole order of engines
-again at each repeat, hook-counted tokens, DPO's combined rate), so the GPU run meets no surprise but the engines that
-need CUDA."""
+again at each repeat, hook-counted tokens, DPO's combined rate), and Unsloth's engines on its CPU backend, so the GPU
+run meets no surprise but Liger, which needs CUDA."""
 
 from __future__ import annotations
 
@@ -46,8 +46,40 @@ def test_tiny_peers_run_each_engine_in_turn_and_count_tokens_alike(tmp_path):
     # The same rows as benchmarks/throughput.py writes (its fast runs' row counts, seed 0)
     assert result["data"]["sft_tokens"]["rows"] == 48 and result["data"]["dpo_prompt_plus_chosen_tokens"]["rows"] == 24
     if not torch.cuda.is_available():
-        for name in ("trl_liger", "trl_liger_dpo", "unsloth", "unsloth_d0_ckpt", "unsloth_dpo"):
+        for name in ("trl_liger", "trl_liger_dpo"):
             assert "no CUDA device" in result["skipped"][name]
+    for name in ("unsloth", "unsloth_d0_ckpt", "unsloth_dpo"):  # no --unsloth-site
+        assert "no Unsloth install" in result["skipped"][name]
     assert "trl" not in result["skipped"] and "trl_dpo" not in result["skipped"]
     report = (out / "peers.md").read_text()
     assert report.startswith("# Peers") and "## SFT" in report and "## DPO" in report and "Not run here" in report
+
+
+@pytest.mark.slow
+def test_tiny_unsloth_runs_read_the_same_tokens_and_start_from_the_same_loss_as_trl(tmp_path):
+    """Unsloth's own install (benchmarks/unsloth_site.sh, from the package registry unless UNSLOTH_SITE names one)
+    trains on its CPU backend here: the calls peers.py makes to it, its DPO variants and the hook's count."""
+    site = Path(os.environ.get("UNSLOTH_SITE") or tmp_path / "unsloth_site")
+    if not (site / "unsloth").is_dir():
+        build = subprocess.run(["bash", str(REPO / "benchmarks" / "unsloth_site.sh"), str(site)], capture_output=True,
+                               text=True)  # fmt: skip
+        assert build.returncode == 0, build.stderr[-3000:]
+    out = tmp_path / "out"
+    engines = "trl,unsloth_d0_ckpt,trl_dpo,unsloth_d0_ckpt_dpo,unsloth_d0_ckpt_fused_dpo"
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--tiny", "--engines", engines,
+               "--unsloth-site", str(site), "--out", str(out), "--work", str(tmp_path / "work"),
+               "--model-dir", str(tmp_path / "model")]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / "peers.json").read_text())
+    runs = {r["engine"]: r for r in result["runs"]}
+    assert set(runs) == set(engines.split(",")) and not any("error" in r for r in runs.values())
+    for name in ("unsloth_d0_ckpt", "unsloth_d0_ckpt_dpo", "unsloth_d0_ckpt_fused_dpo"):
+        assert runs[name]["versions"]["unsloth"] == "2026.10.9" and runs[name]["versions"]["trl"] == "1.15.0"
+        assert runs[name]["tokens_total"] == runs[name]["trainer_tokens_total"]
+    for trl, unsloth in (("trl", "unsloth_d0_ckpt"), ("trl_dpo", "unsloth_d0_ckpt_dpo"),
+                         ("trl_dpo", "unsloth_d0_ckpt_fused_dpo")):  # fmt: skip
+        assert runs[unsloth]["step_tokens"] == runs[trl]["step_tokens"]
+        # A fresh LoRA adds nothing (B = 0), whatever its dropout: the first losses are the same model's
+        assert runs[unsloth]["first_loss"] == pytest.approx(runs[trl]["first_loss"], rel=1e-3)
+    assert "fused preference loss" in (out / "peers.md").read_text()
