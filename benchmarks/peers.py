@@ -553,8 +553,8 @@ def describe(engine: Engine) -> str:
     library = {"trl": "TRL 1.16", "unsloth": "Unsloth (TRL 1.15)"}[engine.library]
     checkpointing = {False: "no ckpt", True: "ckpt", "unsloth": 'ckpt "unsloth" (offloaded)'}[engine.checkpointing]
     padding = "padding-free" if engine.stage == "sft" and engine.library == "trl" else None
-    fused = "fused preference loss" if engine.fused_preference_loss else None
-    parts = [library, "+ Liger" if engine.liger else None, padding, checkpointing, f"dropout {engine.dropout:g}", fused]
+    parts = [library, "+ Liger" if engine.liger else None, padding, checkpointing, f"dropout {engine.dropout:g}"]
+    parts.append("fused preference loss" if engine.fused_preference_loss else None)
     return ", ".join(part for part in parts if part)
 
 
