@@ -26,7 +26,7 @@ from finetune.data.rows import (
     SFT_VALIDATION,
     clean_rows,
     read_rows,
-    split_examples,
+    split_train_validation_test,
     summarize,
     write_jsonl,
 )
@@ -51,10 +51,9 @@ def main(params_path: str = "params.yaml") -> None:
                 f"data.{name}.source {source.source}: no usable rows "
                 f"(read {cleaned.rows_read}; dropped: {dropped})"
             )
-        train, test = split_examples(cleaned.examples, cfg.data.test_size, cfg.data.seed)
-        validation = []  # the test split stays the same whatever validation_size is
-        if cfg.data.validation_size > 0:
-            train, validation = split_examples(train, cfg.data.validation_size, cfg.data.seed)
+        train, validation, test = split_train_validation_test(
+            cleaned.examples, cfg.data.test_size, cfg.data.validation_size, cfg.data.seed
+        )
         write_jsonl(out_dir / train_file, train)
         write_jsonl(out_dir / validation_file, validation)
         write_jsonl(out_dir / test_file, test)

@@ -9,7 +9,7 @@ import yaml
 
 from finetune.core.errors import DataError
 from finetune.data.formats import RELABEL_REASONS, from_dolly
-from finetune.data.rows import DROP_REASONS, clean_rows, read_rows, split_examples
+from finetune.data.rows import DROP_REASONS, clean_rows, read_rows, split_examples, split_train_validation_test
 from stages import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,16 @@ def test_split_is_seeded_disjoint_complete_and_stratified():
     assert sorted(e["category"] for e in test).count("open_qa") == 5  # 4 categories x 5 rows
     other_train, _ = split_examples(examples, test_size=0.1, seed=7)
     assert [e["id"] for e in other_train] != [e["id"] for e in train]
+
+
+def test_the_test_split_is_the_same_whatever_the_validation_size():
+    examples = make_examples(200)
+    _, no_validation, test = split_train_validation_test(examples, test_size=0.1, validation_size=0, seed=3)
+    train, validation, same_test = split_train_validation_test(examples, test_size=0.1, validation_size=0.2, seed=3)
+    assert no_validation == [] and same_test == test and len(test) == 20
+    assert len(validation) == 36 and len(train) == 144
+    ids = [[e["id"] for e in part] for part in (train, validation, test)]
+    assert sorted(sum(ids, [])) == sorted(e["id"] for e in examples)  # disjoint and complete
 
 
 def test_too_few_rows_to_split_is_a_clear_error():

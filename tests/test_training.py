@@ -492,3 +492,21 @@ def test_sft_with_a_misspelled_trainer_key_exits_with_one_error_line(tiny_projec
         sft.main(str(params_path))
     assert exit_info.value.code == 2
     assert_one_line_error(capsys.readouterr().err, r"error: sft\.trainer\.lerning_rate: not accepted by SFTConfig.*")
+
+
+def test_the_validation_split_is_read_only_when_the_trainer_evaluates(tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.training.runs import eval_split
+
+    columns = ("prompt", "completion")
+    assert eval_split(SimpleNamespace(eval_strategy="no"), "sft", str(tmp_path), "absent.jsonl", columns) is None
+    evaluates = SimpleNamespace(eval_strategy="steps")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"^sft\.trainer\.eval_strategy: .*empty\.jsonl has no rows"):
+        eval_split(evaluates, "sft", str(tmp_path), "empty.jsonl", columns)
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}],
+             "category": "c"}]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    split = eval_split(evaluates, "sft", str(tmp_path), "rows.jsonl", columns)
+    assert split.column_names == list(columns) and split[0]["completion"][0]["content"] == "a"

@@ -195,6 +195,18 @@ def split_examples(examples: list[Example], test_size: float, seed: int) -> tupl
     return train, test
 
 
+def split_train_validation_test(
+    examples: list[Example], test_size: float, validation_size: float, seed: int
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """train, validation, test: the test split is cut first, so it stays the same whatever validation_size is;
+    validation is validation_size of the rest (none at 0)."""
+    train, test = split_examples(examples, test_size, seed)
+    if validation_size <= 0:
+        return train, [], test
+    train, validation = split_examples(train, validation_size, seed)
+    return train, validation, test
+
+
 def summarize(
     cleaned: Cleaned, train: list[Example], test: list[Example], validation: list[Example]
 ) -> dict[str, Any]:
@@ -243,9 +255,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def load_split(prepared_dir: str, name: str, columns: tuple[str, ...]):
     """A prepared split as a `datasets.Dataset` with just the columns a trainer reads."""
+    return as_dataset(read_jsonl(Path(prepared_dir) / name), columns)
+
+
+def as_dataset(rows: list[dict[str, Any]], columns: tuple[str, ...]):
+    """Rows as a `datasets.Dataset` with just the columns a trainer reads."""
     from datasets import Dataset
 
-    return Dataset.from_list(read_jsonl(Path(prepared_dir) / name)).select_columns(list(columns))
+    return Dataset.from_list(rows).select_columns(list(columns))
 
 
 def _probe_prompt(row: Any, where: str) -> Example:

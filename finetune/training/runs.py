@@ -322,7 +322,7 @@ def eval_split(args, section: str, prepared_dir: str, name: str, columns: tuple[
     """The validation split the trainer evaluates on every eval_steps, or None when trainer.eval_strategy is "no"."""
     if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
         return None
-    from finetune.data.rows import read_jsonl
+    from finetune.data.rows import as_dataset, read_jsonl
 
     path = Path(prepared_dir) / name
     rows = read_jsonl(path) if path.is_file() else []
@@ -331,9 +331,7 @@ def eval_split(args, section: str, prepared_dir: str, name: str, columns: tuple[
             f"{section}.trainer.eval_strategy: {path} has no rows to evaluate on; "
             "raise data.validation_size above 0 or set eval_strategy: 'no'"
         )
-    from datasets import Dataset
-
-    return Dataset.from_list(rows).select_columns(list(columns))
+    return as_dataset(rows, columns)
 
 
 def truncate_prompt(prompt: list[dict[str, str]], tokenizer, max_tokens: int) -> list[dict[str, str]]:
