@@ -29,7 +29,7 @@ if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
 from gpu_proof import default_model_dir  # noqa: E402
-from throughput import VARIANTS  # noqa: E402
+from throughput import VARIANTS, min_median_max  # noqa: E402
 
 MIN_GAIN = 0.03  # what a lever must buy beyond the runs' own spread to be worth its code
 CHILD_TIMEOUT_S = 3600  # a 7B run loads, compiles and trains in minutes: an hour means it hung
@@ -230,13 +230,6 @@ def summarise(levers: list[str], measured: list[dict]) -> list[dict]:
     return summaries
 
 
-def rates_text(rates: list[float | None]) -> str:
-    known = [rate for rate in rates if rate]
-    if not known:
-        return "–"
-    return " / ".join(f"{value:,.0f}" for value in (min(known), statistics.median(known), max(known)))
-
-
 def peak_text(gib: float | None) -> str:
     return "–" if gib is None else f"{gib:.2f}"
 
@@ -253,14 +246,14 @@ def lever_row(summary: dict) -> str:
     cells = [
         f"{summary['what']} (`{summary['on']}` vs `{summary['off']}`)",
         summary["stage"],
-        rates_text(on["rates"]),
-        rates_text(off["rates"]),
+        min_median_max(on["rates"]),
+        min_median_max(off["rates"]),
         f"{peak_text(on['peak_gib'])} / {peak_text(off['peak_gib'])}",
         f"{summary['gain']:+.1%}" if judged else "–",
         f"{summary['spread']:.1%}" if judged else "–",
         verdict_text(summary),
-        rates_text(on["rates_incl_build"]),
-        rates_text(off["rates_incl_build"]),
+        min_median_max(on["rates_incl_build"]),
+        min_median_max(off["rates_incl_build"]),
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -16,6 +16,7 @@ logits' gradients) and the allocator's slack; a GPU run's peak includes both.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -87,8 +88,6 @@ def saved_bytes(arch: dict, layers: int, tokens: int, lora, compiled: bool, chec
 
 def measure(arch: dict, tokens: int, lora) -> dict:
     """Per-token bytes of one decoder layer and of the rest, for each variant."""
-    import dataclasses
-
     results = {}
     for name, compiled, dropout, checkpointed in VARIANTS:
         variant_lora = lora if dropout is None else dataclasses.replace(lora, dropout=dropout)

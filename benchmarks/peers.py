@@ -50,6 +50,7 @@ from throughput import (  # noqa: E402
     benchmark_params,
     config_of,
     corpus_words,
+    min_median_max,
     peak_gib,
     reset_memory,
     saved_model_info,
@@ -520,10 +521,6 @@ def training_args(engine: Engine, recipe: dict):
 # ---------------------------------------------------------------------------------------------- report
 
 
-def spread(values: list[float]) -> str:
-    return f"{min(values):,.0f} / {statistics.median(values):,.0f} / {max(values):,.0f}"
-
-
 def table_row(name: str, budget: float | None, runs: list[dict]) -> str:
     """One engine at one budget over its repeats; runs without a rate (OOM, errors) are counted and named."""
     dpo = ENGINES[name].stage == "dpo"
@@ -534,7 +531,7 @@ def table_row(name: str, budget: float | None, runs: list[dict]) -> str:
         median = statistics.median
         peak = max((run["peak_memory_gib"] for run in done), key=lambda gib: gib or 0)  # None on a CPU
         cells = [
-            spread([run["tokens_per_s"] for run in done]),
+            min_median_max([run["tokens_per_s"] for run in done]),
             f"{median(run['tokens_per_s_incl_setup'] for run in done):,.0f}",
             *(
                 [f"{median(run['tokens_per_s_training_only'] for run in done):,.0f} / "

@@ -312,6 +312,14 @@ def gpu_state() -> dict:
     return state
 
 
+def min_median_max(rates: list[float | None]) -> str:
+    """"min / median / max" of the rates measured ("–" when none was): how the benchmarks report repeats."""
+    known = [rate for rate in rates if rate]
+    if not known:
+        return "–"
+    return " / ".join(f"{value:,.0f}" for value in (min(known), statistics.median(known), max(known)))
+
+
 def peak_gib() -> float | None:
     import torch
 

@@ -24,8 +24,9 @@ and loss normalisation of that run and changes only the layout:
 
 Where no real batch fits (about 6 GiB for a 7B model), fast runs batch 1, still compiled and padding-free, with the
 written optimizer kept for its smaller states. `speed: low_memory` is the seeds' layout (batch 1, every layer
-checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as written on a CPU. The memory model below is per-token arithmetic for a LoRA
-decoder layer (performance.md's activation estimate plus LoRA's dropout copies), not a fit to measured peaks.
+checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as written on a CPU. The memory
+model below is per-token arithmetic for a LoRA decoder layer (performance.md's activation estimate plus LoRA's dropout
+copies), not a fit to measured peaks; benchmarks/results/activation_memory.md sets it beside what autograd saves.
 """
 
 from __future__ import annotations
