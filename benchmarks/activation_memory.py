@@ -1,16 +1,18 @@
 """Activation memory per token of the seed recipe's LoRA decoder layer, counted exactly, against the planner's model.
 
-    python benchmarks/activation_memory.py            # Mistral-7B shape, bf16, 256 tokens (CPU, about 4 minutes)
+    python benchmarks/activation_memory.py            # Mistral-7B shape, QLoRA as trained, 256 tokens (CPU, ~4 min)
     python benchmarks/activation_memory.py --tiny     # smoke test
 
 The layout planner (finetune/layout/speed.py) sizes batches and checkpointing from per-token arithmetic. This
 counts what autograd really keeps for the backward pass: every tensor a saved-tensor hook sees, once per storage,
-parameters excluded. Counting needs no GPU: what a layer saves depends on its operators, not on the device. Each
-count runs a 1-layer and a 2-layer model of the shape, bf16 weights (the fast layout's dequantized copy), the seed
-recipe's LoRA, two rows laid end to end as a padding-free batch does; the difference is one decoder layer. The rest
-(final norm, head and loss) is counted on the model with its decoder layers taken out. Compiled: each decoder layer
-through torch.compile, as the fast layout runs them. Not counted: what exists only during the backward pass (the
-logits' gradients) and the allocator's slack; a GPU run's peak includes both.
+parameters excluded. Counting needs no GPU: what a layer saves depends on its operators and dtypes, not on the
+device. Each count builds the model as the fast layout trains it (pipeline_model: PEFT's QLoRA preparation, the
+bf16 copy of the 4-bit weights, the seed recipe's LoRA, TRL's fused LM head, bf16 autocast) with 0, 1 and 2 decoder
+layers, and runs two rows laid end to end as a padding-free batch does, at two batch sizes: the growth is the
+per-token cost, the difference between 2 and 1 layers is one decoder layer, and the 0-layer model is the rest
+(final norm, head and loss). Compiled: each decoder layer through torch.compile, as the fast layout runs them. Not
+counted: what exists only while it runs (the fused head's logits tile, the gradients) and the allocator's slack;
+a GPU run's peak includes them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ VARIANTS = (
     ("compiled, dropout 0", True, 0.0, False),
     ("checkpointed", False, None, True),
 )
+TRAINER_HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL 1.16's SFTTrainer asks of its fused LM head
 
 
 def parse_args(argv=None):
@@ -49,27 +52,48 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def saved_bytes(arch: dict, layers: int, tokens: int, lora, compiled: bool, checkpointed: bool) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward pass (parameters excluded)."""
+def pipeline_model(arch: dict, layers: int, lora, compiled: bool, checkpointed: bool):
+    """The model as the fast layout trains a 7B QLoRA run, built on the CPU: loaded in bf16; prepared by PEFT's
+    prepare_model_for_kbit_training, which upcasts every weight that is not 4-bit to float32 (so the residual stream
+    runs in float32); the decoder's projections held as the fast layout's bf16 copy of the 4-bit weights
+    (DequantizedLinear); the seed LoRA; TRL's fused LM head, as its SFTTrainer adds it. `layers` 0: the embedding,
+    final norm and head alone, the embedding's output needing a gradient as a decoder layer's input does."""
     import torch
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import MistralConfig, MistralForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
 
     from finetune.model.loading import build_lora_config, decoder_layers
+    from finetune.overrides import DequantizedLinear
 
     torch.manual_seed(0)
     config = MistralConfig(**{**arch, "num_hidden_layers": max(layers, 1)}, attn_implementation="sdpa")
-    model = get_peft_model(MistralForCausalLM(config).to(torch.bfloat16), build_lora_config(lora))
+    model = MistralForCausalLM(config).to(torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for layer in decoder_layers(model):
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, DequantizedLinear.frozen(child.weight.data.to(torch.bfloat16)))
+    model = get_peft_model(model, build_lora_config(lora))
     if checkpointed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if layers == 0:  # the rest alone: the head and loss see a hidden state that needs a gradient, as in training
+    if layers == 0:
         model.get_base_model().model.layers = torch.nn.ModuleList()
         model.enable_input_require_grads()
+    add_fused_lm_head(model.get_base_model(), outputs=TRAINER_HEAD_OUTPUTS)
     if compiled:
         for layer in decoder_layers(model):
             layer.compile()
-    model.train()
+    return model.train()
+
+
+def saved_bytes(model, tokens: int) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward pass over `tokens` tokens laid end to
+    end as two rows, under bf16 autocast as the trainer runs it (parameters excluded)."""
+    import torch
+
     parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     saved: dict[int, torch.Tensor] = {}  # held until counted, so no storage is freed and its address reused
 
@@ -78,12 +102,21 @@ def saved_bytes(arch: dict, layers: int, tokens: int, lora, compiled: bool, chec
             saved.setdefault(tensor.untyped_storage().data_ptr(), tensor)
         return tensor
 
+    torch.manual_seed(1)
     first = tokens // 2
-    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
     positions = torch.cat([torch.arange(first), torch.arange(tokens - first)])[None]  # two rows, padding-free
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        model(input_ids=ids, position_ids=positions, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, position_ids=positions, labels=ids, fused_lm_head=True)
     return sum(tensor.untyped_storage().nbytes() for tensor in saved.values())
+
+
+def per_token(model, tokens: int) -> tuple[float, float]:
+    """(bytes per token, bytes that do not grow with the tokens): saved_bytes at `tokens` and twice as many."""
+    once, twice = saved_bytes(model, tokens), saved_bytes(model, 2 * tokens)
+    slope = (twice - once) / tokens
+    return slope, once - slope * tokens
 
 
 def measure(arch: dict, tokens: int, lora) -> dict:
@@ -92,12 +125,15 @@ def measure(arch: dict, tokens: int, lora) -> dict:
     for name, compiled, dropout, checkpointed in VARIANTS:
         variant_lora = lora if dropout is None else dataclasses.replace(lora, dropout=dropout)
         started = time.perf_counter()
-        none, one, two = (saved_bytes(arch, n, tokens, variant_lora, compiled, checkpointed) for n in (0, 1, 2))
+        (none, fixed), (one, _), (two, _) = (
+            per_token(pipeline_model(arch, n, variant_lora, compiled, checkpointed), tokens) for n in (0, 1, 2)
+        )
         results[name] = {
             "lora_dropout": variant_lora.dropout,
-            "layer_bytes_per_token": round((two - one) / tokens),
-            "first_layer_bytes_per_token": round((one - none) / tokens),
-            "rest_bytes_per_token": round(none / tokens),
+            "layer_bytes_per_token": round(two - one),
+            "first_layer_bytes_per_token": round(one - none),
+            "rest_bytes_per_token": round(none),
+            "rest_fixed_bytes": round(fixed),
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(f"[activation_memory] {name}: {results[name]}", flush=True)
@@ -105,15 +141,19 @@ def measure(arch: dict, tokens: int, lora) -> dict:
 
 
 def planner_model(arch: dict) -> dict:
-    """The planner's per-token terms for the same shape."""
-    from finetune.layout.speed import CHECKPOINT_BYTES, LOGIT_BYTES, ModelShape, layer_bytes_per_token
+    """The planner's per-token terms for the same shape, under QLoRA."""
+    from finetune.layout.speed import (
+        LOGIT_TILE_BYTES, LOGIT_TILE_TOKENS, ModelShape, head_bytes_per_token, layer_bytes_per_token,
+    )  # fmt: skip
 
     shape = ModelShape(0, 0, arch["num_hidden_layers"], arch["hidden_size"], arch["intermediate_size"],
                        arch["vocab_size"])  # fmt: skip
     return {
-        "layer_bytes_per_token": round(layer_bytes_per_token(shape)),
-        "checkpointed_layer_bytes_per_token": round(CHECKPOINT_BYTES * shape.hidden),
-        "logit_bytes_per_token": round(LOGIT_BYTES * shape.vocab),
+        "compiled_layer_bytes_per_token": round(layer_bytes_per_token(shape, compiled=True)),
+        "eager_layer_bytes_per_token": round(layer_bytes_per_token(shape)),
+        "checkpointed_layer_bytes_per_token": shape.stream_bytes * shape.hidden,
+        "head_bytes_per_token": round(head_bytes_per_token(shape)),
+        "logit_tile_bytes": LOGIT_TILE_TOKENS * shape.vocab * LOGIT_TILE_BYTES,
     }
 
 
@@ -122,13 +162,17 @@ def markdown(result: dict) -> str:
     lines = [
         "# Activation memory per token (benchmarks/activation_memory.py)",
         "",
-        f"Date: {result['date']}. Shape: {result['shape']}, bf16 weights, LoRA r{result['lora']['r']} / alpha "
-        f"{result['lora']['alpha']} on {', '.join(result['lora']['target_modules'])}, {result['tokens']} tokens as "
-        "two padding-free rows, SDPA attention. Bytes autograd saves for the backward pass, counted by a saved-tensor "
-        "hook (each storage once, parameters excluded). A decoder layer: the 2-layer model minus the 1-layer one; the "
-        "first layer saves less, as its input (the frozen embedding's output) needs no gradient; rest: the model "
-        "with no decoder layer (final norm, head and loss, the embedding's output needing a gradient as it does in "
-        "training).",
+        f"Date: {result['date']}. Shape: {result['shape']}, as the fast layout trains it under QLoRA: loaded in bf16, "
+        "prepared by PEFT (every weight but the 4-bit projections upcast to float32, so the residual stream runs in "
+        "float32), the projections as the bf16 copy of the 4-bit weights, "
+        f"LoRA r{result['lora']['r']} / alpha {result['lora']['alpha']} on "
+        f"{', '.join(result['lora']['target_modules'])}, bf16 autocast, TRL 1.16's fused LM head; "
+        f"{result['tokens']} and {2 * result['tokens']} tokens as two padding-free rows, SDPA attention. Bytes "
+        "autograd saves for the backward pass, counted by a saved-tensor hook (each storage once, parameters "
+        "excluded); per token: the growth from the smaller batch to the larger. A decoder layer: the 2-layer model "
+        "minus the 1-layer one; the first layer saves less, as its input (the frozen embedding's output) needs no "
+        "gradient; rest: the model with no decoder layer (final norm, head and loss). What exists only while it "
+        "runs is not counted: the fused head's logits tile and the gradients.",
         "",
         "| variant | LoRA dropout | a decoder layer, bytes/token | the first layer | rest, bytes/token |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -138,9 +182,11 @@ def markdown(result: dict) -> str:
             for name, row in result["variants"].items()
         ],
         "",
-        f"The planner's model for this shape: {model['layer_bytes_per_token']:,} bytes/token per unchecked layer "
-        f"(ACTIVATION_BYTES x (hidden + intermediate)), {model['checkpointed_layer_bytes_per_token']:,} per "
-        f"checkpointed layer, {model['logit_bytes_per_token']:,} for the logits and their gradient in float32.",
+        f"The planner's model for this shape (finetune/layout/speed.py): {model['compiled_layer_bytes_per_token']:,} "
+        f"bytes/token per unchecked compiled layer and {model['eager_layer_bytes_per_token']:,} per eager one, "
+        f"{model['checkpointed_layer_bytes_per_token']:,} per checkpointed layer, "
+        f"{model['head_bytes_per_token']:,} for the final norm and head (with the head input's float32 gradient), "
+        f"and one logits tile of {model['logit_tile_bytes']:,} bytes (fewer for batches under its 4,096 tokens).",
         "",
         "Versions: " + ", ".join(f"{key} {value}" for key, value in result["versions"].items() if value),
     ]

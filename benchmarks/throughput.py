@@ -204,6 +204,7 @@ class CachedModel:
 
     def release(self, trainer_model) -> None:
         """Take the LoRA layers out again, so the next configuration starts from the bare model."""
+        import torch
         from peft import PeftModel
 
         from finetune.layout.fusion import FUSED_WEIGHT
@@ -216,8 +217,11 @@ class CachedModel:
         for module in self.model.modules():  # and the compiled decoder layers
             module._compiled_call_impl = None
         self.model.set_attn_implementation("sdpa")
+        embeddings = self.model.get_input_embeddings().weight.dtype
         if any(isinstance(module, DequantizedLinear) for module in self.model.modules()):
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
+        elif getattr(self.model, "is_loaded_in_4bit", False) and embeddings != torch.float32:
+            self.model = None  # finetune.layout.embeddings undid PEFT's float32 upcast: load them again
         elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
             # finetune.layout.fusion stacked the weights of unquantized layers: start from a fresh load
             self.model = None
@@ -587,6 +591,7 @@ VARIANTS = {
     "fast_separate_projections": {"plan": {"projections": "separate"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     "fast_4bit": {"plan": {"base_weights": "as loaded"}},
+    "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},  # PEFT's float32 upcast of the embedding and head
     "fast_eager": {"plan": {"compiled": False}},
     "fast_walk_modules_each_step": {"walk_modules_each_step": True},
     # A zero budget makes checkpoint_as_needed checkpoint every layer of every batch, as the seed layout does.

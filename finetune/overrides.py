@@ -513,6 +513,15 @@ class DequantizedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
+    @classmethod
+    def frozen(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> DequantizedLinear:
+        """A layer holding `weight` (out x in) and `bias` as they are, frozen."""
+        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+        return layer
+
 
 def dequantize_base(model) -> int:
     """Replace each bitsandbytes 4-bit linear layer by a bf16 layer holding its dequantized weights; returns how many.
@@ -533,13 +542,8 @@ def dequantize_base(model) -> int:
                 continue
             dtype = child.compute_dtype or torch.bfloat16
             weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-            layer = DequantizedLinear(
-                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
-            )
-            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if child.bias is not None:
-                layer.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-            setattr(parent, name, layer)
+            bias = None if child.bias is None else child.bias.data.to(dtype)
+            setattr(parent, name, DequantizedLinear.frozen(weight, bias))
             replaced += 1
     return replaced
 

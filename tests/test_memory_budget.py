@@ -44,3 +44,22 @@ def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "memory_budget", lambda gpu, budget: seen.append((gpu, budget)) or None)
     speed.layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, budget_gib=cfg.sft.memory_budget_gib)
     assert seen == [(140 * GIB, 6.0)]
+
+
+def test_the_planners_terms_cover_the_counted_activations_of_the_7b_shape():
+    """benchmarks/results/activation_memory.json, counted on the Mistral-7B shape as the fast layout trains it."""
+    import json
+    from pathlib import Path
+
+    from trl.kernels import chunked_logprob
+
+    counted = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/activation_memory.json").read_text())
+    variants, shape = counted["variants"], MISTRAL_7B
+    assert speed.layer_bytes_per_token(shape, compiled=True) >= variants["compiled"]["layer_bytes_per_token"]
+    assert speed.layer_bytes_per_token(shape) >= variants["eager"]["layer_bytes_per_token"]
+    # Rounded up, not far: a term twice too large halves the batches a budget allows.
+    assert speed.layer_bytes_per_token(shape, compiled=True) < 1.05 * variants["compiled"]["layer_bytes_per_token"]
+    assert speed.layer_bytes_per_token(shape) < 1.05 * variants["eager"]["layer_bytes_per_token"]
+    assert shape.stream_bytes * shape.hidden == variants["checkpointed"]["layer_bytes_per_token"]
+    assert speed.head_bytes_per_token(shape) >= variants["eager"]["rest_bytes_per_token"]
+    assert speed.LOGIT_TILE_TOKENS == chunked_logprob.TOKEN_CHUNK_SIZE  # TRL's fused head: the tile's rows

@@ -20,6 +20,7 @@ import yaml
 
 from finetune.core.config import load_config
 from finetune.core.errors import ConfigError
+from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
     FUSED_PROJECTIONS,
     GIB,
@@ -44,8 +45,9 @@ from finetune.training.runs import trainer_args
 
 # Mistral-7B-v0.1 as finetune.layout.speed.model_shape counts it (checked against the shipped architecture below).
 MISTRAL_7B = ModelShape(
-    quantized_params=6_979_321_856, other_params=262_410_240, layers=32, hidden=4096, intermediate=14336, vocab=32000
-)
+    quantized_params=6_979_321_856, other_params=262_410_240, layers=32, hidden=4096, intermediate=14336, vocab=32000,
+    embedding_params=262_144_000, head_params=131_072_000,
+)  # fmt: skip
 SEED = {
     "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 8,
@@ -112,14 +114,19 @@ def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay
     assert on_24.mode == "fast" and on_24.tokens_without_checkpointing < on_80.tokens_without_checkpointing
     kwargs, on_8 = plan("sft", SEED, "fast", MISTRAL_7B, 8 * GIB, quantized=True)
     assert kwargs["per_device_train_batch_size"] < 8 and on_8.mode == "fast"
-    # 6 GiB: not even one full-length row fits the memory model with every layer checkpointed (the seeds' layout
-    # peaked at 5.6 GiB there, so the model is cautious); batch 1 stays padding-free and compiled, with the 4-bit
-    # weights as loaded, the checkpointing chosen per batch, and the written 8-bit optimizer for its smaller states.
+    # 6 GiB: batch 1, still padding-free and compiled, with the 4-bit weights as loaded, the frozen embedding and
+    # head back in bf16, the checkpointing chosen per batch, and the written 8-bit optimizer for its smaller states.
     kwargs, on_6 = plan("sft", SEED, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
     assert on_6.mode == "fast" and on_6.compiled and on_6.padding_free and on_6.base_weights == "as loaded"
-    assert "every layer checkpointed for the longest batches" in on_6.reason
+    assert on_6.embeddings == HELD_IN_BF16 and on_6.checkpointing.startswith("as memory needs")
     assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (1, 8)
     assert kwargs["activation_checkpointing"] is True and kwargs["optim"] == "paged_adamw_8bit"
+    # Without the bf16 embedding and head (no autocast), one full-length row does not fit with every layer
+    # checkpointed: batch 1 all the same, every layer checkpointed for the longest rows.
+    _, float32_6 = plan("sft", {**SEED, "bf16": False}, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
+    assert float32_6.embeddings == "as loaded" and float32_6.per_device_train_batch_size == 1
+    assert "every layer checkpointed for the longest batches" in float32_6.reason
+    assert float32_6.memory_budget_gib < on_6.memory_budget_gib
     # No room at all beside the weights: the seeds' layout, which fails as it would anyway.
     kwargs, chosen = plan("sft", SEED, "auto", MISTRAL_7B, 4 * GIB, quantized=True)
     assert chosen.mode == "low_memory" and "no room beside the weights" in chosen.reason
@@ -616,7 +623,8 @@ def test_the_fast_plan_keeps_a_bf16_copy_only_where_it_takes_a_quarter_of_the_gp
     assert on_80.compiled and on_80.attention == "flex_attention"
     # The copy's memory comes out of the activation budget.
     assert on_80.memory_budget_gib == pytest.approx(
-        (80 * GIB * 0.85 - static_bytes(MISTRAL_7B, quantized=True, dequantized=True)) / GIB, abs=0.01
+        (80 * GIB * 0.85 - static_bytes(MISTRAL_7B, quantized=True, dequantized=True, embeddings_bf16=True)) / GIB,
+        abs=0.01,
     )
 
 

@@ -18,15 +18,19 @@ and loss normalisation of that run and changes only the layout:
   copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before
   up to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
   bought is in benchmarks/results/ (throughput.md, and the profiles of the eager, compiled and fast steps);
+- under QLoRA with autocast, the frozen embedding and head held in the bf16 they were loaded in
+  (finetune.layout.embeddings): the same numbers bit for bit, 0.52 GB less for a 7B model and no bf16 copy of the head
+  at each step;
 - the next batches collated in LOADER_WORKERS processes, unless the trainer settings choose;
 - on several GPUs, each SFT step's examples split among them by token count (finetune.layout.balance), so that no GPU
   waits for one with longer examples: the same examples per step, only which GPU takes which changes.
 
-Where no real batch fits (about 6 GiB for a 7B model), fast runs batch 1, still compiled and padding-free, with the
-written optimizer kept for its smaller states. `speed: low_memory` is the seeds' layout (batch 1, every layer
-checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as written on a CPU. The memory
-model below is per-token arithmetic for a LoRA decoder layer (performance.md's activation estimate plus LoRA's dropout
-copies), not a fit to measured peaks; benchmarks/results/activation_memory.md sets it beside what autograd saves.
+Where no real batch fits (about 6 GiB for a 7B model), fast runs batch 1, still compiled and padding-free; wherever
+the 4-bit weights stay 4-bit, the written optimizer stays for its smaller states. `speed: low_memory` is the seeds'
+layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as
+written on a CPU. The memory model below takes its per-token terms from what autograd saves, counted on the 7B shape
+as the layout trains it (benchmarks/results/activation_memory.md), and the fused LM head's tile from TRL's code; it
+has not yet been set beside measured GPU peaks.
 """
 
 from __future__ import annotations
@@ -38,16 +42,26 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune.core.errors import ConfigError
+from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, decoder_layers
 
 GIB = 2**30
-# Bytes of saved activations per token per decoder layer, per unit of (hidden + intermediate) size, for a LoRA
-# layer in bf16 without checkpointing (attention inputs/outputs, MLP intermediates, dropout copies, norms in fp32).
-ACTIVATION_BYTES = 20.0
-# With checkpointing a layer keeps only its input (bf16) until its recompute.
-CHECKPOINT_BYTES = 2.0
-# Logits and their gradient in float32, per token and vocabulary entry.
-LOGIT_BYTES = 8.0
+# Bytes autograd saves per token per decoder layer, per unit of (hidden + intermediate) size, for the seed recipe's
+# LoRA layer (dropout 0.05) under QLoRA, counted on the Mistral-7B shape by benchmarks/activation_memory.py (its
+# results file: 290,664 compiled, 472,936 eager), rounded up.
+COMPILED_ACTIVATION_BYTES = 16.0
+EAGER_ACTIVATION_BYTES = 26.0
+# PEFT's prepare_model_for_kbit_training upcasts the embedding and norms to float32, so a QLoRA model's residual
+# stream runs in float32; an unquantized model's stays bf16. A checkpointed layer keeps only its input, one value of
+# the stream per hidden unit.
+QLORA_STREAM_BYTES = 4
+BF16_STREAM_BYTES = 2
+# TRL 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head, which its SFT and DPO trainers install) never holds
+# the whole logits: it projects LOGIT_TILE_TOKENS tokens at a time into a bf16 tile as wide as the vocabulary
+# (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE), and keeps per token the head's input and, in the backward pass,
+# its float32 gradient; the final norm keeps its input.
+LOGIT_TILE_TOKENS = 4096
+LOGIT_TILE_BYTES = 2
 # NF4 weights with double-quantised absmax, per parameter.
 NF4_BYTES = 0.53
 # Share of the GPU the plan may fill; the rest is the CUDA context, the allocator's slack and the optimizer states.
@@ -75,10 +89,14 @@ class ModelShape:
     hidden: int
     intermediate: int
     vocab: int
+    embedding_params: int = 0  # of other_params, the input embedding's and the head's (once if tied)
+    head_params: int = 0  # the head's, tied or not
+    stream_bytes: int = QLORA_STREAM_BYTES  # bytes per value of the residual stream as it trains
 
 
-def model_shape(model_cfg) -> ModelShape:
-    """The shape of the configured model, counted on the meta device (no weights are read)."""
+def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
+    """The shape of the configured model, counted on the meta device (no weights are read); `quantized`: it trains
+    under QLoRA (a float32 residual stream)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -95,6 +113,7 @@ def model_shape(model_cfg) -> ModelShape:
         if isinstance(module, torch.nn.Linear) and module is not head
     )
     total = sum(parameter.numel() for parameter in model.parameters())
+    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), head) if m is not None}
     text = config.get_text_config()
     return ModelShape(
         quantized_params=linear,
@@ -103,51 +122,67 @@ def model_shape(model_cfg) -> ModelShape:
         hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
         vocab=text.vocab_size,
+        embedding_params=sum(embeddings.values()),
+        head_params=head.weight.numel() if head is not None else 0,
+        stream_bytes=QLORA_STREAM_BYTES if quantized else BF16_STREAM_BYTES,
     )
 
 
-def static_bytes(shape: ModelShape, quantized: bool, dequantized: bool = False, shards: int = 1) -> float:
-    """Weights on the GPU before the first batch (`dequantized`: the 4-bit weights held as their bf16 values).
+def static_bytes(
+    shape: ModelShape, quantized: bool, dequantized: bool = False, shards: int = 1, embeddings_bf16: bool = False
+) -> float:
+    """Weights on the GPU before the first batch (`dequantized`: the 4-bit weights held as their bf16 values;
+    `embeddings_bf16`: the frozen embedding and head held in bf16, finetune.layout.embeddings), and under QLoRA the
+    bf16 copy autocast makes of a float32 head while it runs.
 
     With the weights sharded across `shards` GPUs (FSDP), each holds its share plus, while a layer runs, that
     layer's gathered weights.
     """
     per_param = NF4_BYTES if quantized and not dequantized else 2.0
-    whole = shape.quantized_params * per_param + shape.other_params * 4.0
+    float32_params = shape.other_params - (shape.embedding_params if embeddings_bf16 else 0)
+    whole = shape.quantized_params * per_param + float32_params * 4.0 + (shape.other_params - float32_params) * 2.0
+    head_copy = shape.head_params * 2.0 if quantized and not embeddings_bf16 else 0.0
     if shards == 1:
-        return whole
-    return whole / shards + shape.quantized_params * per_param / shape.layers
+        return whole + head_copy
+    return whole / shards + shape.quantized_params * per_param / shape.layers + head_copy
 
 
 def keeps_dequantized_copy(shape: ModelShape, quantized: bool, gpu_bytes: int) -> bool:
     return quantized and shape.quantized_params * 2.0 <= DEQUANTIZED_SHARE * gpu_bytes
 
 
-def layer_bytes_per_token(shape: ModelShape) -> float:
-    return ACTIVATION_BYTES * (shape.hidden + shape.intermediate)
+def layer_bytes_per_token(shape: ModelShape, compiled: bool = False) -> float:
+    per_unit = COMPILED_ACTIVATION_BYTES if compiled else EAGER_ACTIVATION_BYTES
+    return per_unit * (shape.hidden + shape.intermediate)
 
 
-def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int) -> float:
-    """Activation memory of one forward/backward pass over `tokens` tokens with the first layers checkpointed.
+def head_bytes_per_token(shape: ModelShape) -> float:
+    """The final norm's and the head's input, and the head input's float32 gradient."""
+    return (2 * shape.stream_bytes + 4) * shape.hidden
+
+
+def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int, compiled: bool = False) -> float:
+    """Activation memory of one forward/backward pass over `tokens` tokens with the first layers checkpointed
+    (`compiled`: the decoder layers run through torch.compile, which saves less).
 
     The first layers are the last to run backward: by the time one of them recomputes its activations, those of all
     later layers are freed. So the peak holds the unchecked layers' activations (or one recomputed layer's, if more)
-    plus the checkpointed layers' inputs.
+    plus the checkpointed layers' inputs, the head's, and one tile of the fused LM head's logits.
     """
     unchecked = shape.layers - checkpointed_layers
     full_layers = max(unchecked, 1 if checkpointed_layers else 0)
     per_token = (
-        full_layers * layer_bytes_per_token(shape)
-        + checkpointed_layers * CHECKPOINT_BYTES * shape.hidden
-        + LOGIT_BYTES * shape.vocab
+        full_layers * layer_bytes_per_token(shape, compiled)
+        + checkpointed_layers * shape.stream_bytes * shape.hidden
+        + head_bytes_per_token(shape)
     )
-    return tokens * per_token
+    return tokens * per_token + min(tokens, LOGIT_TILE_TOKENS) * shape.vocab * LOGIT_TILE_BYTES
 
 
-def layers_to_checkpoint(shape: ModelShape, tokens: int, budget: float) -> int | None:
+def layers_to_checkpoint(shape: ModelShape, tokens: int, budget: float, compiled: bool = False) -> int | None:
     """The fewest decoder layers to checkpoint so a `tokens`-token batch fits in `budget` bytes; None if none do."""
     for checkpointed in range(shape.layers + 1):
-        if batch_bytes(shape, tokens, checkpointed) <= budget:
+        if batch_bytes(shape, tokens, checkpointed, compiled) <= budget:
             return checkpointed
     return None
 
@@ -169,6 +204,7 @@ class SpeedPlan:
     compiled: bool = False  # decoder layers run through torch.compile (see compile_decoder_layers)
     attention: str = "sdpa"  # the attention implementation the layout sets
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (overrides.dequantize_base)
+    embeddings: str = "as loaded"  # or HELD_IN_BF16 (finetune.layout.embeddings)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
@@ -279,8 +315,8 @@ def plan(
         return unchanged("no CUDA device: the trainer settings run as written")
 
     dequantized = keeps_dequantized_copy(shape, quantized, gpu_bytes) and not sharded
-    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, world if sharded else 1)
-    budget_gib = round(budget / GIB, 2)
+    shards = world if sharded else 1
+    budget_gib = round((gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards)) / GIB, 2)
     low_memory = {
         **written,
         "per_device_train_batch_size": 1,
@@ -305,14 +341,19 @@ def plan(
         return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": "speed: low_memory"})
 
     # fast: the largest real batch whose longest possible form fits once enough layers are checkpointed; batch 1
-    # when none does, still padding-free and compiled, keeping the written optimizer (its states are memory too).
+    # when none does, still padding-free and compiled. Where the 4-bit weights stay 4-bit (no room for their bf16
+    # copy), the written optimizer stays too: its states are memory.
+    # Under QLoRA with autocast, the frozen embedding and head go back to the bf16 they were loaded in.
+    embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
+    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards, embeddings_bf16)
+    compiled = not sharded
     for batch in _divisors_descending(effective):
         worst = batch * sequences * max_length
-        tight = layers_to_checkpoint(shape, worst, budget) is None
+        tight = layers_to_checkpoint(shape, worst, budget, compiled) is None
         if tight and (batch > 1 or budget <= 0):
             continue
         free_tokens = 0
-        while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0) <= budget:
+        while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0, compiled) <= budget:
             free_tokens += 64
         kwargs = {
             **written,
@@ -321,7 +362,8 @@ def plan(
             "activation_checkpointing": free_tokens < worst,
         }
         written_optim = written.get("optim")
-        if not tight and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
+        roomy = not tight and (dequantized or not quantized)  # a GPU with room for the bf16 weights
+        if roomy and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
         batches_from = "as written"
         if "dataloader_num_workers" not in written:
@@ -344,13 +386,14 @@ def plan(
             checkpointing,
             worst,
             min(free_tokens, worst),
-            budget_gib,
+            round(budget / GIB, 2),
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
             f"(= the configured {per_device} x {accumulation})"
             + (", every layer checkpointed for the longest batches" if tight else ""),
-            compiled=not sharded,
+            compiled=compiled,
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
+            embeddings=HELD_IN_BF16 if embeddings_bf16 else "as loaded",
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
@@ -391,7 +434,7 @@ def checkpoint_as_needed(
         tokens = int(mask.sum()) if packs_padding and _packable(ids, mask, kwargs) else int(ids.numel())
         bucket = math.ceil(tokens / 256) * 256
         if bucket not in cache:
-            needed = layers_to_checkpoint(shape, bucket, budget)
+            needed = layers_to_checkpoint(shape, bucket, budget, compiled)
             cache[bucket] = len(layers) if needed is None else min(needed, len(layers))
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = index < cache[bucket]
@@ -462,13 +505,14 @@ def layout(
 
     attention_for_varying_shapes()
     gpu = memory_budget(gpu_memory_bytes(), budget_gib)
-    shape = model_shape(model_cfg) if gpu is not None and requested != "as_written" else None
     quantized = use_4bit(model_cfg)
+    shape = model_shape(model_cfg, quantized) if gpu is not None and requested != "as_written" else None
     kwargs, chosen = plan(stage, trainer, requested, shape, gpu, quantized, world=world_size(), sharded=sharded)
     print(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
         f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, projections {chosen.projections}, "
+        f"embeddings {chosen.embeddings}, "
         f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
         + (f", each step split across the GPUs {chosen.shares}" if world_size() > 1 else "")
     )
@@ -484,6 +528,10 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
             from finetune.overrides import dequantize_base
 
             dequantize_base(model)
+        if chosen.embeddings != "as loaded":
+            from finetune.layout.embeddings import hold_frozen_embeddings_in_bf16
+
+            hold_frozen_embeddings_in_bf16(model)
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
         if chosen.projections != "separate":
