@@ -45,6 +45,11 @@ class Lever:
 LEVERS = {
     "bf16_weights": Lever("bf16 copy of the 4-bit weights", "fast", "fast_4bit"),
     "bf16_embeddings": Lever("frozen embedding and head held in bf16", "fast", "fast_float32_embeddings"),
+    "offloaded_checkpoints": Lever(
+        "checkpointed layers' inputs in host memory (planned where the 4-bit weights stay 4-bit: a small budget)",
+        "fast",
+        "fast_checkpoints_on_gpu",
+    ),
     "compiled": Lever("compiled decoder layers", "fast", "fast_eager"),
     "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
     "fused_projections": Lever("fused q/k/v and gate/up projections", "fast", "fast_separate_projections"),

@@ -592,6 +592,8 @@ VARIANTS = {
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     "fast_4bit": {"plan": {"base_weights": "as loaded"}},
     "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},  # PEFT's float32 upcast of the embedding and head
+    # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
+    "fast_checkpoints_on_gpu": {"trainer": {"activation_checkpointing_kwargs": {"offload": False}}},
     "fast_eager": {"plan": {"compiled": False}},
     "fast_walk_modules_each_step": {"walk_modules_each_step": True},
     # A zero budget makes checkpoint_as_needed checkpoint every layer of every batch, as the seed layout does.

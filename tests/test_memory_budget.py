@@ -53,7 +53,9 @@ def test_the_planners_terms_cover_the_counted_activations_of_the_7b_shape():
 
     from trl.kernels import chunked_logprob
 
-    counted = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/activation_memory.json").read_text())
+    counted = json.loads(
+        (Path(__file__).resolve().parents[1] / "benchmarks/results/activation_memory.json").read_text()
+    )
     variants, shape = counted["variants"], MISTRAL_7B
     assert speed.layer_bytes_per_token(shape, compiled=True) >= variants["compiled"]["layer_bytes_per_token"]
     assert speed.layer_bytes_per_token(shape) >= variants["eager"]["layer_bytes_per_token"]
@@ -63,3 +65,59 @@ def test_the_planners_terms_cover_the_counted_activations_of_the_7b_shape():
     assert shape.stream_bytes * shape.hidden == variants["checkpointed"]["layer_bytes_per_token"]
     assert speed.head_bytes_per_token(shape) >= variants["eager"]["rest_bytes_per_token"]
     assert speed.LOGIT_TILE_TOKENS == chunked_logprob.TOKEN_CHUNK_SIZE  # TRL's fused head: the tile's rows
+
+
+def test_offloaded_checkpoints_send_only_each_checkpointed_layers_input_to_the_host_and_change_no_number(monkeypatch):
+    """activation_checkpointing_kwargs {"offload": True}, as the fast layout sets it where the 4-bit weights stay
+    4-bit: transformers wraps each layer's checkpoint in torch's save_on_cpu. Recorded here in place of the copy (a
+    CPU-only torch has no pinned memory), what it would move is each checkpointed layer's input and nothing else,
+    and the loss and gradients are the same bit for bit."""
+    import torch
+    import transformers.modeling_utils as modeling_utils
+    from transformers import MistralConfig, MistralForCausalLM
+
+    sent_to_host = []
+
+    class RecordingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(lambda tensor: sent_to_host.append(tuple(tensor.shape)) or tensor, lambda tensor: tensor)
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", RecordingSaveOnCpu)
+    config = MistralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, use_cache=False,
+    )  # fmt: skip
+
+    def step(offload: bool):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config).train()
+        model.activation_checkpointing_enable(offload=offload)
+        ids = torch.randint(0, 256, (1, 16))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: parameter.grad for name, parameter in model.named_parameters()}
+
+    loss, grads = step(offload=True)
+    assert sent_to_host == [(1, 16, 64)] * 3  # the three layers' inputs
+    sent_to_host.clear()
+    expected_loss, expected_grads = step(offload=False)
+    assert sent_to_host == []
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(grad, expected_grads[name]) for name, grad in grads.items())
+
+
+def test_small_budgets_offload_the_checkpoints_and_fit_larger_batches():
+    seed = {**SEED, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+    kwargs, offloaded = plan("sft", seed, "fast", MISTRAL_7B, 6 * GIB, quantized=True)
+    assert kwargs["activation_checkpointing_kwargs"] == {"offload": True} and offloaded.checkpoints == speed.OFFLOADED
+    kept, on_gpu = plan(
+        "sft", {**seed, "activation_checkpointing_kwargs": {"offload": False}}, "fast", MISTRAL_7B, 6 * GIB, True
+    )  # the trainer settings chose: the layout keeps their choice
+    assert kept["activation_checkpointing_kwargs"] == {"offload": False} and on_gpu.checkpoints == "on the GPU"
+    assert offloaded.per_device_train_batch_size > on_gpu.per_device_train_batch_size
+    # With room for the bf16 weights, checkpointing is rare and its inputs stay on the GPU.
+    roomy_kwargs, roomy = plan("sft", seed, "fast", MISTRAL_7B, 140 * GIB, quantized=True)
+    assert "activation_checkpointing_kwargs" not in roomy_kwargs and roomy.checkpoints == "on the GPU"
+    # Offloaded, a checkpointed layer costs the GPU nothing until it recomputes.
+    inputs = 2048 * 31 * MISTRAL_7B.stream_bytes * MISTRAL_7B.hidden  # 31 layers' inputs, the 32nd recomputing
+    assert speed.batch_bytes(MISTRAL_7B, 2048, 32, offloaded=True) == speed.batch_bytes(MISTRAL_7B, 2048, 31) - inputs

@@ -24,6 +24,7 @@ from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
     FUSED_PROJECTIONS,
     GIB,
+    OFFLOADED,
     ModelShape,
     batch_bytes,
     checkpoint_as_needed,
@@ -107,25 +108,25 @@ def test_fast_dpo_batches_pairs_and_packs_them_inside_the_model():
     assert chosen.max_tokens_per_batch == kwargs["per_device_train_batch_size"] * 2 * 1024
 
 
-def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay_compiled_at_batch_1():
+def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay_compiled_and_padding_free():
     _, on_80 = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
     kwargs, on_24 = plan("sft", SEED, "fast", MISTRAL_7B, 24 * GIB, quantized=True)
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 8
     assert on_24.mode == "fast" and on_24.tokens_without_checkpointing < on_80.tokens_without_checkpointing
     kwargs, on_8 = plan("sft", SEED, "fast", MISTRAL_7B, 8 * GIB, quantized=True)
     assert kwargs["per_device_train_batch_size"] < 8 and on_8.mode == "fast"
-    # 6 GiB: batch 1, still padding-free and compiled, with the 4-bit weights as loaded, the frozen embedding and
-    # head back in bf16, the checkpointing chosen per batch, and the written 8-bit optimizer for its smaller states.
+    # 6 GiB: still padding-free and compiled, with the 4-bit weights as loaded, the frozen embedding and head back in
+    # bf16, the checkpointed layers' inputs offloaded to host memory, the checkpointing chosen per batch, and the
+    # written 8-bit optimizer for its smaller states: 2 examples per micro-batch.
     kwargs, on_6 = plan("sft", SEED, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
     assert on_6.mode == "fast" and on_6.compiled and on_6.padding_free and on_6.base_weights == "as loaded"
     assert on_6.embeddings == HELD_IN_BF16 and on_6.checkpointing.startswith("as memory needs")
-    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (1, 8)
+    assert on_6.checkpoints == OFFLOADED and kwargs["activation_checkpointing_kwargs"] == {"offload": True}
+    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (2, 4)
     assert kwargs["activation_checkpointing"] is True and kwargs["optim"] == "paged_adamw_8bit"
-    # Without the bf16 embedding and head (no autocast), one full-length row does not fit with every layer
-    # checkpointed: batch 1 all the same, every layer checkpointed for the longest rows.
+    # Without autocast the embedding and head stay float32: less room, batch 1.
     _, float32_6 = plan("sft", {**SEED, "bf16": False}, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
     assert float32_6.embeddings == "as loaded" and float32_6.per_device_train_batch_size == 1
-    assert "every layer checkpointed for the longest batches" in float32_6.reason
     assert float32_6.memory_budget_gib < on_6.memory_budget_gib
     # No room at all beside the weights: the seeds' layout, which fails as it would anyway.
     kwargs, chosen = plan("sft", SEED, "auto", MISTRAL_7B, 4 * GIB, quantized=True)

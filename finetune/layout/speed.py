@@ -161,9 +161,12 @@ def head_bytes_per_token(shape: ModelShape) -> float:
     return (2 * shape.stream_bytes + 4) * shape.hidden
 
 
-def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int, compiled: bool = False) -> float:
+def batch_bytes(
+    shape: ModelShape, tokens: int, checkpointed_layers: int, compiled: bool = False, offloaded: bool = False
+) -> float:
     """Activation memory of one forward/backward pass over `tokens` tokens with the first layers checkpointed
-    (`compiled`: the decoder layers run through torch.compile, which saves less).
+    (`compiled`: the decoder layers run through torch.compile, which saves less; `offloaded`: the checkpointed
+    layers' inputs wait for their recompute in host memory).
 
     The first layers are the last to run backward: by the time one of them recomputes its activations, those of all
     later layers are freed. So the peak holds the unchecked layers' activations (or one recomputed layer's, if more)
@@ -173,16 +176,18 @@ def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int, compil
     full_layers = max(unchecked, 1 if checkpointed_layers else 0)
     per_token = (
         full_layers * layer_bytes_per_token(shape, compiled)
-        + checkpointed_layers * shape.stream_bytes * shape.hidden
+        + (0 if offloaded else checkpointed_layers * shape.stream_bytes * shape.hidden)
         + head_bytes_per_token(shape)
     )
     return tokens * per_token + min(tokens, LOGIT_TILE_TOKENS) * shape.vocab * LOGIT_TILE_BYTES
 
 
-def layers_to_checkpoint(shape: ModelShape, tokens: int, budget: float, compiled: bool = False) -> int | None:
+def layers_to_checkpoint(
+    shape: ModelShape, tokens: int, budget: float, compiled: bool = False, offloaded: bool = False
+) -> int | None:
     """The fewest decoder layers to checkpoint so a `tokens`-token batch fits in `budget` bytes; None if none do."""
     for checkpointed in range(shape.layers + 1):
-        if batch_bytes(shape, tokens, checkpointed, compiled) <= budget:
+        if batch_bytes(shape, tokens, checkpointed, compiled, offloaded) <= budget:
             return checkpointed
     return None
 
@@ -205,6 +210,7 @@ class SpeedPlan:
     attention: str = "sdpa"  # the attention implementation the layout sets
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (overrides.dequantize_base)
     embeddings: str = "as loaded"  # or HELD_IN_BF16 (finetune.layout.embeddings)
+    checkpoints: str = "on the GPU"  # or OFFLOADED: where checkpointed layers' inputs wait for their recompute
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
@@ -229,6 +235,7 @@ FSDP_SETTINGS = {
 LOADER_WORKERS = 2
 FUSED_PROJECTIONS = "q/k/v and gate/up fused, one product each for frozen weights, LoRA A and LoRA B"
 BALANCED_SHARES = "by token count (finetune.layout.balance)"
+OFFLOADED = "offloaded to pinned host memory (activation_checkpointing_kwargs offload)"
 SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
 
 
@@ -347,9 +354,15 @@ def plan(
     embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
     budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards, embeddings_bf16)
     compiled = not sharded
+    # Where the 4-bit weights stay 4-bit, memory binds: transformers holds the checkpointed layers' inputs in pinned
+    # host memory until their recompute (one copy out in the forward pass, one back in the backward), unless the
+    # trainer settings choose.
+    checkpoint_kwargs = written.get("activation_checkpointing_kwargs") or {}
+    offloaded = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
+    offloaded = offloaded and "offload" not in checkpoint_kwargs
     for batch in _divisors_descending(effective):
         worst = batch * sequences * max_length
-        tight = layers_to_checkpoint(shape, worst, budget, compiled) is None
+        tight = layers_to_checkpoint(shape, worst, budget, compiled, offloaded) is None
         if tight and (batch > 1 or budget <= 0):
             continue
         free_tokens = 0
@@ -361,6 +374,9 @@ def plan(
             "gradient_accumulation_steps": effective // batch,
             "activation_checkpointing": free_tokens < worst,
         }
+        offloaded = offloaded and free_tokens < worst
+        if offloaded:
+            kwargs["activation_checkpointing_kwargs"] = {**checkpoint_kwargs, "offload": True}
         written_optim = written.get("optim")
         roomy = not tight and (dequantized or not quantized)  # a GPU with room for the bf16 weights
         if roomy and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
@@ -394,6 +410,7 @@ def plan(
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
             embeddings=HELD_IN_BF16 if embeddings_bf16 else "as loaded",
+            checkpoints=OFFLOADED if offloaded else "on the GPU",
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
@@ -410,14 +427,16 @@ def plan(
 
 
 def checkpoint_as_needed(
-    model, shape: ModelShape, budget: float, packs_padding: bool = False, compiled: bool = False
-) -> None:
+    model, shape: ModelShape, budget: float, packs_padding: bool = False, compiled: bool = False,
+    offloaded: bool = False,
+) -> None:  # fmt: skip
     """Before each training forward pass, checkpoint only as many decoder layers as the batch's size requires.
 
     Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
     per-layer flags, so a short batch recomputes nothing. With `packs_padding` (pack_padded_batches installed), a
     padded batch that will be packed counts only its real tokens. With `compiled` (compile_decoder_layers), a
     checkpointed layer recomputes through its compiled forward (finetune.overrides.checkpoint_around_compiled).
+    With `offloaded` (OFFLOADED), a checkpointed layer's input counts nothing on the GPU.
     """
     from finetune.overrides import checkpoint_around_compiled
 
@@ -434,7 +453,7 @@ def checkpoint_as_needed(
         tokens = int(mask.sum()) if packs_padding and _packable(ids, mask, kwargs) else int(ids.numel())
         bucket = math.ceil(tokens / 256) * 256
         if bucket not in cache:
-            needed = layers_to_checkpoint(shape, bucket, budget, compiled)
+            needed = layers_to_checkpoint(shape, bucket, budget, compiled, offloaded)
             cache[bucket] = len(layers) if needed is None else min(needed, len(layers))
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = index < cache[bucket]
@@ -512,7 +531,7 @@ def layout(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
         f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, projections {chosen.projections}, "
-        f"embeddings {chosen.embeddings}, "
+        f"embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, "
         f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
         + (f", each step split across the GPUs {chosen.shares}" if world_size() > 1 else "")
     )
@@ -544,7 +563,10 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
             pack_padded_batches(model.base_model)
         if chosen.mode == "fast" and chosen.checkpointing != "off":
             budget = chosen.memory_budget_gib * GIB
-            checkpoint_as_needed(model, shape, budget, packs_padding=chosen.padding_free, compiled=chosen.compiled)
+            checkpoint_as_needed(
+                model, shape, budget, packs_padding=chosen.padding_free, compiled=chosen.compiled,
+                offloaded=chosen.checkpoints == OFFLOADED,
+            )  # fmt: skip
 
     return install
 
