@@ -94,3 +94,24 @@ def test_trained_or_inexact_weights_and_a_second_call_are_left_alone():
     copied = copy.deepcopy(fresh)  # the hook travels with the module
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert copied(input_ids=torch.tensor([[4, 5]])).logits.shape == (1, 2, 512)
+
+
+def test_the_fast_layout_plans_it_under_qlora_with_autocast_and_its_installer_applies_it():
+    import dataclasses
+
+    from test_speed import MISTRAL_7B, SEED
+
+    from finetune.layout.embeddings import HELD_IN_BF16
+    from finetune.layout.speed import GIB, installer, plan
+
+    _, chosen = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
+    assert chosen.embeddings == HELD_IN_BF16
+    for trainer, quantized in (({**SEED, "bf16": False}, True), (SEED, False)):  # no autocast; no PEFT upcast
+        assert plan("sft", trainer, "fast", MISTRAL_7B, 80 * GIB, quantized=quantized)[1].embeddings == "as loaded"
+    only_embeddings = dataclasses.replace(
+        chosen, compiled=False, attention="sdpa", base_weights="as loaded", projections="separate",
+        padding_free=False, checkpointing="off",
+    )  # fmt: skip
+    model = prepared_model()
+    installer(only_embeddings, MISTRAL_7B)(model)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
