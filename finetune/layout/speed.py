@@ -348,15 +348,14 @@ def plan(
         return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": "speed: low_memory"})
 
     # fast: the largest real batch whose longest possible form fits once enough layers are checkpointed; batch 1
-    # when none does, still padding-free and compiled. Where the 4-bit weights stay 4-bit (no room for their bf16
-    # copy), the written optimizer stays too: its states are memory.
-    # Under QLoRA with autocast, the frozen embedding and head go back to the bf16 they were loaded in.
+    # when none does, still padding-free and compiled. Under QLoRA with autocast, the frozen embedding and head go
+    # back to the bf16 they were loaded in. Where the 4-bit weights stay 4-bit (no room for their bf16 copy), memory
+    # binds: the written optimizer stays (its states are memory), and the checkpointed layers' inputs wait for their
+    # recompute in pinned host memory (one copy out in the forward pass, one back in the backward), unless the
+    # trainer settings choose.
     embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
     budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards, embeddings_bf16)
     compiled = not sharded
-    # Where the 4-bit weights stay 4-bit, memory binds: transformers holds the checkpointed layers' inputs in pinned
-    # host memory until their recompute (one copy out in the forward pass, one back in the backward), unless the
-    # trainer settings choose.
     checkpoint_kwargs = written.get("activation_checkpointing_kwargs") or {}
     offloaded = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
     offloaded = offloaded and "offload" not in checkpoint_kwargs
