@@ -190,15 +190,26 @@ def test_the_hook_checkpoints_layers_by_the_size_of_each_batch(tiny_project):
     assert not any(layer.gradient_checkpointing for layer in layers)
 
 
-def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(tiny_project, monkeypatch):
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(tiny_project, monkeypatch, offload):
     """The hook on compiled layers (the fast layout): a checkpointed layer runs its compiled forward, then again in
     the backward pass, and the gradients are those of the compiled run without checkpointing. Compile errors raise
-    here instead of falling back to eager, as the stage would."""
+    here instead of falling back to eager, as the stage would. `offload` (speed.OFFLOADED, as the Trainer enables it):
+    the checkpointed layer's input, and only that, goes through transformers' save_on_cpu (recorded here: a CPU-only
+    torch has no pinned memory)."""
+    import transformers.modeling_utils as modeling_utils
+
     from finetune import overrides
     from finetune.layout import speed
 
     inputs = torch.randint(3, 100, (1, 512), generator=torch.Generator().manual_seed(0))
-    forward_calls = []
+    forward_calls, sent_to_host = [], []
+
+    class RecordingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(lambda tensor: sent_to_host.append(tuple(tensor.shape)) or tensor, lambda tensor: tensor)
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", RecordingSaveOnCpu)
 
     def counted(forward):
         compiled = speed.torch_compiled_forward(forward)
@@ -213,22 +224,24 @@ def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(t
         torch.manual_seed(0)
         model, shape, layers, _ = checkpointable_tiny_model(tiny_project)
         model.float()
+        if offload:
+            model.activation_checkpointing_enable(offload=True)
         compile_decoder_layers(model)
         monkeypatch.setattr(overrides, "SUPPRESS_COMPILE_ERRORS", False)  # the compiled layers' dynamo setting
-        checkpoint_as_needed(model, shape, batch_bytes(shape, budget_tokens, 1), compiled=True)
+        checkpoint_as_needed(model, shape, batch_bytes(shape, budget_tokens, 1), compiled=True, offloaded=offload)
         model.train()
         model(input_ids=inputs, labels=inputs).loss.backward()
-        return [layer.gradient_checkpointing for layer in layers], {
-            name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None
-        }
+        grads = {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
+        return [layer.gradient_checkpointing for layer in layers], grads, shape.hidden
 
     torch._dynamo.reset()
     monkeypatch.setattr(speed, "_compiled", counted)
-    flags, expected = gradients(budget_tokens=4096)
-    assert flags == [False, False] and forward_calls == []
-    flags, checkpointed = gradients(budget_tokens=512)
+    flags, expected, _ = gradients(budget_tokens=4096)
+    assert flags == [False, False] and forward_calls == [] and sent_to_host == []
+    flags, checkpointed, hidden = gradients(budget_tokens=512)
     assert flags == [True, False]
     assert forward_calls == [True, True]  # the forward pass, then its recompute in the backward pass
+    assert sent_to_host == ([(1, 512, hidden)] if offload else [])
     assert checkpointed.keys() == expected.keys() and len(expected) > 0
     for name in expected:
         torch.testing.assert_close(checkpointed[name], expected[name], rtol=1e-5, atol=1e-6)
