@@ -113,8 +113,10 @@ def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay
     kwargs, on_24 = plan("sft", SEED, "fast", MISTRAL_7B, 24 * GIB, quantized=True)
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 8
     assert on_24.mode == "fast" and on_24.tokens_without_checkpointing < on_80.tokens_without_checkpointing
+    # 8 GiB: the whole step is still one batch, its longest forms with every layer's input offloaded.
     kwargs, on_8 = plan("sft", SEED, "fast", MISTRAL_7B, 8 * GIB, quantized=True)
-    assert kwargs["per_device_train_batch_size"] < 8 and on_8.mode == "fast"
+    assert kwargs["per_device_train_batch_size"] == 8 and on_8.checkpoints == OFFLOADED
+    assert on_8.tokens_without_checkpointing < on_24.tokens_without_checkpointing
     # 6 GiB: still padding-free and compiled, with the 4-bit weights as loaded, the frozen embedding and head back in
     # bf16, the checkpointed layers' inputs offloaded to host memory, the checkpointing chosen per batch, and the
     # written 8-bit optimizer for its smaller states: 2 examples per micro-batch.
@@ -124,10 +126,10 @@ def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay
     assert on_6.checkpoints == OFFLOADED and kwargs["activation_checkpointing_kwargs"] == {"offload": True}
     assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (2, 4)
     assert kwargs["activation_checkpointing"] is True and kwargs["optim"] == "paged_adamw_8bit"
-    # Without autocast the embedding and head stay float32: less room, batch 1.
+    # Without autocast the embedding and head stay float32: 0.52 GB less room.
     _, float32_6 = plan("sft", {**SEED, "bf16": False}, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
-    assert float32_6.embeddings == "as loaded" and float32_6.per_device_train_batch_size == 1
-    assert float32_6.memory_budget_gib < on_6.memory_budget_gib
+    assert float32_6.embeddings == "as loaded"
+    assert on_6.memory_budget_gib - float32_6.memory_budget_gib == pytest.approx(0.49, abs=0.01)  # GiB
     # No room at all beside the weights: the seeds' layout, which fails as it would anyway.
     kwargs, chosen = plan("sft", SEED, "auto", MISTRAL_7B, 4 * GIB, quantized=True)
     assert chosen.mode == "low_memory" and "no room beside the weights" in chosen.reason
@@ -228,7 +230,8 @@ def test_a_checkpointed_compiled_layer_recomputes_through_its_compiled_forward(t
             model.activation_checkpointing_enable(offload=True)
         compile_decoder_layers(model)
         monkeypatch.setattr(overrides, "SUPPRESS_COMPILE_ERRORS", False)  # the compiled layers' dynamo setting
-        checkpoint_as_needed(model, shape, batch_bytes(shape, budget_tokens, 1), compiled=True, offloaded=offload)
+        how = speed.Activations(compiled=True, offloaded=offload)
+        checkpoint_as_needed(model, shape, batch_bytes(shape, budget_tokens, 1), how=how)
         model.train()
         model(input_ids=inputs, labels=inputs).loss.backward()
         grads = {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
