@@ -361,9 +361,9 @@ def plan(
     embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
     budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards, embeddings_bf16)
     checkpoint_kwargs = written.get("activation_checkpointing_kwargs") or {}
-    offloaded = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
-    offloaded = offloaded and "offload" not in checkpoint_kwargs
-    how = Activations(compiled=not sharded, offloaded=offloaded, float32_head=quantized and not embeddings_bf16)
+    may_offload = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
+    may_offload = may_offload and "offload" not in checkpoint_kwargs
+    how = Activations(compiled=not sharded, offloaded=may_offload, float32_head=quantized and not embeddings_bf16)
     for batch in _divisors_descending(effective):
         worst = batch * sequences * max_length
         tight = layers_to_checkpoint(shape, worst, budget, how) is None
