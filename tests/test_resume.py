@@ -19,10 +19,12 @@ import torch
 from finetune.core.config import load_config
 from finetune.training import sft as sft_training
 from finetune.training.resume import (
+    CURVES_DIR,
     KeepCurvesWithCheckpoints,
     checkpoint_to_resume,
     restore_curves,
     run_fingerprint,
+    unusable,
 )
 from stages import sft
 from test_training import curve_steps, read_metrics
@@ -48,15 +50,12 @@ class RecordSteps:
 
 
 def wait_for_complete_checkpoint(folder: Path, process: subprocess.Popen, timeout: float = 240) -> Path:
-    """The first checkpoint whose trainer_state.json (written last) parses, polled while `process` runs."""
+    """The first checkpoint a rerun would resume from, polled while `process` runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for state_file in sorted(folder.glob("checkpoint-*/trainer_state.json")):
-            try:
-                json.loads(state_file.read_text())
-                return state_file.parent
-            except (OSError, ValueError):
-                pass  # still being written
+        for checkpoint in sorted(folder.glob("checkpoint-*")):
+            if unusable(checkpoint) is None:  # else still being written
+                return checkpoint
         if process.poll() is not None:
             pytest.fail(f"sft exited ({process.returncode}) before a checkpoint could be caught; raise max_steps")
         time.sleep(0.01)
@@ -132,8 +131,9 @@ def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
     checkpoint = folder / f"checkpoint-{step}"
     checkpoint.mkdir(parents=True)
     save_file({"lora_A": torch.zeros(2, 2)}, str(checkpoint / "adapter_model.safetensors"))
-    if complete:  # the Trainer writes trainer_state.json last
+    if complete:  # the Trainer writes trainer_state.json last, then KeepCurvesWithCheckpoints the curves
         (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (checkpoint / CURVES_DIR).mkdir()
     return checkpoint
 
 
@@ -213,11 +213,15 @@ def test_a_checkpoint_cut_short_while_saving_is_skipped_for_the_previous_one(tmp
     cut_weights = fake_checkpoint(folder, 8)
     weights = cut_weights / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-5])
+    # Killed after the Trainer's save, before the curves were copied in: resumed, it would lose steps 1-10's curves.
+    no_curves = fake_checkpoint(folder, 10)
+    (no_curves / CURVES_DIR).rmdir()
     assert checkpoint_to_resume(str(folder), run) == str(complete)
     out = capsys.readouterr().out
     assert "checkpoint-6: skipped, its trainer_state.json is missing or unreadable" in out
     assert "checkpoint-8: skipped, adapter_model.safetensors cannot be read" in out
-    assert not truncated.exists() and not cut_weights.exists()
+    assert "checkpoint-10: skipped, its curves were not saved with it" in out
+    assert not truncated.exists() and not cut_weights.exists() and not no_curves.exists()
 
 
 def test_curves_saved_with_a_checkpoint_are_restored_up_to_its_step(tmp_path):

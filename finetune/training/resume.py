@@ -74,6 +74,8 @@ def unusable(checkpoint: Path) -> str | None:
         int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return "its trainer_state.json is missing or unreadable"
+    if not (checkpoint / CURVES_DIR).is_dir():  # copied in last, after the Trainer's own files
+        return "its curves were not saved with it"
     weights = [checkpoint / name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
     if not weights and not any(checkpoint.glob("pytorch_model_fsdp_*")):
         return "it holds no weights"
@@ -132,15 +134,26 @@ def finish_run(output_dir: str) -> None:
 
 class KeepCurvesWithCheckpoints(TrainerCallback):
     """Copy the DVCLive curves into each checkpoint as it is saved: DVC deletes a stage's outputs (its curves among
-    them) before it reruns the stage, and a resumed run continues the curves from this copy."""
+    them) before it reruns the stage, and a resumed run continues the curves from this copy.
+
+    The copy lands last and whole (a rename), so a checkpoint without it was cut short and is not resumed: a kill
+    between the Trainer's save and this one would otherwise resume with the curves before the checkpoint lost."""
 
     def __init__(self, metrics_dir: str):
         self.metrics_dir = Path(metrics_dir)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir() and self.metrics_dir.is_dir():
-            shutil.copytree(self.metrics_dir, checkpoint / CURVES_DIR, dirs_exist_ok=True)
+        if not checkpoint.is_dir():
+            return
+        partial, curves = checkpoint / f"{CURVES_DIR}.partial", checkpoint / CURVES_DIR
+        shutil.rmtree(partial, ignore_errors=True)
+        if self.metrics_dir.is_dir():
+            shutil.copytree(self.metrics_dir, partial)
+        else:  # nothing logged yet
+            partial.mkdir()
+        shutil.rmtree(curves, ignore_errors=True)
+        partial.rename(curves)
 
 
 def restore_curves(checkpoint: str | None, metrics_dir: str) -> None:
