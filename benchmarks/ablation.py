@@ -50,6 +50,12 @@ LEVERS = {
         "fast",
         "fast_checkpoints_on_gpu",
     ),
+    "document_runs": Lever(
+        "a batch too long to recompute whole recomputed in runs of documents (planned at small budgets: whole-step "
+        "batches instead of accumulated micro-batches)",
+        "fast",
+        "fast_whole_recompute",
+    ),
     "compiled": Lever("compiled decoder layers", "fast", "fast_eager"),
     "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
     "fused_projections": Lever("fused q/k/v and gate/up projections", "fast", "fast_separate_projections"),

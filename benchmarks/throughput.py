@@ -571,7 +571,7 @@ def run_training(
 
 
 # name -> what differs from the stage's own fast layout (finetune.layout.speed.plan + installer):
-# "plan" fields replaced
+# "plan" fields replaced, "shape" fields of the model shape it plans for
 EAGER_4BIT = {
     "compiled": False,
     "attention": "sdpa",
@@ -594,6 +594,8 @@ VARIANTS = {
     "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},  # PEFT's float32 upcast of the embedding and head
     # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
     "fast_checkpoints_on_gpu": {"trainer": {"activation_checkpointing_kwargs": {"offload": False}}},
+    # Planned as for a model whose layers attend differently: no runs of documents, so smaller micro-batches.
+    "fast_whole_recompute": {"shape": {"uniform_attention": False}},
     "fast_eager": {"plan": {"compiled": False}},
     "fast_walk_modules_each_step": {"walk_modules_each_step": True},
     # A zero budget makes checkpoint_as_needed checkpoint every layer of every batch, as the seed layout does.
@@ -649,7 +651,8 @@ def run_variants(
         section = cfg.sft if stage == "sft" else cfg.dpo
         trainer = {**section.trainer, **variant.get("trainer", {})}
         requested = variant.get("requested", "fast")
-        fast, chosen = plan(stage, trainer, requested, shape, planned_gpu, use_4bit(cfg.model))
+        planned_shape = dataclasses.replace(shape, **variant.get("shape", {}))
+        fast, chosen = plan(stage, trainer, requested, planned_shape, planned_gpu, use_4bit(cfg.model))
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
         run_steps = 12 if variant.get("profile") else steps  # ProfileSteps profiles steps 8-11
         arguments = {

@@ -339,7 +339,7 @@ def check_module_compile() -> None:
 # (https://github.com/pytorch/pytorch/issues/135816).
 
 
-def checkpoint_around_compiled(layer, compile_forward: Callable[[Callable], Callable]) -> None:
+def checkpoint_around_compiled(layer, compile_forward: Callable[[Callable], Callable], split=None) -> None:
     """Checkpoint a compiled decoder layer around its compiled forward instead of inside it.
 
     Compiled whole, a checkpointed layer puts torch's checkpoint into the graph, and on the H100 (torch 2.11, flex
@@ -347,6 +347,9 @@ def checkpoint_around_compiled(layer, compile_forward: Callable[[Callable], Call
     ran at 7,405 tokens/s against 10,125 at 8. The layer's checkpoint function is replaced by one that stays eager
     (hidden from the compiler) and calls compile_forward(the layer class's forward), the graph the layer runs without
     checkpointing; the layer's own checkpoint function (with its settings) still decides what is kept.
+
+    `split(hidden_states, keywords)` (finetune.layout.document_runs) may cut a call into parts, each checkpointed on
+    its own and their outputs joined along the tokens; None runs the call whole.
     """
     checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
     if getattr(checkpoint, "recomputes_compiled", False):
@@ -357,7 +360,14 @@ def checkpoint_around_compiled(layer, compile_forward: Callable[[Callable], Call
     def checkpoint_compiled_forward(forward, *args):  # forward: functools.partial(Layer.forward, layer, **kwargs)
         if not isinstance(forward, functools.partial):
             raise _changed("transformers", "the forward a layer checkpoints", "checkpoint_around_compiled")
-        return checkpoint(functools.partial(compile_forward(forward.func), *forward.args, **forward.keywords), *args)
+        compiled = compile_forward(forward.func)
+        parts = split(args[0], forward.keywords) if split is not None and len(args) == 1 else None
+        if not parts:
+            return checkpoint(functools.partial(compiled, *forward.args, **forward.keywords), *args)
+        outputs = [checkpoint(functools.partial(compiled, *forward.args, **keywords), part) for part, keywords in parts]
+        _require(all(isinstance(output, torch.Tensor) for output in outputs), "transformers",
+                 "a decoder layer's forward returning its hidden states", "checkpoint_around_compiled")  # fmt: skip
+        return torch.cat(outputs, dim=1)
 
     checkpoint_compiled_forward.recomputes_compiled = True
     layer._gradient_checkpointing_func = checkpoint_compiled_forward

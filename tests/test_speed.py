@@ -24,7 +24,9 @@ from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
     FUSED_PROJECTIONS,
     GIB,
+    IN_RUNS,
     OFFLOADED,
+    WHOLE_BATCHES,
     ModelShape,
     batch_bytes,
     checkpoint_as_needed,
@@ -117,15 +119,26 @@ def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay
     kwargs, on_8 = plan("sft", SEED, "fast", MISTRAL_7B, 8 * GIB, quantized=True)
     assert kwargs["per_device_train_batch_size"] == 8 and on_8.checkpoints == OFFLOADED
     assert on_8.tokens_without_checkpointing < on_24.tokens_without_checkpointing
+    assert on_8.recompute == WHOLE_BATCHES  # its longest batch recomputes whole
     # 6 GiB: still padding-free and compiled, with the 4-bit weights as loaded, the frozen embedding and head back in
     # bf16, the checkpointed layers' inputs offloaded to host memory, the checkpointing chosen per batch, and the
-    # written 8-bit optimizer for its smaller states: 2 examples per micro-batch.
+    # written 8-bit optimizer for its smaller states. The whole step is still one batch: a batch too long for a
+    # layer to recompute whole recomputes in runs of documents.
     kwargs, on_6 = plan("sft", SEED, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
     assert on_6.mode == "fast" and on_6.compiled and on_6.padding_free and on_6.base_weights == "as loaded"
     assert on_6.embeddings == HELD_IN_BF16 and on_6.checkpointing.startswith("as memory needs")
     assert on_6.checkpoints == OFFLOADED and kwargs["activation_checkpointing_kwargs"] == {"offload": True}
-    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (2, 4)
+    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (8, 1)
+    assert on_6.recompute == IN_RUNS.format(tokens=3968)
     assert kwargs["activation_checkpointing"] is True and kwargs["optim"] == "paged_adamw_8bit"
+    # Where the layers attend differently (one block mask cannot serve them all), no runs: smaller micro-batches.
+    _, mixed = plan("sft", SEED, "auto", dataclasses.replace(MISTRAL_7B, uniform_attention=False), 6 * GIB, quantized=True)
+    assert (mixed.per_device_train_batch_size, mixed.recompute) == (2, WHOLE_BATCHES)
+    # Less room: smaller micro-batches, each in runs; then batch 1, whole, as the seeds' layout.
+    _, on_5_2 = plan("sft", SEED, "auto", MISTRAL_7B, int(5.2 * GIB), quantized=True)
+    assert on_5_2.per_device_train_batch_size == 4 and on_5_2.recompute != WHOLE_BATCHES
+    _, on_5 = plan("sft", SEED, "auto", MISTRAL_7B, 5 * GIB, quantized=True)
+    assert (on_5.mode, on_5.per_device_train_batch_size, on_5.recompute) == ("fast", 1, WHOLE_BATCHES)
     # Without autocast the embedding and head stay float32: 0.52 GB less room.
     _, float32_6 = plan("sft", {**SEED, "bf16": False}, "auto", MISTRAL_7B, 6 * GIB, quantized=True)
     assert float32_6.embeddings == "as loaded"

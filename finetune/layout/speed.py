@@ -11,7 +11,8 @@ and loss normalisation of that run and changes only the layout:
   TRL's padding-free collator; DPO, whose TRL 1.16 collator always pads, through pack_padded_batches);
 - activation checkpointing only for the layers and batches that need it: before each forward pass the batch's
   token count decides how many decoder layers recompute their activations, so short batches run at full speed and
-  the longest possible batch still fits;
+  the longest possible batch still fits; a batch too long for a layer to recompute whole recomputes in runs of
+  whole documents (finetune.layout.document_runs), so small budgets keep whole-step batches too;
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
   copy when that copy takes at most a quarter of the GPU, q/k/v and gate/up as one matrix product each over that
@@ -25,8 +26,8 @@ and loss normalisation of that run and changes only the layout:
 - on several GPUs, each SFT step's examples split among them by token count (finetune.layout.balance), so that no GPU
   waits for one with longer examples: the same examples per step, only which GPU takes which changes.
 
-Where no real batch fits (about 6 GiB for a 7B model), fast runs batch 1, still compiled and padding-free; wherever
-the 4-bit weights stay 4-bit, the written optimizer stays for its smaller states. `speed: low_memory` is the seeds'
+Where no real batch fits even so (about 5 GiB for a 7B model), fast runs batch 1, still compiled and padding-free;
+wherever the 4-bit weights stay 4-bit, the written optimizer stays for its smaller states. `speed: low_memory` is the seeds'
 layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as
 written on a CPU. The memory model below takes its per-token terms from what autograd saves, counted on the 7B shape
 as the layout trains it (benchmarks/results/activation_memory.md), and the fused LM head's tile from TRL's code; it
@@ -68,6 +69,9 @@ NF4_BYTES = 0.53
 USABLE_SHARE = 0.85
 # The fast layout keeps a bf16 copy of the 4-bit weights when that copy takes at most this share of the GPU.
 DEQUANTIZED_SHARE = 0.25
+# How checkpointed layers recompute: whole, or a batch longer than fits in runs of whole documents.
+WHOLE_BATCHES = "whole batches"
+IN_RUNS = "in runs of whole documents for batches over {tokens} tokens (finetune.layout.document_runs)"
 # Optimizers that compute AdamW, which the fast layout runs as PyTorch's fused AdamW: a few multi-tensor kernels per
 # step instead of bitsandbytes' Python loop over every LoRA tensor (448 for r16 on the seven projections of a
 # 32-layer model), during which the GPU waits. The 8-bit and paged variants
@@ -92,6 +96,7 @@ class ModelShape:
     embedding_params: int = 0  # of other_params, the input embedding's and the head's (once if tied)
     head_params: int = 0  # the head's, tied or not
     stream_bytes: int = QLORA_STREAM_BYTES  # bytes per value of the residual stream as it trains
+    uniform_attention: bool = True  # every layer attends alike, so one block mask serves them (document_runs)
 
 
 def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
@@ -125,6 +130,7 @@ def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
         embedding_params=sum(embeddings.values()),
         head_params=head.weight.numel() if head is not None else 0,
         stream_bytes=QLORA_STREAM_BYTES if quantized else BF16_STREAM_BYTES,
+        uniform_attention=_uniform_sliding_window(config) is not _NO_MASK_OF_OURS,
     )
 
 
@@ -166,10 +172,15 @@ class Activations:
     compiled: bool = False  # the decoder layers run through torch.compile, which saves less
     offloaded: bool = False  # the checkpointed layers' inputs wait for their recompute in host memory
     float32_head: bool = False  # QLoRA's float32 head, which autocast copies to bf16 while it runs
+    in_runs: bool = False  # a checkpointed layer may recompute a long batch in runs of documents (document_runs)
 
 
-def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int, how: Activations = Activations()) -> float:
-    """Activation memory of one forward/backward pass over `tokens` tokens with the first layers checkpointed.
+def batch_bytes(
+    shape: ModelShape, tokens: int, checkpointed_layers: int, how: Activations = Activations(),
+    run_tokens: int | None = None,
+) -> float:  # fmt: skip
+    """Activation memory of one forward/backward pass over `tokens` tokens with the first layers checkpointed, each
+    recomputed in runs of at most `run_tokens` tokens (None: whole).
 
     The backward pass starts at the head, with every unchecked layer's saved activations and every checkpointed
     layer's input alive, plus the fused LM head's logits tile (and a float32 head's bf16 copy). The first layers are
@@ -182,9 +193,21 @@ def batch_bytes(shape: ModelShape, tokens: int, checkpointed_layers: int, how: A
     tile = min(tokens, LOGIT_TILE_TOKENS) * shape.vocab * LOGIT_TILE_BYTES
     head_copy = shape.head_params * 2.0 if how.float32_head else 0.0
     at_the_head = tokens * (unchecked * layer + checkpointed_layers * checkpoint + head_bytes_per_token(shape))
-    # A recomputing layer: its activations, the checkpointed inputs, and the float32 gradient flowing back.
-    recomputing = tokens * (layer + checkpointed_layers * checkpoint + 4 * shape.hidden) if checkpointed_layers else 0
-    return max(at_the_head + tile + head_copy, recomputing)
+    # A recomputing layer: its activations, the checkpointed inputs, and the float32 gradient flowing back; in runs,
+    # one run's activations, and the runs' input gradients beside the gradient of the whole output.
+    recomputed = tokens if run_tokens is None else min(run_tokens, tokens)
+    gradients = 4 if recomputed == tokens else 8
+    recomputing = recomputed * layer + tokens * (checkpointed_layers * checkpoint + gradients * shape.hidden)
+    return max(at_the_head + tile + head_copy, recomputing if checkpointed_layers else 0)
+
+
+def run_capacity(shape: ModelShape, tokens: int, budget: float, how: Activations) -> int | None:
+    """The longest run (a multiple of 64 tokens) in which every checkpointed layer may recompute a `tokens`-token
+    batch within `budget` bytes; None when even runs of 64 do not fit."""
+    for run in range(tokens // 64 * 64, 0, -64):
+        if batch_bytes(shape, tokens, shape.layers, how, run_tokens=run) <= budget:
+            return run
+    return None
 
 
 def layers_to_checkpoint(
@@ -216,6 +239,7 @@ class SpeedPlan:
     base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (overrides.dequantize_base)
     embeddings: str = "as loaded"  # or HELD_IN_BF16 (finetune.layout.embeddings)
     checkpoints: str = "on the GPU"  # or OFFLOADED: where checkpointed layers' inputs wait for their recompute
+    recompute: str = WHOLE_BATCHES  # or how long batches recompute in runs of documents (IN_RUNS)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
@@ -363,15 +387,24 @@ def plan(
     checkpoint_kwargs = written.get("activation_checkpointing_kwargs") or {}
     may_offload = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
     may_offload = may_offload and "offload" not in checkpoint_kwargs
-    how = Activations(compiled=not sharded, offloaded=may_offload, float32_head=quantized and not embeddings_bf16)
+    # Compiled and padding-free, a checkpointed layer can recompute a batch too long to fit in runs of whole
+    # documents, as long as a run holds the longest document.
+    how = Activations(
+        compiled=not sharded, offloaded=may_offload, float32_head=quantized and not embeddings_bf16,
+        in_runs=not sharded and shape.uniform_attention,
+    )  # fmt: skip
     for batch in _divisors_descending(effective):
         worst = batch * sequences * max_length
         tight = layers_to_checkpoint(shape, worst, budget, how) is None
-        if tight and (batch > 1 or budget <= 0):
+        runs = tight and how.in_runs and (run_capacity(shape, worst, budget, how) or 0) >= max_length
+        if tight and not runs and (batch > 1 or budget <= 0):
             continue
         free_tokens = 0
         while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0, how) <= budget:
             free_tokens += 64
+        whole_tokens = free_tokens  # the longest batch every checkpointed layer recomputes whole
+        while runs and batch_bytes(shape, whole_tokens + 64, shape.layers, how) <= budget:
+            whole_tokens += 64
         kwargs = {
             **written,
             "per_device_train_batch_size": batch,
@@ -409,12 +442,14 @@ def plan(
             round(budget / GIB, 2),
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
             f"(= the configured {per_device} x {accumulation})"
-            + (", every layer checkpointed for the longest batches" if tight else ""),
+            + (", every layer checkpointed for the longest batches" if tight else "")
+            + (", which recompute in runs of documents" if runs else ""),
             compiled=how.compiled,
             attention="flex_attention",
             base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
             embeddings=HELD_IN_BF16 if embeddings_bf16 else "as loaded",
             checkpoints=OFFLOADED if offloaded else "on the GPU",
+            recompute=IN_RUNS.format(tokens=whole_tokens) if runs else WHOLE_BATCHES,
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
             # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
@@ -438,14 +473,17 @@ def checkpoint_as_needed(
     Needs activation checkpointing enabled (it installs the recompute function); this hook then switches the
     per-layer flags, so a short batch recomputes nothing. With `packs_padding` (pack_padded_batches installed), a
     padded batch that will be packed counts only its real tokens. With `how.compiled` (compile_decoder_layers), a
-    checkpointed layer recomputes through its compiled forward (finetune.overrides.checkpoint_around_compiled).
+    checkpointed layer recomputes through its compiled forward (finetune.overrides.checkpoint_around_compiled), and
+    with `how.in_runs` a batch too long for that recomputes in runs of whole documents (document_runs).
     """
+    from finetune.layout.document_runs import DocumentRuns
     from finetune.overrides import checkpoint_around_compiled
 
     layers = decoder_layers(model)
     if not layers:
         return
-    cache: dict[int, int] = {}
+    cache: dict[int, tuple[int, int | None]] = {}  # per bucket of tokens: (layers checkpointed, run capacity)
+    runs = DocumentRuns(_uniform_sliding_window(model.config)) if how.compiled and how.in_runs else None
 
     def choose(module, args, kwargs):
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
@@ -456,11 +494,15 @@ def checkpoint_as_needed(
         bucket = math.ceil(tokens / 256) * 256
         if bucket not in cache:
             needed = layers_to_checkpoint(shape, bucket, budget, how)
-            cache[bucket] = len(layers) if needed is None else min(needed, len(layers))
+            capacity = run_capacity(shape, bucket, budget, how) if needed is None and runs is not None else None
+            cache[bucket] = (len(layers) if needed is None else min(needed, len(layers)), capacity)
+        checkpointed, capacity = cache[bucket]
+        if runs is not None:
+            runs.capacity = capacity
         for index, layer in enumerate(layers):
-            layer.gradient_checkpointing = index < cache[bucket]
+            layer.gradient_checkpointing = index < checkpointed
             if how.compiled and layer.gradient_checkpointing:
-                checkpoint_around_compiled(layer, _compiled)
+                checkpoint_around_compiled(layer, _compiled, split=runs.split if runs is not None else None)
         return None
 
     model.register_forward_pre_hook(choose, with_kwargs=True)
@@ -533,7 +575,7 @@ def layout(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
         f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, projections {chosen.projections}, "
-        f"embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, "
+        f"embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, recompute {chosen.recompute}, "
         f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
         + (f", each step split across the GPUs {chosen.shares}" if world_size() > 1 else "")
     )
@@ -546,6 +588,7 @@ def activations_of(chosen: SpeedPlan, shape: ModelShape) -> Activations:
         compiled=chosen.compiled,
         offloaded=chosen.checkpoints == OFFLOADED,
         float32_head=chosen.embeddings != HELD_IN_BF16 and shape.stream_bytes == QLORA_STREAM_BYTES,
+        in_runs=chosen.recompute != WHOLE_BATCHES,
     )
 
 

@@ -1,0 +1,130 @@
+"""Checkpointed decoder layers that run a long padding-free batch a few whole documents at a time.
+
+Within a small memory budget the peak of a step is one checkpointed layer recomputing its activations for the
+whole batch (about 300 KB per token for a 7B layer under QLoRA, compiled). A padding-free batch is documents laid
+end to end that never attend to one another, so a layer can run it as consecutive runs of whole documents, each
+its own checkpoint: every token meets the same weights, positions and attended tokens, so the outputs and gradients
+are the whole batch's up to float rounding, and the peak is one run's activations. The optimizer step then keeps
+its examples in one batch instead of accumulated micro-batches sized for the longest batch that could come; only
+batches longer than the run capacity (rare for instruction data) are split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.core.errors import ProjectError
+
+# Keywords a decoder layer takes that the runs leave as they are (None or flags for a training forward).
+UNSPLIT = ("past_key_values", "use_cache", "output_attentions")
+# TRL's padding-free collator's document bounds for varlen kernels, which each run gets for its own documents.
+BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k")
+LONGEST = ("max_length_q", "max_length_k")
+
+
+def document_starts(position_ids) -> list[int]:
+    """Where each document of one row starts: wherever a position id is not the previous one plus 1 (transformers'
+    rule for packed rows)."""
+    positions = [int(p) for p in position_ids]
+    return [i for i, p in enumerate(positions) if i == 0 or p != positions[i - 1] + 1]
+
+
+def document_runs(position_ids, capacity: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges of consecutive whole documents of one row, at most `capacity` tokens each where the
+    documents allow (a longer document is a run of its own), filled greedily in order."""
+    starts, length = document_starts(position_ids), len(position_ids)
+    runs: list[tuple[int, int]] = []
+    begin = 0
+    for start, end in zip(starts, [*starts[1:], length]):  # each document, [start, end)
+        if end - begin > capacity and start > begin:  # it would overflow the run: the run ends before it
+            runs.append((begin, start))
+            begin = start
+    runs.append((begin, length))
+    return runs
+
+
+class DocumentRuns:
+    """Splits a checkpointed layer's call into runs of whole documents (finetune.overrides.checkpoint_around_compiled
+    calls `split`). `capacity` is set before each training forward by the per-batch checkpointing hook: None runs
+    batches whole. The runs and their block masks are built once per batch and shared by every layer."""
+
+    def __init__(self, sliding_window: int | None):
+        self.sliding_window = sliding_window
+        self.capacity: int | None = None
+        self._position_ids, self._capacity = None, None  # the batch and capacity the runs below belong to
+        self._runs: list[tuple[int, int]] = []
+        self._masks: list[Any] = []
+        self._bounds: list[Any] = []  # each run's document bounds, from 0 (cu_seq_lens_q)
+        self._longest: list[int] = []  # each run's longest document (max_length_q)
+
+    def split(self, hidden, keywords: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]] | None:
+        """(hidden states, layer keywords) of each run, or None to run the call whole."""
+        import torch
+        from torch.nn.attention.flex_attention import BlockMask
+
+        position_ids = keywords.get("position_ids")
+        if self.capacity is None or hidden.shape[1] <= self.capacity or position_ids is None:
+            return None
+        if hidden.shape[0] != 1 or not isinstance(keywords.get("attention_mask"), BlockMask):
+            raise ProjectError(
+                "speed: a batch to split into runs of documents must be one padding-free row under flex attention; "
+                f"got {tuple(hidden.shape[:2])} rows x tokens with a {type(keywords.get('attention_mask')).__name__}"
+            )
+        self._prepare(position_ids)
+        if len(self._runs) == 1:
+            return None
+        pieces = torch.split(hidden, [end - start for start, end in self._runs], dim=1)
+        return [(piece, self._run_keywords(keywords, index)) for index, piece in enumerate(pieces)]
+
+    def _prepare(self, position_ids) -> None:
+        import torch
+
+        from finetune.layout.speed import document_block_mask
+
+        if self._position_ids is position_ids and self._capacity == self.capacity:
+            return
+        row = position_ids[0].tolist()  # the one copy to the host per batch
+        self._runs = document_runs(row, self.capacity)
+        self._masks = [document_block_mask(position_ids[:, s:e], self.sliding_window) for s, e in self._runs]
+        starts = document_starts(row)
+        bounds = [[b - s for b in starts if s <= b < e] + [e - s] for s, e in self._runs]
+        self._bounds = [torch.tensor(b, dtype=torch.int32, device=position_ids.device) for b in bounds]
+        self._longest = [max(high - low for low, high in zip(b, b[1:])) for b in bounds]
+        self._position_ids, self._capacity = position_ids, self.capacity
+
+    def _run_keywords(self, keywords: dict[str, Any], index: int) -> dict[str, Any]:
+        """The layer keywords of run `index`: each per-token one cut to the run, the mask and bounds its own."""
+        import torch
+
+        start, end = self._runs[index]
+        run = {}
+        for key, value in keywords.items():
+            if key == "attention_mask":
+                run[key] = self._masks[index]
+            elif key == "position_embeddings":  # (cos, sin), each (1, tokens, head_dim)
+                run[key] = tuple(part[:, start:end] for part in value)
+            elif key == "position_ids":
+                run[key] = value[:, start:end]
+            elif key == "cache_position" and value is not None:
+                run[key] = value[start:end]
+            elif key in BOUNDS:
+                run[key] = self._bounds[index].to(value.dtype)
+            elif key in LONGEST:
+                run[key] = self._longest[index]
+            elif key == "seq_idx":  # each token's document, from 0
+                run[key] = value[:, start:end] - value[:, start : start + 1]
+            elif key in UNSPLIT or not isinstance(value, torch.Tensor | tuple | list) or _is_scalar(value):
+                run[key] = value
+            else:
+                raise ProjectError(
+                    f"speed: a decoder layer took the keyword {key!r}, which runs of documents do not know how to "
+                    "split; set the stage's speed to low_memory"
+                )
+        return run
+
+
+def _is_scalar(value) -> bool:
+    """A 0-dimensional tensor (a count such as the loss's num_items_in_batch), the same for every run."""
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.dim() == 0

@@ -1,0 +1,229 @@
+"""finetune.layout.document_runs: a checkpointed layer recomputes a long padding-free batch in runs of whole
+documents, with the whole batch's outputs and gradients, and the layout plans whole-step batches with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.core.errors import ProjectError
+from finetune.layout import speed
+from finetune.layout.document_runs import DocumentRuns, document_runs
+
+LENGTHS = [37, 5, 64, 1, 90, 23]  # documents laid end to end in one row: 220 tokens
+
+
+def positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(length) for length in lengths])[None]
+
+
+@pytest.mark.parametrize(
+    "lengths, capacity, expected",
+    [
+        ([3, 2, 5, 1], 100, [(0, 11)]),  # fits: one run
+        ([3, 2, 5, 1], 5, [(0, 5), (5, 10), (10, 11)]),  # filled in order, never past the capacity
+        ([3, 2, 5, 1], 4, [(0, 3), (3, 5), (5, 10), (10, 11)]),  # a document longer than a run is a run of its own
+        ([4, 4, 4], 4, [(0, 4), (4, 8), (8, 12)]),
+        ([7], 2, [(0, 7)]),  # one document is never cut
+    ],
+)
+def test_runs_are_consecutive_whole_documents_up_to_the_capacity(lengths, capacity, expected):
+    assert document_runs(positions(lengths)[0].tolist(), capacity) == expected
+
+
+@pytest.fixture(autouse=True)
+def flex_attention_with_a_cpu_backward(monkeypatch):
+    """transformers' flex attention, computed from each call's BlockMask as a dense mask: PyTorch's flex attention has
+    no backward on the CPU. What is tested here is which tokens each run attends to, not the kernel."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def dense_flex_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        tokens = query.shape[2]
+        allowed = create_mask(attention_mask.mask_mod, 1, 1, tokens, tokens, device=query.device)
+        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+        return output.transpose(1, 2).contiguous(), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", dense_flex_attention)
+
+
+def tiny_lora_model(dropout: float):
+    """A two-layer Mistral under flex attention with LoRA on every projection, as the fast layout trains it:
+    padding-free rows get the layout's document block mask (speed.pack_padded_batches), checkpoints are torch's
+    non-reentrant."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="flex_attention", use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, lora)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    speed.pack_padded_batches(model.get_base_model().model)
+    return model.train()
+
+
+def lora_gradients(model, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)  # the dropout masks
+    ids = torch.randint(3, 100, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids, position_ids=positions(LENGTHS), labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def in_runs(model, capacity: int, checkpointed: bool = True) -> list[list[int]]:
+    """Every layer checkpointed around an eager forward and split into runs of `capacity` tokens; returns the tokens
+    of each call a layer's forward gets. `checkpointed` False: the same runs, each called directly (no recompute)."""
+    from finetune.model.loading import decoder_layers
+    from finetune.overrides import checkpoint_around_compiled
+
+    runs = DocumentRuns(sliding_window=None)
+    runs.capacity = capacity
+    calls: list[list[int]] = []
+
+    def recording(forward):  # the layer class's forward
+        def run(layer, hidden, *args, **kwargs):
+            calls.append([hidden.shape[1], int(torch.is_grad_enabled())])
+            return forward(layer, hidden, *args, **kwargs)
+
+        return run
+
+    for layer in decoder_layers(model):
+        layer.gradient_checkpointing = True
+        if not checkpointed:
+            layer._gradient_checkpointing_func = lambda function, *args: function(*args)
+        checkpoint_around_compiled(layer, recording, split=runs.split)
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_runs_give_the_whole_batchs_loss_and_gradients(dropout):
+    """Dropout 0: the runs' loss and LoRA gradients are the whole batch's. With dropout, each run draws its own
+    masks, so the reference is the same runs without checkpointing: the recompute must redraw the masks the forward
+    pass drew, or the gradients would belong to another forward pass."""
+    model = tiny_lora_model(dropout)
+    if dropout == 0:
+        expected_loss, expected = lora_gradients(model)
+    else:
+        in_runs(model, capacity=100, checkpointed=False)
+        expected_loss, expected = lora_gradients(model)
+    model = tiny_lora_model(dropout)
+    calls = in_runs(model, capacity=100)
+    loss, gradients = lora_gradients(model)
+    # Runs of 37+5 tokens (the next document would pass 100), 64+1, 90, 23... per layer: forward, then recompute.
+    forward_runs = [tokens for tokens, _ in calls[: len(calls) // 2]]
+    assert forward_runs == [42, 65, 90, 23] * 2
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert gradients.keys() == expected.keys() and len(expected) == 2 * 7 * 2
+    for name in expected:
+        torch.testing.assert_close(gradients[name], expected[name], rtol=1e-4, atol=1e-6)
+    if dropout:  # and the masks did change with the runs
+        model = tiny_lora_model(dropout)
+        _, whole = lora_gradients(model)
+        assert any(not torch.allclose(whole[name], expected[name]) for name in expected)
+
+
+def test_a_batch_within_the_capacity_runs_whole():
+    model = tiny_lora_model(0.0)
+    calls = in_runs(model, capacity=sum(LENGTHS))
+    lora_gradients(model)
+    assert [tokens for tokens, _ in calls] == [sum(LENGTHS)] * 4  # two layers, forward and recompute
+
+
+def test_runs_need_one_padding_free_row_under_flex_attention():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    runs = DocumentRuns(sliding_window=None)
+    runs.capacity = 8
+    hidden = torch.zeros(2, 16, 4)
+    keywords = {"position_ids": torch.arange(16).expand(2, -1), "attention_mask": None}
+    with pytest.raises(ProjectError, match="one padding-free row under flex attention"):
+        runs.split(hidden, keywords)
+    mask = speed.document_block_mask(positions([8, 8]))
+    assert isinstance(mask, BlockMask)
+    with pytest.raises(ProjectError, match="'extra'"):  # a keyword it cannot cut is an error, not a silent slice
+        runs.split(hidden[:1], {"position_ids": positions([8, 8]), "attention_mask": mask, "extra": torch.ones(16)})
+
+
+def test_each_run_gets_its_own_tokens_positions_mask_and_document_bounds():
+    """What TRL's padding-free collator and the model hand a decoder layer, cut to each run: per-token tensors
+    sliced, the block mask and the varlen kernels' bounds (cu_seq_lens, max_length, seq_idx) rebuilt for the run's
+    documents, counts and flags as they are."""
+    from finetune.layout.document_runs import document_starts
+
+    lengths = [3, 2, 5, 1]
+    row = positions(lengths)
+    starts = document_starts(row[0].tolist())
+    bounds = torch.tensor([*starts, 11], dtype=torch.int32)
+    seq_idx = torch.repeat_interleave(torch.arange(4, dtype=torch.int32), torch.tensor(lengths))[None]
+    cos, sin = torch.randn(1, 11, 8), torch.randn(1, 11, 8)
+    keywords = {
+        "attention_mask": speed.document_block_mask(row), "position_ids": row, "position_embeddings": (cos, sin),
+        "past_key_values": None, "use_cache": False, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+        "max_length_q": 5, "max_length_k": 5, "seq_idx": seq_idx, "num_items_in_batch": torch.tensor(9),
+    }  # fmt: skip
+    runs = DocumentRuns(sliding_window=None)
+    runs.capacity = 5
+    parts = runs.split(torch.randn(1, 11, 4), keywords)
+    assert [part.shape[1] for part, _ in parts] == [5, 5, 1]
+    second = parts[1][1]
+    assert torch.equal(second["position_ids"], torch.arange(5)[None])
+    assert torch.equal(second["position_embeddings"][0], cos[:, 5:10])
+    assert second["cu_seq_lens_q"].tolist() == [0, 5] and second["max_length_k"] == 5
+    assert parts[0][1]["cu_seq_lens_k"].tolist() == [0, 3, 5] and parts[0][1]["max_length_q"] == 3
+    assert second["seq_idx"].tolist() == [[0] * 5] and parts[0][1]["seq_idx"].tolist() == [[0, 0, 0, 1, 1]]
+    assert second["num_items_in_batch"] is keywords["num_items_in_batch"] and second["use_cache"] is False
+    assert second["attention_mask"].seq_lengths == (5, 5)
+
+
+def test_the_memory_model_of_runs():
+    shape = speed.ModelShape(7_000_000_000, 262_410_240, 32, 4096, 14336, 32000)
+    how = speed.Activations(compiled=True, offloaded=True, in_runs=True)
+    layer = speed.layer_bytes_per_token(shape, compiled=True)
+    tokens, run = 8192, 2048
+    # One run recomputing, beside the whole batch's gradient out of the layer and the runs' gradients into it.
+    assert speed.batch_bytes(shape, tokens, 32, how, run_tokens=run) == max(
+        run * layer + tokens * 8 * shape.hidden,
+        tokens * speed.head_bytes_per_token(shape) + speed.LOGIT_TILE_TOKENS * shape.vocab * speed.LOGIT_TILE_BYTES,
+    )
+    assert speed.batch_bytes(shape, tokens, 32, how, run_tokens=tokens) == speed.batch_bytes(shape, tokens, 32, how)
+    budget = speed.batch_bytes(shape, tokens, 32, how, run_tokens=run)
+    assert speed.run_capacity(shape, tokens, budget, how) == run
+    assert speed.run_capacity(shape, tokens, budget - 1, how) == run - 64
+    assert speed.run_capacity(shape, tokens, tokens * speed.head_bytes_per_token(shape), how) is None  # no room
+
+
+def test_the_per_batch_hook_splits_only_the_batches_too_long_to_recompute_whole(monkeypatch):
+    """checkpoint_as_needed with runs (the fast layout at a small budget): a batch whose whole recompute would pass
+    the budget recomputes in runs sized by the memory model, and the gradients are the whole batch's."""
+    model = tiny_lora_model(0.0)
+    expected_loss, expected = lora_gradients(model)
+
+    calls = []
+
+    def recording(forward):
+        def run(layer, hidden, *args, **kwargs):
+            calls.append(hidden.shape[1])
+            return forward(layer, hidden, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(speed, "_compiled", recording)
+    shape = speed.ModelShape(0, 0, layers=2, hidden=32, intermediate=64, vocab=100)
+    how = speed.Activations(compiled=True, in_runs=True)
+    budget = speed.batch_bytes(shape, 256, 2, how, run_tokens=128)  # the hook plans by buckets of 256 tokens
+    assert speed.layers_to_checkpoint(shape, 256, budget, how) is None  # whole, no layer could recompute it
+    model = tiny_lora_model(0.0)
+    speed.checkpoint_as_needed(model, shape, budget, how=how)
+    loss, gradients = lora_gradients(model)
+    # 37+5+64+1 and 90+23 tokens; two layers forward, then each recomputes its runs as the backward pass meets them.
+    assert calls == [107, 113] * 2 + [113, 107] * 2
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for name in expected:
+        torch.testing.assert_close(gradients[name], expected[name], rtol=1e-4, atol=1e-6)
