@@ -227,3 +227,111 @@ def test_the_per_batch_hook_splits_only_the_batches_too_long_to_recompute_whole(
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     for name in expected:
         torch.testing.assert_close(gradients[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_sft_stage_in_runs_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_path, monkeypatch):
+    """The sft stage's trainer (TRL's padding-free collator and its varlen keywords, compiled layers, the per-batch
+    hook) with the whole step as one batch of 4 split into runs, against the seed layout's 1 x 4: the same losses.
+    The tiny model's memory is all in its head, so the memory model is told the batches need runs of 100 tokens."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from finetune.core.config import load_config
+    from finetune.training import sft as sft_training
+    from finetune.training.runs import trainer_args
+    from test_speed import three_steps
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tiny_project.params_path)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))  # exact arithmetic
+    seed = three_steps(cfg.sft.trainer, batch=1, accumulation=4)
+    shape = speed.model_shape(cfg.model, quantized=False)  # a CPU loads it unquantized
+    fast, chosen = speed.plan("sft", seed, "fast", shape, 80 * speed.GIB, quantized=False)
+    fast.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, activation_checkpointing=True)
+    in_runs = dataclasses.replace(
+        chosen, per_device_train_batch_size=4, gradient_accumulation_steps=1, checkpointing="as memory needs",
+        recompute=speed.IN_RUNS.format(tokens=100),
+    )  # fmt: skip
+    monkeypatch.setattr(speed, "layers_to_checkpoint", lambda *args, **kwargs: None)
+    monkeypatch.setattr(speed, "run_capacity", lambda *args, **kwargs: 100)
+
+    split_calls = []
+    real_split = DocumentRuns.split
+
+    def recording_split(self, hidden, keywords):
+        parts = real_split(self, hidden, keywords)
+        split_calls.append([part.shape[1] for part, _ in parts or ()])
+        return parts
+
+    monkeypatch.setattr(DocumentRuns, "split", recording_split)
+
+    def losses(name, kwargs, install=None):
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
+        args = trainer_args(SFTConfig, "sft", kwargs, str(tmp_path / f"{name}-checkpoints"))
+        trainer = sft_training.build_trainer(run_cfg, args, resume=False, speed=in_runs, install=install)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    seed_losses = losses("seed", seed)
+    fast_losses = losses("fast", fast, install=speed.installer(in_runs, shape))
+    assert sum(len(runs) >= 2 for runs in split_calls) >= 2, split_calls  # batches did run in runs
+    assert len(fast_losses) == len(seed_losses) == 3
+    assert fast_losses == pytest.approx(seed_losses, rel=1e-4)
+
+
+def test_the_dpo_stage_in_runs_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_path, monkeypatch):
+    """The dpo stage's trainer (TRL's padded pairs packed into one row, its precomputed reference pass, compiled
+    layers) with each batch split into runs: the padded run's reference log-probs and losses."""
+    import dataclasses
+
+    from peft import get_peft_model
+    from trl import DPOConfig
+
+    from finetune.core.config import load_config
+    from finetune.model.loading import build_lora_config, load_model
+    from finetune.training import dpo as dpo_training
+    from finetune.training.runs import trainer_args
+    from test_speed import three_steps
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tiny_project.params_path)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    start = tmp_path / "start-adapter"
+    torch.manual_seed(0)
+    start_model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
+    for name, parameter in start_model.named_parameters():
+        if "lora_B" in name:  # an SFT adapter that moved: the reference is not the adapter-free base
+            torch.nn.init.normal_(parameter, std=0.02)
+    start_model.save_pretrained(start)
+    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(start)))
+    shape = speed.model_shape(cfg.model, quantized=False)
+    fast, chosen = speed.plan("dpo", three_steps(cfg.dpo.trainer, 4, 1), "fast", shape, 80 * speed.GIB, False)
+    padded = dataclasses.replace(chosen, compiled=False, attention="sdpa", padding_free=False)
+    in_runs = dataclasses.replace(chosen, checkpointing="as memory needs", recompute=speed.IN_RUNS.format(tokens=100))
+    split_calls = []
+    real_split = DocumentRuns.split
+
+    def recording_split(self, hidden, keywords):
+        parts = real_split(self, hidden, keywords)
+        split_calls.append(len(parts or ()))
+        return parts
+
+    def run(name, layout, kwargs):
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, dpo_metrics=str(tmp_path / name)))
+        args = trainer_args(DPOConfig, "dpo", kwargs, str(tmp_path / f"{name}-checkpoints"))
+        trainer = dpo_training.build_trainer(
+            run_cfg, args, resume=False, speed=layout, install=speed.installer(layout, shape)
+        )
+        reference = list(trainer.train_dataset["ref_chosen_logps"])
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], reference
+
+    padded_losses, padded_reference = run("padded", padded, fast)
+    monkeypatch.setattr(speed, "layers_to_checkpoint", lambda *args, **kwargs: None)
+    monkeypatch.setattr(speed, "run_capacity", lambda *args, **kwargs: 100)
+    monkeypatch.setattr(DocumentRuns, "split", recording_split)
+    runs_losses, runs_reference = run("runs", in_runs, {**fast, "activation_checkpointing": True})
+    assert sum(count >= 2 for count in split_calls) >= 2, split_calls  # batches did run in runs
+    assert runs_reference == pytest.approx(padded_reference, rel=1e-4)
+    assert len(padded_losses) == 3 and runs_losses == pytest.approx(padded_losses, rel=1e-4)
