@@ -50,6 +50,11 @@ LEVERS = {
         "fast",
         "fast_checkpoints_on_gpu",
     ),
+    "offload_without_host_waits": Lever(
+        "offloaded checkpoints copied out without the host waiting (torch 2.11's save_on_cpu waits for each copy)",
+        "fast",
+        "fast_offload_host_waits",
+    ),
     "document_runs": Lever(
         "a batch too long to recompute whole recomputed in runs of documents (planned at small budgets: whole-step "
         "batches instead of accumulated micro-batches)",

@@ -594,6 +594,8 @@ VARIANTS = {
     "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},  # PEFT's float32 upcast of the embedding and head
     # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
     "fast_checkpoints_on_gpu": {"trainer": {"activation_checkpointing_kwargs": {"offload": False}}},
+    # torch's own save_on_cpu for offloaded checkpoints, which on torch 2.11 makes the host wait for each copy out.
+    "fast_offload_host_waits": {"torch_offload_copies": True},
     # Planned as for a model whose layers attend differently: no runs of documents, so smaller micro-batches.
     "fast_whole_recompute": {"shape": {"uniform_attention": False}},
     "fast_eager": {"plan": {"compiled": False}},
@@ -612,6 +614,20 @@ VARIANTS = {
     "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
     "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
 }
+
+
+def with_torch_offload_copies(install):
+    """`install`, then transformers' offload back on torch's own save_on_cpu (finetune.overrides.
+    offload_without_host_waits replaces it where it makes the host wait)."""
+
+    def run(model):
+        import torch
+        import transformers.modeling_utils
+
+        install(model)
+        transformers.modeling_utils.save_on_cpu = torch.autograd.graph.save_on_cpu
+
+    return run
 
 
 def run_variants(
@@ -661,7 +677,9 @@ def run_variants(
             "cfg": cfg,
             "trainer_kwargs": {**fast, **variant.get("kwargs", {}), "max_steps": run_steps},
             "speed_plan": chosen,
-            "install": installer(chosen, shape),
+            "install": with_torch_offload_copies(installer(chosen, shape))
+            if variant.get("torch_offload_copies")
+            else installer(chosen, shape),
             "cache": cache,
             "warmup": 4,  # the first steps compile: static, then dynamic shapes
             "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,

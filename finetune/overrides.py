@@ -381,6 +381,74 @@ def check_checkpoint_function(layer) -> None:
     _require(calls, "transformers", what, name)
 
 
+# --- torch 2.11 (the GPU machine's): save_on_cpu's host-blocking copy out, as transformers 5.23.0's offload uses it ---
+# Upstream: fixed by https://github.com/pytorch/pytorch/pull/175421 (torch 2.13, pinned here, copies non-blocking).
+
+
+def offload_without_host_waits() -> bool:
+    """Offloaded checkpoints copy to pinned host memory without making the host wait for the GPU.
+
+    transformers' `activation_checkpointing_kwargs: {offload: true}` runs each checkpoint under torch's save_on_cpu,
+    whose pack copies each saved tensor to pinned memory blocking the host in torch before PR 175421: a stream sync
+    per checkpointed layer per micro-batch (on the H200 at 6 GiB, 680 syncs and 592 copies out in 4 steps), each
+    emptying the GPU's queue while the CPU, which bounds such steps, waits. Where torch's pack blocks, transformers'
+    reference is replaced by hooks that copy out non-blocking on the same stream: the GPU memory is not reused before
+    the copy, and the pinned copy is read only by the copy back, queued after it. Returns whether it replaced it.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    check_offload_hooks()
+    if _copies_out_without_waiting(torch.autograd.graph.save_on_cpu):
+        return False
+    modeling_utils.save_on_cpu = SaveOnCpuWithoutHostWaits
+    return True
+
+
+class SaveOnCpuWithoutHostWaits(torch.autograd.graph.saved_tensors_hooks):
+    """torch's save_on_cpu (same arguments) with the copy out non-blocking into pinned memory."""
+
+    def __init__(self, pin_memory: bool = False, device_type: str = "cuda"):
+        pinnable = pin_memory and getattr(torch, device_type, torch.cuda).is_available()
+
+        def pack(tensor):
+            if not pinnable or tensor.is_sparse:
+                return tensor.device, tensor.cpu()
+            host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            return tensor.device, host
+
+        def unpack(packed):
+            device, host = packed
+            return host.to(device, non_blocking=host.is_pinned())
+
+        super().__init__(pack, unpack)
+
+
+def _copies_out_without_waiting(save_on_cpu) -> bool:
+    """Whether save_on_cpu's pack function passes non_blocking to its copy (keyword names are code constants)."""
+    packs = [code for code in _nested_codes(save_on_cpu.__init__) if code.co_name == "pack_to_cpu"]
+    _require(len(packs) == 1, "torch", "save_on_cpu's pack_to_cpu", "offload_without_host_waits")
+    return any(isinstance(c, tuple) and "non_blocking" in c for c in packs[0].co_consts)
+
+
+def _nested_codes(function) -> list[types.CodeType]:
+    codes, found = [function.__code__], []
+    while codes:
+        code = codes.pop()
+        found.append(code)
+        codes.extend(constant for constant in code.co_consts if isinstance(constant, types.CodeType))
+    return found
+
+
+def check_offload_hooks() -> None:
+    import transformers.modeling_utils as modeling_utils
+
+    name, what = "offload_without_host_waits", "the offloaded checkpoint's use of torch's save_on_cpu"
+    _require(hasattr(modeling_utils, "save_on_cpu"), "transformers", what, name)
+    enable = getattr(modeling_utils.PreTrainedModel, "_activation_checkpointing_enable", None)
+    _require("save_on_cpu" in _names(enable), "transformers", what, name)
+
+
 # --- transformers 5.23.0: a backbone's forward, replaced on the instance (for TRL 1.16's padded DPO batches) ---------
 # Upstream: TRL's DPO collator pads since padding_free was disabled in DPO
 # (https://github.com/huggingface/trl/issues/2469).

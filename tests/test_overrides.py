@@ -29,6 +29,7 @@ GUARDS = [
     overrides.check_bertscore,
     overrides.check_reference_adapter,
     overrides.check_padding_free_refusal,
+    overrides.check_offload_hooks,
 ]
 
 
@@ -122,8 +123,21 @@ def bert_score_utils():
     return bert_score.utils
 
 
+def transformers_modeling_utils():
+    import transformers.modeling_utils
+
+    return transformers.modeling_utils
+
+
 # (what owns the attribute, the attribute, the guard, the library, the override its message names)
 REMOVED = [
+    (
+        transformers_modeling_utils,
+        "save_on_cpu",
+        overrides.check_offload_hooks,
+        "transformers",
+        "offload_without_host_waits",
+    ),
     (
         transformers_trainer,
         "_get_train_sampler",
@@ -287,3 +301,32 @@ def test_a_real_dvclive_run_without_studio_skips_its_payloads(tmp_path, monkeypa
     live.next_step()  # sync() posts to Studio: now nothing
     assert (tmp_path / "metrics" / "plots" / "metrics" / "loss.tsv").is_file()
 
+
+
+def test_offloaded_checkpoints_wait_for_the_gpu_only_where_torch_blocks(monkeypatch):
+    """torch 2.13's save_on_cpu copies out non-blocking, so transformers keeps it; one that blocks (torch 2.11, the
+    GPU machine's: its pack copies without non_blocking) is replaced, and the replacement saves and restores values
+    (here without pinned memory, which a CPU-only torch lacks)."""
+    import transformers.modeling_utils as modeling_utils
+
+    assert overrides.offload_without_host_waits() is False
+    assert modeling_utils.save_on_cpu is torch.autograd.graph.save_on_cpu
+
+    class BlockingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            def pack_to_cpu(tensor):
+                packed = torch.empty(tensor.size(), dtype=tensor.dtype)
+                packed.copy_(tensor)
+                return tensor.device, packed
+
+            super().__init__(pack_to_cpu, lambda packed: packed[1].to(packed[0], non_blocking=pin_memory))
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", BlockingSaveOnCpu)
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", BlockingSaveOnCpu)
+    assert overrides.offload_without_host_waits() is True
+    assert modeling_utils.save_on_cpu is overrides.SaveOnCpuWithoutHostWaits
+    x = torch.randn(4, 3, requires_grad=True)
+    with modeling_utils.save_on_cpu(pin_memory=True, device_type="cuda"):
+        y = (x * x).sum()
+    y.backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach())

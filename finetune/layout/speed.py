@@ -615,6 +615,11 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
             compile_decoder_layers(model)
         if chosen.padding_free:
             pack_padded_batches(model.base_model)
+        if chosen.checkpoints == OFFLOADED:
+            from finetune.overrides import offload_without_host_waits
+
+            if offload_without_host_waits():
+                print("speed: offloaded checkpoints copy out without host waits (this torch's save_on_cpu waits)")
         if chosen.mode == "fast" and chosen.checkpointing != "off":
             budget = chosen.memory_budget_gib * GIB
             how = activations_of(chosen, shape)
