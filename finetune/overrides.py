@@ -348,7 +348,7 @@ def checkpoint_around_compiled(layer, compile_forward: Callable[[Callable], Call
     (hidden from the compiler) and calls compile_forward(the layer class's forward), the graph the layer runs without
     checkpointing; the layer's own checkpoint function (with its settings) still decides what is kept.
 
-    `split(hidden_states, keywords)` (finetune.layout.document_runs) may cut a call into parts, each checkpointed on
+    `split(hidden_states, keywords)` (finetune.layout.documents) may cut a call into parts, each checkpointed on
     its own and their outputs joined along the tokens; None runs the call whole.
     """
     checkpoint = getattr(layer, "_gradient_checkpointing_func", None)

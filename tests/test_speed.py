@@ -20,6 +20,7 @@ import yaml
 
 from finetune.core.config import load_config
 from finetune.core.errors import ConfigError
+from finetune.layout.documents import document_block_mask
 from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
     FUSED_PROJECTIONS,
@@ -31,7 +32,6 @@ from finetune.layout.speed import (
     batch_bytes,
     checkpoint_as_needed,
     compile_decoder_layers,
-    document_block_mask,
     installer,
     layers_to_checkpoint,
     model_shape,

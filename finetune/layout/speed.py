@@ -12,7 +12,7 @@ and loss normalisation of that run and changes only the layout:
 - activation checkpointing only for the layers and batches that need it: before each forward pass the batch's
   token count decides how many decoder layers recompute their activations, so short batches run at full speed and
   the longest possible batch still fits; a batch too long for a layer to recompute whole recomputes in runs of
-  whole documents (finetune.layout.document_runs), so small budgets keep whole-step batches too;
+  whole documents (finetune.layout.documents), so small budgets keep whole-step batches too;
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
   copy when that copy takes at most a quarter of the GPU, q/k/v and gate/up as one matrix product each over that
@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune.core.errors import ConfigError
+from finetune.layout.documents import DocumentRuns, document_block_mask
 from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, decoder_layers
 
@@ -71,7 +72,7 @@ USABLE_SHARE = 0.85
 DEQUANTIZED_SHARE = 0.25
 # How checkpointed layers recompute: whole, or a batch longer than fits in runs of whole documents.
 WHOLE_BATCHES = "whole batches"
-IN_RUNS = "in runs of whole documents for batches over {tokens} tokens (finetune.layout.document_runs)"
+IN_RUNS = "in runs of whole documents for batches over {tokens} tokens (finetune.layout.documents)"
 # Optimizers that compute AdamW, which the fast layout runs as PyTorch's fused AdamW: a few multi-tensor kernels per
 # step instead of bitsandbytes' Python loop over every LoRA tensor (448 for r16 on the seven projections of a
 # 32-layer model), during which the GPU waits. The 8-bit and paged variants
@@ -96,7 +97,7 @@ class ModelShape:
     embedding_params: int = 0  # of other_params, the input embedding's and the head's (once if tied)
     head_params: int = 0  # the head's, tied or not
     stream_bytes: int = QLORA_STREAM_BYTES  # bytes per value of the residual stream as it trains
-    uniform_attention: bool = True  # every layer attends alike, so one block mask serves them (document_runs)
+    uniform_attention: bool = True  # every layer attends alike, so one block mask serves them (finetune.layout.documents)
 
 
 def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
@@ -172,7 +173,7 @@ class Activations:
     compiled: bool = False  # the decoder layers run through torch.compile, which saves less
     offloaded: bool = False  # the checkpointed layers' inputs wait for their recompute in host memory
     float32_head: bool = False  # QLoRA's float32 head, which autocast copies to bf16 while it runs
-    in_runs: bool = False  # a checkpointed layer may recompute a long batch in runs of documents (document_runs)
+    in_runs: bool = False  # a checkpointed layer may recompute a long batch in runs of documents (finetune.layout.documents)
 
 
 def batch_bytes(
@@ -474,9 +475,9 @@ def checkpoint_as_needed(
     per-layer flags, so a short batch recomputes nothing. With `packs_padding` (pack_padded_batches installed), a
     padded batch that will be packed counts only its real tokens. With `how.compiled` (compile_decoder_layers), a
     checkpointed layer recomputes through its compiled forward (finetune.overrides.checkpoint_around_compiled), and
-    with `how.in_runs` a batch too long for that recomputes in runs of whole documents (document_runs).
+    with `how.in_runs` a batch too long for that recomputes in runs of whole documents (finetune.layout.documents).
     """
-    from finetune.layout.document_runs import DocumentRuns
+    from finetune.layout.documents import DocumentRuns
     from finetune.overrides import checkpoint_around_compiled
 
     layers = decoder_layers(model)
@@ -700,61 +701,6 @@ def _is_padding_free_row(kwargs) -> bool:
     if kwargs.get("position_ids") is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
         return False
     return kwargs.get("inputs_embeds") is None and kwargs.get("cache_position") is None
-
-
-def document_block_mask(position_ids, sliding_window: int | None = None, block_size: int = 128):
-    """Flex attention's BlockMask for rows of documents laid end to end: causal within each document, and within
-    `sliding_window` tokens when the model has one. A document starts wherever a position id is not the previous
-    one plus 1 (transformers' rule for packed rows).
-
-    Built from per-block ranges of document ids, a few small tensor operations with no compilation: a block of
-    queries and one of keys are empty when they share no document, lie wholly in each other's future, or lie
-    wholly outside the window; full when both lie in one document with every key at or before every query and
-    within the window (blocks at a ragged end are never full, as in create_block_mask); partial otherwise, where
-    the kernel evaluates the per-token rule. A block is only called empty or full when it certainly is, so the
-    attention is the per-token rule's; tests/test_speed.py checks the layout against torch's create_block_mask.
-    """
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask
-
-    rows, length = position_ids.shape
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    document = starts.cumsum(dim=1)  # (rows, length), from 1
-    blocks = math.ceil(length / block_size)
-    padded = torch.cat([document, document[:, -1:].expand(rows, blocks * block_size - length)], dim=1)
-    per_block = padded.view(rows, blocks, block_size)
-    low, high = per_block.amin(dim=-1), per_block.amax(dim=-1)  # (rows, blocks)
-
-    first = torch.arange(blocks, device=position_ids.device) * block_size
-    last = torch.clamp(first + block_size - 1, max=length - 1)
-    complete = (last - first + 1) == block_size
-    q_first, q_last, k_first, k_last = first[:, None], last[:, None], first[None, :], last[None, :]
-    shares_document = (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
-    any_allowed = shares_document & (k_first <= q_last)
-    one_document = (low == high)[:, :, None] & (low == high)[:, None, :] & (low[:, :, None] == low[:, None, :])
-    all_allowed = one_document & (k_last <= q_first) & (complete[:, None] & complete[None, :])
-    if sliding_window is not None:
-        any_allowed &= (q_first - k_last) < sliding_window
-        all_allowed &= (q_last - k_first) < sliding_window
-    partial = any_allowed & ~all_allowed
-
-    def indices(chosen):  # (rows, 1, blocks) counts and (rows, 1, blocks, blocks) indices, the chosen ones first
-        order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
-        return chosen.sum(dim=-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
-
-    def same_document(batch, head, q_index, kv_index):
-        allowed = (document[batch, q_index] == document[batch, kv_index]) & (kv_index <= q_index)
-        if sliding_window is None:
-            return allowed
-        return allowed & (q_index - kv_index < sliding_window)  # mask functions must not write in place
-
-    kv_blocks, kv_order = indices(partial)
-    full_blocks, full_order = indices(all_allowed)
-    return BlockMask.from_kv_blocks(
-        kv_blocks, kv_order, full_blocks, full_order, BLOCK_SIZE=block_size, mask_mod=same_document,
-        seq_lengths=(length, length),
-    )  # fmt: skip
 
 
 def _packable(input_ids, attention_mask, kwargs) -> bool:

@@ -1,4 +1,5 @@
-"""Checkpointed decoder layers that run a long padding-free batch a few whole documents at a time.
+"""Padding-free rows of documents: their flex-attention block mask, and runs of whole documents for checkpointed
+layers.
 
 Within a small memory budget the peak of a step is one checkpointed layer recomputing its activations for the
 whole batch (about 300 KB per token for a 7B layer under QLoRA, compiled). A padding-free batch is documents laid
@@ -11,6 +12,7 @@ batches longer than the run capacity (rare for instruction data) are split.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from finetune.core.errors import ProjectError
@@ -20,6 +22,61 @@ UNSPLIT = ("past_key_values", "use_cache", "output_attentions")
 # TRL's padding-free collator's document bounds for varlen kernels, which each run gets for its own documents.
 BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k")
 LONGEST = ("max_length_q", "max_length_k")
+
+
+def document_block_mask(position_ids, sliding_window: int | None = None, block_size: int = 128):
+    """Flex attention's BlockMask for rows of documents laid end to end: causal within each document, and within
+    `sliding_window` tokens when the model has one. A document starts wherever a position id is not the previous
+    one plus 1 (transformers' rule for packed rows).
+
+    Built from per-block ranges of document ids, a few small tensor operations with no compilation: a block of
+    queries and one of keys are empty when they share no document, lie wholly in each other's future, or lie
+    wholly outside the window; full when both lie in one document with every key at or before every query and
+    within the window (blocks at a ragged end are never full, as in create_block_mask); partial otherwise, where
+    the kernel evaluates the per-token rule. A block is only called empty or full when it certainly is, so the
+    attention is the per-token rule's; tests/test_speed.py checks the layout against torch's create_block_mask.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, length = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    document = starts.cumsum(dim=1)  # (rows, length), from 1
+    blocks = math.ceil(length / block_size)
+    padded = torch.cat([document, document[:, -1:].expand(rows, blocks * block_size - length)], dim=1)
+    per_block = padded.view(rows, blocks, block_size)
+    low, high = per_block.amin(dim=-1), per_block.amax(dim=-1)  # (rows, blocks)
+
+    first = torch.arange(blocks, device=position_ids.device) * block_size
+    last = torch.clamp(first + block_size - 1, max=length - 1)
+    complete = (last - first + 1) == block_size
+    q_first, q_last, k_first, k_last = first[:, None], last[:, None], first[None, :], last[None, :]
+    shares_document = (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+    any_allowed = shares_document & (k_first <= q_last)
+    one_document = (low == high)[:, :, None] & (low == high)[:, None, :] & (low[:, :, None] == low[:, None, :])
+    all_allowed = one_document & (k_last <= q_first) & (complete[:, None] & complete[None, :])
+    if sliding_window is not None:
+        any_allowed &= (q_first - k_last) < sliding_window
+        all_allowed &= (q_last - k_first) < sliding_window
+    partial = any_allowed & ~all_allowed
+
+    def indices(chosen):  # (rows, 1, blocks) counts and (rows, 1, blocks, blocks) indices, the chosen ones first
+        order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
+        return chosen.sum(dim=-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    def same_document(batch, head, q_index, kv_index):
+        allowed = (document[batch, q_index] == document[batch, kv_index]) & (kv_index <= q_index)
+        if sliding_window is None:
+            return allowed
+        return allowed & (q_index - kv_index < sliding_window)  # mask functions must not write in place
+
+    kv_blocks, kv_order = indices(partial)
+    full_blocks, full_order = indices(all_allowed)
+    return BlockMask.from_kv_blocks(
+        kv_blocks, kv_order, full_blocks, full_order, BLOCK_SIZE=block_size, mask_mod=same_document,
+        seq_lengths=(length, length),
+    )  # fmt: skip
 
 
 def document_starts(position_ids) -> list[int]:
@@ -78,8 +135,6 @@ class DocumentRuns:
 
     def _prepare(self, position_ids) -> None:
         import torch
-
-        from finetune.layout.speed import document_block_mask
 
         if self._position_ids is position_ids and self._capacity == self.capacity:
             return

@@ -1,4 +1,4 @@
-"""finetune.layout.document_runs: a checkpointed layer recomputes a long padding-free batch in runs of whole
+"""finetune.layout.documents: a checkpointed layer recomputes a long padding-free batch in runs of whole
 documents, with the whole batch's outputs and gradients, and the layout plans whole-step batches with it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from finetune.core.errors import ProjectError
 from finetune.layout import speed
-from finetune.layout.document_runs import DocumentRuns, document_runs
+from finetune.layout.documents import DocumentRuns, document_block_mask, document_runs
 
 LENGTHS = [37, 5, 64, 1, 90, 23]  # documents laid end to end in one row: 220 tokens
 
@@ -145,7 +145,7 @@ def test_runs_need_one_padding_free_row_under_flex_attention():
     keywords = {"position_ids": torch.arange(16).expand(2, -1), "attention_mask": None}
     with pytest.raises(ProjectError, match="one padding-free row under flex attention"):
         runs.split(hidden, keywords)
-    mask = speed.document_block_mask(positions([8, 8]))
+    mask = document_block_mask(positions([8, 8]))
     assert isinstance(mask, BlockMask)
     with pytest.raises(ProjectError, match="'extra'"):  # a keyword it cannot cut is an error, not a silent slice
         runs.split(hidden[:1], {"position_ids": positions([8, 8]), "attention_mask": mask, "extra": torch.ones(16)})
@@ -155,7 +155,7 @@ def test_each_run_gets_its_own_tokens_positions_mask_and_document_bounds():
     """What TRL's padding-free collator and the model hand a decoder layer, cut to each run: per-token tensors
     sliced, the block mask and the varlen kernels' bounds (cu_seq_lens, max_length, seq_idx) rebuilt for the run's
     documents, counts and flags as they are."""
-    from finetune.layout.document_runs import document_starts
+    from finetune.layout.documents import document_starts
 
     lengths = [3, 2, 5, 1]
     row = positions(lengths)
@@ -164,7 +164,7 @@ def test_each_run_gets_its_own_tokens_positions_mask_and_document_bounds():
     seq_idx = torch.repeat_interleave(torch.arange(4, dtype=torch.int32), torch.tensor(lengths))[None]
     cos, sin = torch.randn(1, 11, 8), torch.randn(1, 11, 8)
     keywords = {
-        "attention_mask": speed.document_block_mask(row), "position_ids": row, "position_embeddings": (cos, sin),
+        "attention_mask": document_block_mask(row), "position_ids": row, "position_embeddings": (cos, sin),
         "past_key_values": None, "use_cache": False, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
         "max_length_q": 5, "max_length_k": 5, "seq_idx": seq_idx, "num_items_in_batch": torch.tensor(9),
     }  # fmt: skip
@@ -274,7 +274,9 @@ def test_the_sft_stage_in_runs_follows_the_seed_layouts_loss_trajectory(tiny_pro
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     seed_losses = losses("seed", seed)
+    torch._dynamo.utils.counters.clear()
     fast_losses = losses("fast", fast, install=speed.installer(in_runs, shape))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled for real, not left to eager
     assert sum(len(runs) >= 2 for runs in split_calls) >= 2, split_calls  # batches did run in runs
     assert len(fast_losses) == len(seed_losses) == 3
     assert fast_losses == pytest.approx(seed_losses, rel=1e-4)
