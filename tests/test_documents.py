@@ -287,26 +287,14 @@ def test_the_dpo_stage_in_runs_follows_the_padded_runs_loss_trajectory(tiny_proj
     layers) with each batch split into runs: the padded run's reference log-probs and losses."""
     import dataclasses
 
-    from peft import get_peft_model
     from trl import DPOConfig
 
-    from finetune.core.config import load_config
-    from finetune.model.loading import build_lora_config, load_model
     from finetune.training import dpo as dpo_training
     from finetune.training.runs import trainer_args
-    from test_speed import three_steps
+    from test_speed import dpo_config_from_a_moved_adapter, three_steps
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(tiny_project.params_path)
-    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
-    start = tmp_path / "start-adapter"
-    torch.manual_seed(0)
-    start_model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
-    for name, parameter in start_model.named_parameters():
-        if "lora_B" in name:  # an SFT adapter that moved: the reference is not the adapter-free base
-            torch.nn.init.normal_(parameter, std=0.02)
-    start_model.save_pretrained(start)
-    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(start)))
+    cfg = dpo_config_from_a_moved_adapter(tiny_project, tmp_path)
     shape = speed.model_shape(cfg.model, quantized=False)
     fast, chosen = speed.plan("dpo", three_steps(cfg.dpo.trainer, 4, 1), "fast", shape, 80 * speed.GIB, False)
     padded = dataclasses.replace(chosen, compiled=False, attention="sdpa", padding_free=False)

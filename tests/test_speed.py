@@ -432,25 +432,33 @@ def three_steps(trainer: dict, batch: int, accumulation: int) -> dict:
     }
 
 
-def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_path, monkeypatch):
-    """The dpo stage's trainer over three steps, TRL's precomputed reference pass included, padded and packed."""
+def dpo_config_from_a_moved_adapter(tiny_project, tmp_path):
+    """The tiny project's config without LoRA dropout (exact arithmetic), its dpo starting from an SFT adapter that
+    moved, so the reference is not the adapter-free base."""
     from peft import get_peft_model
-    from trl import DPOConfig
 
     from finetune.model.loading import build_lora_config, load_model
-    from finetune.training import dpo as dpo_training
 
-    monkeypatch.chdir(tmp_path)
     cfg = load_config(tiny_project.params_path)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
     start = tmp_path / "start-adapter"
     torch.manual_seed(0)
     start_model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
     for name, parameter in start_model.named_parameters():
-        if "lora_B" in name:  # an SFT adapter that moved: the reference is not the adapter-free base
+        if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     start_model.save_pretrained(start)
-    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(start)))
+    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(start)))
+
+
+def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_path, monkeypatch):
+    """The dpo stage's trainer over three steps, TRL's precomputed reference pass included, padded and packed."""
+    from trl import DPOConfig
+
+    from finetune.training import dpo as dpo_training
+
+    monkeypatch.chdir(tmp_path)
+    cfg = dpo_config_from_a_moved_adapter(tiny_project, tmp_path)
     written = three_steps(cfg.dpo.trainer, batch=4, accumulation=1)
     shape = model_shape(cfg.model)
     fast, chosen = plan("dpo", written, "fast", shape, 80 * GIB, quantized=False)

@@ -477,7 +477,6 @@ def checkpoint_as_needed(
     checkpointed layer recomputes through its compiled forward (finetune.overrides.checkpoint_around_compiled), and
     with `how.in_runs` a batch too long for that recomputes in runs of whole documents (finetune.layout.documents).
     """
-    from finetune.layout.documents import DocumentRuns
     from finetune.overrides import checkpoint_around_compiled
 
     layers = decoder_layers(model)
