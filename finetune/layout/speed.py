@@ -27,11 +27,12 @@ and loss normalisation of that run and changes only the layout:
   waits for one with longer examples: the same examples per step, only which GPU takes which changes.
 
 Where no real batch fits even so (about 5 GiB for a 7B model), fast runs batch 1, still compiled and padding-free;
-wherever the 4-bit weights stay 4-bit, the written optimizer stays for its smaller states. `speed: low_memory` is the seeds'
-layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto` (the default) is fast on a GPU and as
-written on a CPU. The memory model below takes its per-token terms from what autograd saves, counted on the 7B shape
-as the layout trains it (benchmarks/results/activation_memory.md), and the fused LM head's tile from TRL's code; it
-predicts the one GPU peak measured with these versions that it can (the seeds' layout on an H100) within 2%.
+wherever the 4-bit weights stay 4-bit, the written optimizer stays for its smaller states. `speed: low_memory` is
+the seeds' layout (batch 1, every layer checkpointed); `as_written` changes nothing; `auto` (the default) is fast on
+a GPU and as written on a CPU. The memory model below takes its per-token terms from what autograd saves, counted on
+the 7B shape as the layout trains it (benchmarks/results/activation_memory.md), and the fused LM head's tile from
+TRL's code; it predicts the one GPU peak measured with these versions that it can (the seeds' layout on an H100)
+within 2%.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ModelShape:
     embedding_params: int = 0  # of other_params, the input embedding's and the head's (once if tied)
     head_params: int = 0  # the head's, tied or not
     stream_bytes: int = QLORA_STREAM_BYTES  # bytes per value of the residual stream as it trains
-    uniform_attention: bool = True  # every layer attends alike, so one block mask serves them (finetune.layout.documents)
+    uniform_attention: bool = True  # every layer attends alike: one block mask serves all (finetune.layout.documents)
 
 
 def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
@@ -173,7 +174,7 @@ class Activations:
     compiled: bool = False  # the decoder layers run through torch.compile, which saves less
     offloaded: bool = False  # the checkpointed layers' inputs wait for their recompute in host memory
     float32_head: bool = False  # QLoRA's float32 head, which autocast copies to bf16 while it runs
-    in_runs: bool = False  # a checkpointed layer may recompute a long batch in runs of documents (finetune.layout.documents)
+    in_runs: bool = False  # a long batch may recompute in runs of documents (finetune.layout.documents)
 
 
 def batch_bytes(
