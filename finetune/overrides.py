@@ -76,18 +76,23 @@ def _constants(function) -> frozenset[object]:
     return frozenset(constants)
 
 
-def _names(function) -> frozenset[str]:
-    """The global and attribute names a function's code uses, with those of its nested code (comprehensions, which
-    Python 3.12 inlines) and of the functions it wraps (functools.wraps' __wrapped__); none for a missing one."""
-    names, codes = set(), []
+def _codes(function) -> list[types.CodeType]:
+    """A function's code objects: its own, its nested code (inner functions, and comprehensions, which Python 3.12
+    inlines) and those of the functions it wraps (functools.wraps' __wrapped__); none for a missing one."""
+    found, codes = [], []
     while hasattr(function, "__code__"):
         codes.append(function.__code__)
         function = getattr(function, "__wrapped__", None)
     while codes:
         code = codes.pop()
-        names.update(code.co_names)
+        found.append(code)
         codes.extend(constant for constant in code.co_consts if isinstance(constant, types.CodeType))
-    return frozenset(names)
+    return found
+
+
+def _names(function) -> frozenset[str]:
+    """The global and attribute names a function's code uses (_codes)."""
+    return frozenset(name for code in _codes(function) for name in code.co_names)
 
 
 # --- transformers 5.23.0: Trainer._get_train_sampler ------------------------------------------------------------
@@ -426,18 +431,9 @@ class SaveOnCpuWithoutHostWaits(torch.autograd.graph.saved_tensors_hooks):
 
 def _copies_out_without_waiting(save_on_cpu) -> bool:
     """Whether save_on_cpu's pack function passes non_blocking to its copy (keyword names are code constants)."""
-    packs = [code for code in _nested_codes(save_on_cpu.__init__) if code.co_name == "pack_to_cpu"]
+    packs = [code for code in _codes(save_on_cpu.__init__) if code.co_name == "pack_to_cpu"]
     _require(len(packs) == 1, "torch", "save_on_cpu's pack_to_cpu", "offload_without_host_waits")
     return any(isinstance(c, tuple) and "non_blocking" in c for c in packs[0].co_consts)
-
-
-def _nested_codes(function) -> list[types.CodeType]:
-    codes, found = [function.__code__], []
-    while codes:
-        code = codes.pop()
-        found.append(code)
-        codes.extend(constant for constant in code.co_consts if isinstance(constant, types.CodeType))
-    return found
 
 
 def check_offload_hooks() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from finetune.core.files import atomic_path
+
 RUN_FILE = "run.json"  # the fingerprint, in the checkpoint folder
 CURVES_DIR = "curves"  # inside each checkpoint: the DVCLive curves as they were when it was saved
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # finetune/
@@ -146,14 +148,11 @@ class KeepCurvesWithCheckpoints(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not checkpoint.is_dir():
             return
-        partial, curves = checkpoint / f"{CURVES_DIR}.partial", checkpoint / CURVES_DIR
-        shutil.rmtree(partial, ignore_errors=True)
-        if self.metrics_dir.is_dir():
-            shutil.copytree(self.metrics_dir, partial)
-        else:  # nothing logged yet
-            partial.mkdir()
-        shutil.rmtree(curves, ignore_errors=True)
-        partial.rename(curves)
+        with atomic_path(checkpoint / CURVES_DIR) as partial:
+            if self.metrics_dir.is_dir():
+                shutil.copytree(self.metrics_dir, partial)
+            else:  # nothing logged yet
+                partial.mkdir()
 
 
 def restore_curves(checkpoint: str | None, metrics_dir: str) -> None:
