@@ -132,7 +132,8 @@ def test_smaller_gpus_checkpoint_sooner_then_batch_smaller_and_the_smallest_stay
     assert on_6.recompute == IN_RUNS.format(tokens=3968)
     assert kwargs["activation_checkpointing"] is True and kwargs["optim"] == "paged_adamw_8bit"
     # Where the layers attend differently (one block mask cannot serve them all), no runs: smaller micro-batches.
-    _, mixed = plan("sft", SEED, "auto", dataclasses.replace(MISTRAL_7B, uniform_attention=False), 6 * GIB, quantized=True)
+    mixed_shape = dataclasses.replace(MISTRAL_7B, uniform_attention=False)
+    _, mixed = plan("sft", SEED, "auto", mixed_shape, 6 * GIB, quantized=True)
     assert (mixed.per_device_train_batch_size, mixed.recompute) == (2, WHOLE_BATCHES)
     # Less room: smaller micro-batches, each in runs; then batch 1, whole, as the seeds' layout.
     _, on_5_2 = plan("sft", SEED, "auto", MISTRAL_7B, int(5.2 * GIB), quantized=True)
