@@ -369,7 +369,9 @@ def checkpoint_around_compiled(layer, compile_forward: Callable[[Callable], Call
         parts = split(args[0], forward.keywords) if split is not None and len(args) == 1 else None
         if not parts:
             return checkpoint(functools.partial(compiled, *forward.args, **forward.keywords), *args)
-        outputs = [checkpoint(functools.partial(compiled, *forward.args, **keywords), part) for part, keywords in parts]
+        outputs = [
+            checkpoint(functools.partial(compiled, *forward.args, **keywords), part) for part, keywords in parts
+        ]
         _require(all(isinstance(output, torch.Tensor) for output in outputs), "transformers",
                  "a decoder layer's forward returning its hidden states", "checkpoint_around_compiled")  # fmt: skip
         return torch.cat(outputs, dim=1)
@@ -386,7 +388,7 @@ def check_checkpoint_function(layer) -> None:
     _require(calls, "transformers", what, name)
 
 
-# --- torch 2.11 (the GPU machine's): save_on_cpu's host-blocking copy out, as transformers 5.23.0's offload uses it ---
+# --- torch 2.11 (the GPU machine's): save_on_cpu's host-blocking copy, as transformers 5.23.0's offload uses it ---
 # Upstream: fixed by https://github.com/pytorch/pytorch/pull/175421 (torch 2.13, pinned here, copies non-blocking).
 
 
