@@ -590,8 +590,11 @@ VARIANTS = {
     "fast_paged_adamw_8bit": {"kwargs": {"optim": "paged_adamw_8bit"}, "plan": {"optimizer": "as written"}},
     "fast_separate_projections": {"plan": {"projections": "separate"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
-    "fast_4bit": {"plan": {"base_weights": "as loaded"}},
-    "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},  # PEFT's float32 upcast of the embedding and head
+    # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
+    # with them (not only the weights changed on the copy's plan).
+    "fast_4bit": {"bf16_copy": False},
+    # PEFT's float32 upcast of the embedding and head
+    "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},
     # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
     "fast_checkpoints_on_gpu": {"trainer": {"activation_checkpointing_kwargs": {"offload": False}}},
     # torch's own save_on_cpu for offloaded checkpoints, which on torch 2.11 makes the host wait for each copy out.
@@ -668,7 +671,8 @@ def run_variants(
         trainer = {**section.trainer, **variant.get("trainer", {})}
         requested = variant.get("requested", "fast")
         planned_shape = dataclasses.replace(shape, **variant.get("shape", {}))
-        fast, chosen = plan(stage, trainer, requested, planned_shape, planned_gpu, use_4bit(cfg.model))
+        copy = variant.get("bf16_copy")
+        fast, chosen = plan(stage, trainer, requested, planned_shape, planned_gpu, use_4bit(cfg.model), bf16_copy=copy)
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
         run_steps = 12 if variant.get("profile") else steps  # ProfileSteps profiles steps 8-11
         arguments = {
@@ -1103,9 +1107,8 @@ def main(argv=None) -> int:
             try:
                 chosen = args.variants.split(",") if args.variants else list(VARIANTS)
                 adapter = Path(args.adapter).resolve() if args.adapter else None
-                run_variants(
-                    params, work, out, cache, shape, 3 if args.tiny else 24, save_variants, chosen, planned_gpu, adapter
-                )
+                steps = 3 if args.tiny else 24
+                run_variants(params, work, out, cache, shape, steps, save_variants, chosen, planned_gpu, adapter)
             finally:
                 sft_training.load_model = dpo_training.load_model = load_model
                 cache.model = None

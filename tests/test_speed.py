@@ -23,6 +23,7 @@ from finetune.core.errors import ConfigError
 from finetune.layout.documents import document_block_mask
 from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
+    Activations,
     FUSED_PROJECTIONS,
     GIB,
     IN_RUNS,
@@ -653,12 +654,29 @@ def test_a_dequantized_copy_of_4_bit_layers_gives_the_same_products_and_gradient
     assert torch.equal(x.grad, expected_grad)
 
 
-def test_the_fast_plan_keeps_a_bf16_copy_only_where_it_takes_a_quarter_of_the_gpu_or_less():
-    _, on_80 = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
-    _, on_40 = plan("sft", SEED, "fast", MISTRAL_7B, 40 * GIB, quantized=True)
+def test_the_fast_plan_keeps_a_bf16_copy_only_where_the_longest_step_fits_beside_it_as_one_batch():
+    copied = "nf4, dequantized once to bf16"
+    plans = {
+        (stage, gib): plan(stage, SEED, "fast", MISTRAL_7B, gib * GIB, quantized=True)[1]
+        for stage in ("sft", "dpo")
+        for gib in (20, 24, 32, 80)
+    }
     _, unquantized = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=False)
-    assert on_80.base_weights == "nf4, dequantized once to bf16"
-    assert on_40.base_weights == unquantized.base_weights == "as loaded"
+    # SFT's longest step is 8 x 1,024 tokens: beside the copy (13.5 GiB) it fits 24 GiB with 31 layers checkpointed.
+    assert [plans["sft", gib].base_weights == copied for gib in (20, 24, 32, 80)] == [False, True, True, True]
+    # DPO's is twice as long (chosen and rejected): 32 GiB.
+    assert [plans["dpo", gib].base_weights == copied for gib in (20, 24, 32, 80)] == [False, False, True, True]
+    for chosen in plans.values():  # never at the cost of the whole step as one batch, runs or offloading
+        assert chosen.per_device_train_batch_size == 8 and chosen.recompute == WHOLE_BATCHES
+        assert (chosen.checkpoints == OFFLOADED) == (chosen.base_weights != copied)
+    assert unquantized.base_weights == "as loaded"
+    layers_for = layers_to_checkpoint(
+        MISTRAL_7B, 8 * 1024, plans["sft", 24].memory_budget_gib * GIB, Activations(compiled=True)
+    )
+    assert layers_for == 31
+    _, forced = plan("sft", SEED, "fast", MISTRAL_7B, 80 * GIB, quantized=True, bf16_copy=False)
+    assert forced.base_weights == "as loaded" and forced.checkpoints == OFFLOADED
+    on_80 = plans["sft", 80]
     assert on_80.compiled and on_80.attention == "flex_attention"
     # The copy's memory comes out of the activation budget.
     assert on_80.memory_budget_gib == pytest.approx(

@@ -15,10 +15,11 @@ and loss normalisation of that run and changes only the layout:
   whole documents (finetune.layout.documents), so small budgets keep whole-step batches too;
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
-  copy when that copy takes at most a quarter of the GPU, q/k/v and gate/up as one matrix product each over that
-  copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives the same numbers as before
-  up to float rounding (the fused step's float32 states drop the 8-bit rounding of bitsandbytes' states); what each
-  bought is in benchmarks/results/ (throughput.md, and the profiles of the eager, compiled and fast steps);
+  copy where it leaves room for the step as one batch (keeps_dequantized_copy), q/k/v and gate/up as one matrix
+  product each over that copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives
+  the same numbers as before up to float rounding (the fused step's float32 states drop the 8-bit rounding of
+  bitsandbytes' states); what each bought is in benchmarks/results/ (throughput.md, and the profiles of the eager,
+  compiled and fast steps);
 - under QLoRA with autocast, the frozen embedding and head held in the bf16 they were loaded in
   (finetune.layout.embeddings): the same numbers bit for bit, 0.52 GB less for a 7B model and no bf16 copy of the head
   at each step;
@@ -69,8 +70,6 @@ LOGIT_TILE_BYTES = 2
 NF4_BYTES = 0.53
 # Share of the GPU the plan may fill; the rest is the CUDA context, the allocator's slack and the optimizer states.
 USABLE_SHARE = 0.85
-# The fast layout keeps a bf16 copy of the 4-bit weights when that copy takes at most this share of the GPU.
-DEQUANTIZED_SHARE = 0.25
 # How checkpointed layers recompute: whole, or a batch longer than fits in runs of whole documents.
 WHOLE_BATCHES = "whole batches"
 IN_RUNS = "in runs of whole documents for batches over {tokens} tokens (finetune.layout.documents)"
@@ -153,10 +152,6 @@ def static_bytes(
     return whole / shards + shape.quantized_params * per_param / shape.layers
 
 
-def keeps_dequantized_copy(shape: ModelShape, quantized: bool, gpu_bytes: int) -> bool:
-    return quantized and shape.quantized_params * 2.0 <= DEQUANTIZED_SHARE * gpu_bytes
-
-
 def layer_bytes_per_token(shape: ModelShape, compiled: bool = False) -> float:
     per_unit = COMPILED_ACTIVATION_BYTES if compiled else EAGER_ACTIVATION_BYTES
     return per_unit * (shape.hidden + shape.intermediate)
@@ -222,6 +217,23 @@ def layers_to_checkpoint(
     return None
 
 
+def keeps_dequantized_copy(
+    shape: ModelShape, quantized: bool, gpu_bytes: int, longest_batch: int, embeddings_bf16: bool = False
+) -> bool:
+    """Whether the fast layout holds the 4-bit weights as one bf16 copy: where the step's longest possible batch
+    (`longest_batch` tokens) still fits beside it with every layer checkpointed on the GPU and recomputing whole.
+
+    The copy spares every product its dequantizing (SFT 7,229 to 9,158 tokens/s at the same batch on an H100,
+    benchmarks/README.md) at 3.8x the 4-bit weights' memory; where it would cost a smaller batch, runs of documents
+    or offloaded checkpoints, the weights stay 4-bit.
+    """
+    if not quantized:
+        return False
+    budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, True, True, embeddings_bf16=embeddings_bf16)
+    how = Activations(compiled=True, float32_head=not embeddings_bf16)
+    return layers_to_checkpoint(shape, longest_batch, budget, how) is not None
+
+
 @dataclass(frozen=True)
 class SpeedPlan:
     """The resolved layout: recorded in the stage's DVCLive params and printed."""
@@ -283,6 +295,7 @@ def plan(
     quantized: bool,
     world: int = 1,
     sharded: bool = False,
+    bf16_copy: bool | None = None,
 ) -> tuple[dict[str, Any], SpeedPlan]:
     """The trainer keywords for `requested` speed, and the plan that explains them.
 
@@ -292,7 +305,9 @@ def plan(
     `sharded` (distributed.strategy fsdp) they shard the weights (FSDP_SETTINGS).
 
     Sharded, the fast layout keeps the 4-bit weights as they are (a bf16 copy would undo what sharding saves) and
-    runs the layers uncompiled (the compiled layers are only measured with whole weights on each GPU).
+    runs the layers uncompiled (the compiled layers are only measured with whole weights on each GPU). Otherwise
+    `bf16_copy` None keeps a bf16 copy of the 4-bit weights where keeps_dequantized_copy finds room for it; True or
+    False decides (the benchmarks' ablation of the copy).
     """
     per_device = int(trainer.get("per_device_train_batch_size", 8))
     accumulation = int(trainer.get("gradient_accumulation_steps", 1))
@@ -352,7 +367,11 @@ def plan(
     if gpu_bytes is None or shape is None:
         return unchanged("no CUDA device: the trainer settings run as written")
 
-    dequantized = keeps_dequantized_copy(shape, quantized, gpu_bytes) and not sharded
+    embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
+    if bf16_copy is None:
+        longest = effective * sequences * max_length
+        bf16_copy = keeps_dequantized_copy(shape, quantized, gpu_bytes, longest, embeddings_bf16)
+    dequantized = bf16_copy and quantized and not sharded
     shards = world if sharded else 1
     budget_gib = round((gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards)) / GIB, 2)
     low_memory = {
@@ -384,7 +403,6 @@ def plan(
     # binds: the written optimizer stays (its states are memory), and the checkpointed layers' inputs wait for their
     # recompute in pinned host memory (one copy out in the forward pass, one back in the backward), unless the
     # trainer settings choose.
-    embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
     budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards, embeddings_bf16)
     checkpoint_kwargs = written.get("activation_checkpointing_kwargs") or {}
     may_offload = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
