@@ -1,7 +1,9 @@
-"""Peer engines on the project's benchmark: TRL 1.16 (with and without Liger) and Unsloth, SFT and DPO, measured the
-way benchmarks/throughput.py measures the project, each engine and GPU memory budget in a fresh process.
+"""Peer engines on the project's benchmark: TRL 1.16 (with and without Liger) and Unsloth, SFT and DPO, beside the
+project's own stage trainers (`project`, `project_dpo`: speed fast, planned within the budget), each engine and GPU
+memory budget in a fresh process, measured alike.
 
     python benchmarks/peers.py --unsloth-site DIR      # CUDA: Mistral-7B shape, every engine, budgets 6,24,48 GiB
+    python benchmarks/peers.py --unsloth-site DIR --engines project,unsloth_d0_ckpt,trl_liger --budgets 6,24,48
     python benchmarks/peers.py --engines trl,unsloth_d0 --budgets 24,none --repeats 5
     python benchmarks/peers.py --tiny [--unsloth-site DIR]  # CPU smoke test: tiny model, whole device
 
@@ -12,7 +14,8 @@ seed 0, 2 loader workers. The script re-invokes itself (`--one ENGINE --budget G
 that `--repeats` goes through again; a run capped at a budget that goes out of memory is recorded as a result.
 Non-padding tokens are counted by one forward pre-hook for every engine. Reported: steady tokens/s after a 4-step
 warm-up (DPO: 1 / (1/training + 1/TRL's reference pass)), tokens/s including trainer setup and compilation, peak
-GiB, per-step losses; into OUT/peers.json (every repeat) and OUT/peers.md (min / median / max over repeats).
+GiB, per-step losses; into OUT/peers.json (every repeat) and OUT/peers.md (min / median / max over repeats, and the
+project's median against the best peer's at each budget, beside the 1.5x that issue 24 aims for).
 
 Unsloth 2026.10.9 pins transformers<=5.17, trl<=1.15 and datasets<5, so its runs import from their own folder
 (DIR, put first on their PYTHONPATH), which `bash benchmarks/unsloth_site.sh DIR` installs. Without a GPU, Unsloth
@@ -46,12 +49,15 @@ from throughput import (  # noqa: E402
     EFFECTIVE_BATCH,
     MAX_LENGTH,
     RUN_STEPS,
+    CachedModel,
     TINY_RUN_STEPS,
     benchmark_params,
     config_of,
     corpus_words,
     min_median_max,
+    on_this_device,
     peak_gib,
+    planned_gpu_bytes,
     reset_memory,
     saved_model_info,
     steady_rate,
@@ -63,7 +69,7 @@ from throughput import (  # noqa: E402
 
 @dataclass(frozen=True)
 class Engine:
-    library: str  # "trl": TRL 1.16's trainers; "unsloth": FastLanguageModel and its patched TRL 1.15 trainers
+    library: str  # "project": the stages' trainers, laid out fast; "trl": TRL 1.16's; "unsloth": its patched TRL 1.15
     stage: str  # "sft" or "dpo"
     checkpointing: bool | str = False  # activation checkpointing; Unsloth's "unsloth" offloads activations to the CPU
     liger: bool = False  # TRL's use_liger_kernel
@@ -72,6 +78,7 @@ class Engine:
 
 
 ENGINES = {
+    "project": Engine("project", "sft"),
     "trl": Engine("trl", "sft"),
     "trl_ckpt": Engine("trl", "sft", checkpointing=True),
     "trl_liger": Engine("trl", "sft", liger=True),
@@ -79,6 +86,7 @@ ENGINES = {
     "unsloth_ckpt": Engine("unsloth", "sft", checkpointing="unsloth"),
     "unsloth_d0": Engine("unsloth", "sft", dropout=0.0),
     "unsloth_d0_ckpt": Engine("unsloth", "sft", checkpointing="unsloth", dropout=0.0),
+    "project_dpo": Engine("project", "dpo"),
     "trl_dpo": Engine("trl", "dpo"),
     "trl_ckpt_dpo": Engine("trl", "dpo", checkpointing=True),
     "trl_liger_dpo": Engine("trl", "dpo", liger=True),
@@ -90,7 +98,8 @@ ENGINES = {
         "unsloth", "dpo", checkpointing="unsloth", dropout=0.0, fused_preference_loss=True
     ),
 }
-CPU_ENGINES = ("trl", "trl_ckpt", "trl_dpo", "unsloth_d0_ckpt", "unsloth_d0_ckpt_dpo")  # Unsloth's with DIR
+CPU_ENGINES = ("project", "trl", "trl_ckpt", "project_dpo", "trl_dpo", "unsloth_d0_ckpt", "unsloth_d0_ckpt_dpo")
+TARGET_RATIO = 1.5  # issue 24: the project at least 1.5x the best peer that fits each budget
 STEPS = {"sft": 32, "dpo": 24}  # as the 2026-12-04 peer run on the H200; DPO's 24 see every pair once
 TINY_STEPS = {"sft": 6, "dpo": 3}  # every tiny row once
 WARMUP_STEPS = 4  # as throughput.py's fast runs
@@ -186,7 +195,7 @@ def prepare(work: Path, model_dir: Path, tiny: bool, steps: dict, reuse_model: b
         full_length_rows=data_steps["sft_low"] * EFFECTIVE_BATCH,
     )
     data["md5"] = {name: md5_of(prepared / name) for name in (SFT_TRAIN, PREFERENCES_TRAIN)}
-    recipe = recipe_of(cfg, prepared, Path(params["paths"]["checkpoints"]), steps)
+    recipe = {**recipe_of(cfg, prepared, Path(params["paths"]["checkpoints"]), steps), "params": str(params_path)}
     (work / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
     return {"model": model_info, "data": data, "recipe": recipe}
 
@@ -318,10 +327,14 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
 
     allowed = memory_budget(gpu_memory_bytes(), budget_gib)  # before loading: the model counts against the budget
     reset_memory()
-    model = load_base_model(engine, recipe)
-    started = time.perf_counter()
-    trainer = build_trainer(engine, model, recipe)
-    setup_s = time.perf_counter() - started  # LoRA, tokenizing, (DPO) TRL's reference log-probs
+    layout = None
+    if engine.library == "project":
+        trainer, layout, setup_s = project_trainer(engine, recipe, budget_gib)
+    else:
+        model = load_base_model(engine, recipe)
+        started = time.perf_counter()
+        trainer = build_trainer(engine, model, recipe)
+        setup_s = time.perf_counter() - started  # LoRA, tokenizing, (DPO) TRL's reference log-probs
     meter = step_meter()
     meter.trainer = trainer
     trainer.add_callback(meter)
@@ -338,6 +351,7 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
         "budget_gib": budget_gib,
         "allowed_gib": round(allowed / GIB, 2) if allowed else None,
         "trainer": trainer_summary(trainer),
+        "layout": layout,
         "steps": len(step_tokens),
         "tokens_total": sum(step_tokens),
         "trainer_tokens_total": meter.marks[-1][1],  # the trainer's own count (0 in Unsloth's SFT trainer)
@@ -407,6 +421,43 @@ def package_versions(names) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- engines
+
+
+def project_trainer(engine: Engine, recipe: dict, budget_gib: float | None):
+    """The sft or dpo stage's own trainer (finetune.training), laid out by the fast plan within `budget_gib`, its
+    4-bit model loaded before the timer as the peers' are; DPO starts from a fresh LoRA adapter, as theirs do.
+    Returns (trainer, the plan, setup seconds)."""
+    from peft import get_peft_model
+    from trl import DPOConfig, SFTConfig
+
+    from finetune.layout.speed import installer, model_shape, plan
+    from finetune.model.loading import build_lora_config, load_model, use_4bit
+    from finetune.training import dpo as dpo_training
+    from finetune.training import sft as sft_training
+    from finetune.training.runs import trainer_args
+
+    cfg = config_of(json.loads(Path(recipe["params"]).read_text()))
+    cache = CachedModel(load_model)
+    model = cache(cfg.model, for_training=True)
+    if engine.stage == "dpo":
+        adapter = Path(recipe["checkpoints"]) / "project_fresh_adapter"
+        fresh = get_peft_model(model, build_lora_config(cfg.lora))
+        fresh.save_pretrained(str(adapter))
+        cache.release(fresh)
+        cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(adapter)))
+    sft_training.load_model = dpo_training.load_model = cache  # the stages' trainers on the model loaded above
+    shape = model_shape(cfg.model)
+    section = cfg.sft if engine.stage == "sft" else cfg.dpo
+    gpu_bytes = planned_gpu_bytes(budget_gib)
+    keywords, chosen = plan(engine.stage, section.trainer, "fast", shape, gpu_bytes, use_4bit(cfg.model))
+    chosen = on_this_device(chosen)
+    keywords = {**keywords, "max_steps": recipe["steps"][engine.stage]}
+    config_class = SFTConfig if engine.stage == "sft" else DPOConfig
+    args = trainer_args(config_class, engine.stage, keywords, str(Path(recipe["checkpoints"]) / "project"))
+    module = sft_training if engine.stage == "sft" else dpo_training
+    started = time.perf_counter()
+    trainer = module.build_trainer(cfg, args, resume=False, speed=chosen, install=installer(chosen, shape))
+    return trainer, dataclasses.asdict(chosen), time.perf_counter() - started
 
 
 def load_base_model(engine: Engine, recipe: dict):
@@ -546,7 +597,34 @@ def table_row(name: str, budget: float | None, runs: list[dict]) -> str:
     return f"| {name} | {describe(ENGINES[name])} | {budget_text} | " + " | ".join(cells) + " |"
 
 
+def against_peers(runs: list[dict]) -> list[dict]:
+    """Per stage and budget where the project ran: its median tokens/s, the best peer's (the highest median among
+    the peers with a rate there; an engine that went out of memory does not fit) and the ratio of the two."""
+    medians: dict[tuple[str, float | None], float] = {}
+    for name, budget in dict.fromkeys((run["engine"], run["budget_gib"]) for run in runs):
+        rates = [run["tokens_per_s"] for run in runs if (run["engine"], run["budget_gib"]) == (name, budget)]
+        if rated := [rate for rate in rates if rate]:
+            medians[name, budget] = statistics.median(rated)
+    rows = []
+    for (name, budget), project in medians.items():
+        if ENGINES[name].library != "project":
+            continue
+        stage = ENGINES[name].stage
+        peers = {
+            peer: rate
+            for (peer, at), rate in medians.items()
+            if at == budget and ENGINES[peer].stage == stage and ENGINES[peer].library != "project"
+        }
+        best = max(peers, key=peers.get) if peers else None
+        ratio = project / peers[best] if best else None
+        rows.append({"stage": stage, "budget_gib": budget, "project": project, "best_peer": best,
+                     "best_peer_rate": peers.get(best), "ratio": ratio})  # fmt: skip
+    return rows
+
+
 def describe(engine: Engine) -> str:
+    if engine.library == "project":
+        return "the stage's trainer, speed fast (planned within the budget)"
     library = {"trl": "TRL 1.16", "unsloth": "Unsloth (TRL 1.15)"}[engine.library]
     checkpointing = {False: "no ckpt", True: "ckpt", "unsloth": 'ckpt "unsloth" (offloaded)'}[engine.checkpointing]
     padding = "padding-free" if engine.stage == "sft" and engine.library == "trl" else None
@@ -584,10 +662,25 @@ def markdown(result: dict) -> str:
             *[table_row(name, budget, runs) for (name, budget), runs in groups.items()],
             "",
         ]
+    if rows := against_peers(result["runs"]):
+        lines += [
+            f"## The project against the best peer (target: {TARGET_RATIO:g}x)",
+            "",
+            "| stage | budget GiB | project tokens/s (median) | best peer | its tokens/s (median) | ratio |",
+            "| --- | ---: | ---: | --- | ---: | ---: |",
+        ]
+        for row in rows:
+            budget_text = "whole GPU" if row["budget_gib"] is None else f"{row['budget_gib']:g}"
+            peer = ["none ran", "-", "-"]
+            if row["best_peer"]:
+                peer = [row["best_peer"], f"{row['best_peer_rate']:,.0f}", f"{row['ratio']:.2f}x"]
+            cells = [row["stage"].upper(), budget_text, f"{row['project']:,.0f}", *peer]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     if result["skipped"]:
         lines += ["Not run here: " + "; ".join(f"{name} ({why})" for name, why in result["skipped"].items()), ""]
     lines += ["## Versions", "", "- parent: " + versions_text(result["versions"])]
-    for library in ("trl", "unsloth"):
+    for library in ("project", "trl", "unsloth"):
         run = next((r for r in result["runs"] if "versions" in r and ENGINES[r["engine"]].library == library), None)
         if run:
             lines.append(f"- {library} runs: " + versions_text(run["versions"]))

@@ -83,3 +83,52 @@ def test_tiny_unsloth_runs_read_the_same_tokens_and_start_from_the_same_loss_as_
         # A fresh LoRA adds nothing (B = 0), whatever its dropout: the first losses are the same model's
         assert runs[unsloth]["first_loss"] == pytest.approx(runs[trl]["first_loss"], rel=1e-3)
     assert "fused preference loss" in (out / "peers.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_project_engines_run_the_stages_trainers_on_the_peers_tokens_from_the_same_loss(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--tiny", "--engines",
+               "project,trl,project_dpo,trl_dpo", "--out", str(out), "--work", str(tmp_path / "work"),
+               "--model-dir", str(tmp_path / "model")]  # fmt: skip
+    # The flow is under test, not the compiler: the compiled layers' CPU build would take minutes.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / "peers.json").read_text())
+    runs = {r["engine"]: r for r in result["runs"]}
+    assert not any("error" in r for r in runs.values())
+    for project, trl in (("project", "trl"), ("project_dpo", "trl_dpo")):
+        assert runs[project]["layout"]["mode"] == "fast" and runs[trl]["layout"] is None
+        assert runs[project]["step_tokens"] == runs[trl]["step_tokens"]
+        # A fresh LoRA adds nothing: the first losses are the same model's on the same rows
+        assert runs[project]["first_loss"] == pytest.approx(runs[trl]["first_loss"], rel=1e-3)
+    assert runs["project"]["trainer"]["padding_free"] and runs["project_dpo"]["trainer"]["precompute_ref_log_probs"]
+    report = (out / "peers.md").read_text()
+    assert "## The project against the best peer (target: 1.5x)" in report
+    assert "| SFT | whole GPU |" in report and "| trl |" in report and "| DPO | whole GPU |" in report
+
+
+def test_the_project_is_set_against_the_fastest_peer_that_ran_at_the_same_budget():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import peers
+
+    def run(engine, budget, rate):
+        return {"engine": engine, "budget_gib": budget, "tokens_per_s": rate}
+
+    runs = [
+        run("project", 6, 900), run("project", 6, 1000), run("project", 6, 1100),
+        run("unsloth_d0_ckpt", 6, 400), run("unsloth_d0_ckpt", 6, 500), run("unsloth_d0_ckpt", 6, 450),
+        run("trl", 6, None),  # out of memory: does not fit
+        run("trl_ckpt", 6, 300),
+        run("trl", 24, 2000),  # another budget
+        run("trl_dpo", 6, 5000),  # another stage
+        run("project", 24, 3000),
+        run("project_dpo", 10, 700),
+    ]  # fmt: skip
+    rows = {(row["stage"], row["budget_gib"]): row for row in peers.against_peers(runs)}
+    assert rows["sft", 6] == {"stage": "sft", "budget_gib": 6, "project": 1000, "best_peer": "unsloth_d0_ckpt",
+                              "best_peer_rate": 450, "ratio": 1000 / 450}  # fmt: skip
+    assert rows["sft", 24]["best_peer"] == "trl" and rows["sft", 24]["ratio"] == 1.5
+    assert rows["dpo", 10]["best_peer"] is None and rows["dpo", 10]["ratio"] is None
+    assert len(rows) == 3
