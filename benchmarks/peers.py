@@ -446,7 +446,7 @@ def project_trainer(engine: Engine, recipe: dict, budget_gib: float | None):
         cache.release(fresh)
         cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_adapter=str(adapter)))
     sft_training.load_model = dpo_training.load_model = cache  # the stages' trainers on the model loaded above
-    shape = model_shape(cfg.model)
+    shape = model_shape(cfg.model, lora_cfg=cfg.lora)
     section = cfg.sft if engine.stage == "sft" else cfg.dpo
     gpu_bytes = planned_gpu_bytes(budget_gib)
     keywords, chosen = plan(engine.stage, section.trainer, "fast", shape, gpu_bytes, use_4bit(cfg.model))

@@ -587,12 +587,17 @@ VARIANTS = {
         "kwargs": {"dataloader_num_workers": 0, "dataloader_persistent_workers": False},
         "plan": {"batches_from": "as written"},
     },
-    "fast_paged_adamw_8bit": {"kwargs": {"optim": "paged_adamw_8bit"}, "plan": {"optimizer": "as written"}},
+    # The written 8-bit optimizer, planned without the fused states' room (adapter not counted).
+    "fast_paged_adamw_8bit": {
+        "shape": {"adapter_params": 0}, "kwargs": {"optim": "paged_adamw_8bit"}, "plan": {"optimizer": "as written"}
+    },
     "fast_separate_projections": {"plan": {"projections": "separate"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
     "fast_4bit": {"bf16_copy": False},
+    # The copy kept where it costs the whole-step batch (DPO at 24 GiB: 4 x 2 pairs with it, 8 x 1 in 4-bit).
+    "fast_bf16_copy": {"bf16_copy": True},
     # PEFT's float32 upcast of the embedding and head
     "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},
     # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
@@ -611,6 +616,7 @@ VARIANTS = {
     "eager_4bit_sdpa": {"plan": EAGER_4BIT},
     "fast_effective_batch_32": {"trainer": {"gradient_accumulation_steps": 32}},
     "dpo_fast": {"stage": "dpo"},
+    "dpo_bf16_copy": {"stage": "dpo", "bf16_copy": True},
     "dpo_padded": {"stage": "dpo", "plan": {"padding_free": False}},
     "dpo_reference_per_step": {"stage": "dpo", "kwargs": {"precompute_ref_log_probs": False}},
     "dpo_profiled": {"stage": "dpo", "profile": True},
@@ -1042,7 +1048,7 @@ def main(argv=None) -> int:
             seed=0,
             full_length_rows=steps["sft_low"] * EFFECTIVE_BATCH,
         )
-        shape = model_shape(cfg.model)
+        shape = model_shape(cfg.model, lora_cfg=cfg.lora)
         planned_gpu = planned_gpu_bytes(args.memory_budget_gib)
         attention_for_varying_shapes()  # as finetune.layout.speed.layout does in every training stage
         result = {

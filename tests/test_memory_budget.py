@@ -46,6 +46,27 @@ def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch):
     assert seen == [(140 * GIB, 6.0)]
 
 
+def test_the_stages_plan_with_their_adapter_counted(tmp_path, monkeypatch):
+    """The fused AdamW's float32 states are planned for (finetune.layout.speed.plan): start_run hands the layout the
+    adapter the stage trains (model_shape counts it: tests/test_speed.py)."""
+    from conftest import write_params
+    from trl import SFTConfig
+
+    from finetune.training import start
+
+    cfg = load_config(str(write_params(tmp_path, lambda params: None)))
+    seen = {}
+
+    def layout(model_cfg, stage, trainer, requested, **kwargs):
+        seen.update(kwargs)
+        return speed.layout(model_cfg, stage, trainer, requested, **kwargs)
+
+    monkeypatch.setattr(start, "layout", layout)
+    monkeypatch.setattr(speed, "gpu_memory_bytes", lambda: None)  # a CPU: nothing is planned
+    start.start_run(cfg, "sft", cfg.sft, SFTConfig, {}, str(tmp_path / "metrics"))
+    assert seen["lora_cfg"] == cfg.lora
+
+
 def test_the_planners_terms_cover_the_counted_activations_of_the_7b_shape():
     """benchmarks/results/activation_memory.json, counted on the Mistral-7B shape as the fast layout trains it."""
     import json

@@ -18,17 +18,18 @@ import pytest
 import torch
 import yaml
 
-from finetune.core.config import load_config
+from finetune.core.config import LoraConfig, load_config
 from finetune.core.errors import ConfigError
 from finetune.layout.documents import document_block_mask
 from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
-    Activations,
+    FUSED_ADAMW,
     FUSED_PROJECTIONS,
     GIB,
     IN_RUNS,
     OFFLOADED,
     WHOLE_BATCHES,
+    Activations,
     ModelShape,
     batch_bytes,
     checkpoint_as_needed,
@@ -100,6 +101,43 @@ def test_only_adamw_optimizers_are_swapped_for_the_fused_one():
         assert chosen.optimizer == ("as written" if runs == optim else f"adamw_torch_fused (for {optim})")
     kwargs, chosen = plan("sft", SEED, "low_memory", MISTRAL_7B, 80 * GIB, quantized=True)
     assert kwargs["optim"] == "paged_adamw_8bit" and chosen.optimizer == "as written"  # memory first
+
+
+def test_with_the_4_bit_weights_adamw_is_fused_where_its_float32_states_fit_beside_the_longest_batch():
+    """The seed recipe's adapter (LoRA r16 on the seven projections: 41,943,040 parameters) at small budgets."""
+    adapted = dataclasses.replace(MISTRAL_7B, adapter_params=41_943_040)
+    states_gib = 41_943_040 * 8 / GIB
+    for stage, budgets in (("sft", (8, 16, 20)), ("dpo", (12, 16, 24))):
+        for gib in budgets:
+            kwargs, chosen = plan(stage, SEED, "fast", adapted, gib * GIB, quantized=True)
+            _, uncounted = plan(stage, SEED, "fast", MISTRAL_7B, gib * GIB, quantized=True)
+            assert chosen.base_weights == "as loaded" and chosen.recompute == WHOLE_BATCHES, (stage, gib)
+            assert kwargs["optim"] == FUSED_ADAMW and chosen.optimizer == f"{FUSED_ADAMW} (for paged_adamw_8bit)"
+            # The states come out of the activations' budget: the per-batch checkpointing plans within the rest.
+            assert chosen.memory_budget_gib == pytest.approx(uncounted.memory_budget_gib - states_gib, abs=0.01)
+            assert uncounted.optimizer == "as written"  # an adapter not counted: no room known for its states
+    # Where the longest batch needs runs of documents (SFT at 6 GiB, DPO up to 10), the 8-bit states stay.
+    for stage, gib in (("sft", 6), ("dpo", 6), ("dpo", 10)):
+        kwargs, chosen = plan(stage, SEED, "fast", adapted, gib * GIB, quantized=True)
+        assert chosen.recompute != WHOLE_BATCHES and kwargs["optim"] == "paged_adamw_8bit", (stage, gib)
+    # With the bf16 copy the reserve holds them, as before (24 GiB for SFT).
+    _, copied = plan("sft", SEED, "fast", adapted, 24 * GIB, quantized=True)
+    _, copied_uncounted = plan("sft", SEED, "fast", MISTRAL_7B, 24 * GIB, quantized=True)
+    assert copied.base_weights != "as loaded" and copied.optimizer.startswith(FUSED_ADAMW)
+    assert copied.memory_budget_gib == copied_uncounted.memory_budget_gib
+
+
+def test_model_shape_counts_the_adapter_as_peft_builds_it(tmp_path):
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    (folder / "config.json").write_text(architecture_file("mistralai/Mistral-7B-v0.1").read_text())
+    model_cfg = default_section("model", name_or_path=str(folder), load_in_4bit=True)
+    seven = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    shape = model_shape(model_cfg, lora_cfg=LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=seven))
+    assert shape == dataclasses.replace(MISTRAL_7B, adapter_params=41_943_040)
+    query_only = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=("q_proj",))
+    attention_only = model_shape(model_cfg, lora_cfg=query_only)
+    assert attention_only.adapter_params == 32 * 8 * (4096 + 4096)
 
 
 def test_fast_dpo_batches_pairs_and_packs_them_inside_the_model():

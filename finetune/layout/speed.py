@@ -79,6 +79,9 @@ IN_RUNS = "in runs of whole documents for batches over {tokens} tokens (finetune
 # exist to save optimizer-state memory, which for a LoRA adapter is small (float32 states for 42M parameters:
 # 0.34 GB); the fused step keeps those states in float32, i.e. without 8-bit rounding.
 FUSED_ADAMW = "adamw_torch_fused"
+# The fused step's two float32 states per adapter parameter, all in PyTorch's allocator (bitsandbytes' paged states
+# live outside it).
+FUSED_STATES_BYTES = 8
 ADAMW_OPTIMIZERS = (
     "adamw_torch", FUSED_ADAMW, "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
 )  # fmt: skip
@@ -98,11 +101,12 @@ class ModelShape:
     head_params: int = 0  # the head's, tied or not
     stream_bytes: int = QLORA_STREAM_BYTES  # bytes per value of the residual stream as it trains
     uniform_attention: bool = True  # every layer attends alike: one block mask serves all (finetune.layout.documents)
+    adapter_params: int = 0  # the LoRA adapter's trainable parameters (0: not counted)
 
 
-def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
+def model_shape(model_cfg, quantized: bool = True, lora_cfg=None) -> ModelShape:
     """The shape of the configured model, counted on the meta device (no weights are read); `quantized`: it trains
-    under QLoRA (a float32 residual stream)."""
+    under QLoRA (a float32 residual stream); `lora_cfg`: the adapter whose parameters to count, as PEFT builds it."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -121,6 +125,9 @@ def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
     total = sum(parameter.numel() for parameter in model.parameters())
     embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), head) if m is not None}
     text = config.get_text_config()
+    uniform_attention = _uniform_sliding_window(config) is not _NO_MASK_OF_OURS
+    # Last: PEFT adds its layers to the model in place.
+    adapter_params = _adapter_params(model, lora_cfg) if lora_cfg is not None else 0
     return ModelShape(
         quantized_params=linear,
         other_params=total - linear,
@@ -131,8 +138,21 @@ def model_shape(model_cfg, quantized: bool = True) -> ModelShape:
         embedding_params=sum(embeddings.values()),
         head_params=head.weight.numel() if head is not None else 0,
         stream_bytes=QLORA_STREAM_BYTES if quantized else BF16_STREAM_BYTES,
-        uniform_attention=_uniform_sliding_window(config) is not _NO_MASK_OF_OURS,
+        uniform_attention=uniform_attention,
+        adapter_params=adapter_params,
     )
+
+
+def _adapter_params(meta_model, lora_cfg) -> int:
+    """The trainable parameters PEFT gives `meta_model` (on the meta device, so nothing is allocated)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    from finetune.model.loading import build_lora_config
+
+    with init_empty_weights():
+        adapted = get_peft_model(meta_model, build_lora_config(lora_cfg))
+    return sum(parameter.numel() for parameter in adapted.parameters() if parameter.requires_grad)
 
 
 def static_bytes(
@@ -400,9 +420,9 @@ def plan(
     # fast: the largest real batch whose longest possible form fits once enough layers are checkpointed; batch 1
     # when none does, still padding-free and compiled. Under QLoRA with autocast, the frozen embedding and head go
     # back to the bf16 they were loaded in. Where the 4-bit weights stay 4-bit (no room for their bf16 copy), memory
-    # binds: the written optimizer stays (its states are memory), and the checkpointed layers' inputs wait for their
-    # recompute in pinned host memory (one copy out in the forward pass, one back in the backward), unless the
-    # trainer settings choose.
+    # binds: the written optimizer stays unless its fused replacement's states fit (they are memory), and the
+    # checkpointed layers' inputs wait for their recompute in pinned host memory (one copy out in the forward pass,
+    # one back in the backward), unless the trainer settings choose.
     budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards, embeddings_bf16)
     checkpoint_kwargs = written.get("activation_checkpointing_kwargs") or {}
     may_offload = quantized and not dequantized and not sharded and isinstance(checkpoint_kwargs, dict)
@@ -419,11 +439,21 @@ def plan(
         runs = tight and how.in_runs and (run_capacity(shape, worst, budget, how) or 0) >= max_length
         if tight and not runs and (batch > 1 or budget <= 0):
             continue
+        written_optim = written.get("optim")
+        roomy = not tight and (dequantized or not quantized)  # a GPU with room for the bf16 weights
+        # AdamW as the fused step: with the bf16 copy the reserve holds its float32 states; with the 4-bit weights,
+        # where the longest batch still fits after they come out of the activations' budget.
+        batch_budget = budget
+        if not tight and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW and not roomy:
+            states = shape.adapter_params * FUSED_STATES_BYTES
+            if shape.adapter_params and layers_to_checkpoint(shape, worst, budget - states, how) is not None:
+                batch_budget = budget - states
+        fused_adamw = batch_budget < budget or roomy
         free_tokens = 0
-        while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0, how) <= budget:
+        while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0, how) <= batch_budget:
             free_tokens += 64
         whole_tokens = free_tokens  # the longest batch every checkpointed layer recomputes whole
-        while runs and batch_bytes(shape, whole_tokens + 64, shape.layers, how) <= budget:
+        while runs and batch_bytes(shape, whole_tokens + 64, shape.layers, how) <= batch_budget:
             whole_tokens += 64
         kwargs = {
             **written,
@@ -434,9 +464,7 @@ def plan(
         offloaded = how.offloaded and free_tokens < worst
         if offloaded:
             kwargs["activation_checkpointing_kwargs"] = {**checkpoint_kwargs, "offload": True}
-        written_optim = written.get("optim")
-        roomy = not tight and (dequantized or not quantized)  # a GPU with room for the bf16 weights
-        if roomy and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
+        if fused_adamw and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
         batches_from = "as written"
         if "dataloader_num_workers" not in written:
@@ -459,7 +487,7 @@ def plan(
             checkpointing,
             worst,
             min(free_tokens, worst),
-            round(budget / GIB, 2),
+            round(batch_budget / GIB, 2),
             f"{gpu_bytes / GIB:.0f} GiB GPU: batch {batch} x accumulation {effective // batch} "
             f"(= the configured {per_device} x {accumulation})"
             + (", every layer checkpointed for the longest batches" if tight else "")
@@ -574,11 +602,12 @@ def attention_for_varying_shapes() -> None:
 
 def layout(
     model_cfg, stage: str, trainer: dict[str, Any], requested: str, sharded: bool = False,
-    budget_gib: float | None = None,
+    budget_gib: float | None = None, lora_cfg=None,
 ):  # fmt: skip
     """(trainer keywords, plan, install) for a stage; `install(model)` adds the per-batch checkpointing hook.
     `sharded`: this process trains with FSDP (finetune.training.launch.shards_weights). `budget_gib`: the GPU memory
-    to plan within, enforced on the allocator (memory_budget), or None for all the GPU has.
+    to plan within, enforced on the allocator (memory_budget), or None for all the GPU has. `lora_cfg`: the adapter
+    trained, whose optimizer states the plan counts.
 
     Prints the plan: which layout runs, and why, belongs in the log of every run.
     """
@@ -588,7 +617,7 @@ def layout(
     attention_for_varying_shapes()
     gpu = memory_budget(gpu_memory_bytes(), budget_gib)
     quantized = use_4bit(model_cfg)
-    shape = model_shape(model_cfg, quantized) if gpu is not None and requested != "as_written" else None
+    shape = model_shape(model_cfg, quantized, lora_cfg) if gpu is not None and requested != "as_written" else None
     kwargs, chosen = plan(stage, trainer, requested, shape, gpu, quantized, world=world_size(), sharded=sharded)
     print(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "

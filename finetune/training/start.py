@@ -32,7 +32,7 @@ def start_run(cfg, stage: str, section, config_cls: type, fingerprint: dict, met
     resume_from = checkpoint_to_resume(output_dir, fingerprint)
     trainer_kwargs, speed, install = layout(
         cfg.model, stage, section.trainer, section.speed, sharded=shards_weights(cfg.distributed),
-        budget_gib=section.memory_budget_gib,
+        budget_gib=section.memory_budget_gib, lora_cfg=cfg.lora,
     )  # fmt: skip
     args = trainer_args(config_cls, stage, trainer_kwargs, output_dir)
     if is_main_process():
