@@ -25,6 +25,8 @@ def positions(lengths: list[int]) -> torch.Tensor:
         ([3, 2, 5, 1], 4, [(0, 3), (3, 5), (5, 10), (10, 11)]),  # a document longer than a run is a run of its own
         ([4, 4, 4], 4, [(0, 4), (4, 8), (8, 12)]),
         ([7], 2, [(0, 7)]),  # one document is never cut
+        ([2, 2, 2, 2, 2], 8, [(0, 6), (6, 10)]),  # as few runs as filling in order, as even as documents allow
+        ([6, 6, 30], 10, [(0, 6), (6, 12), (12, 42)]),  # a long document does not let short ones past the capacity
     ],
 )
 def test_runs_are_consecutive_whole_documents_up_to_the_capacity(lengths, capacity, expected):
@@ -134,6 +136,23 @@ def test_a_batch_within_the_capacity_runs_whole():
     calls = in_runs(model, capacity=sum(LENGTHS))
     lora_gradients(model)
     assert [tokens for tokens, _ in calls] == [sum(LENGTHS)] * 4  # two layers, forward and recompute
+
+
+def test_runs_are_as_even_as_whole_documents_allow_and_no_more_than_filling_in_order_gives():
+    import random
+
+    from finetune.layout.documents import _filled_in_order, document_starts
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 30))]
+        row, capacity = positions(lengths)[0].tolist(), rng.randint(50, 2000)
+        runs, in_order = document_runs(row, capacity), _filled_in_order(document_starts(row), len(row), capacity)
+        assert len(runs) == len(in_order) and runs[0][0] == 0 and runs[-1][1] == len(row)
+        assert all(end == start for (_, end), (start, _) in zip(runs, runs[1:]))  # consecutive, every token once
+        longest = max(end - start for start, end in runs)
+        assert longest <= max(end - start for start, end in in_order)
+        assert all(end - start <= capacity or end - start in lengths for start, end in runs)
 
 
 def test_runs_need_one_padding_free_row_under_flex_attention():

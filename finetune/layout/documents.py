@@ -88,12 +88,28 @@ def document_starts(position_ids) -> list[int]:
 
 def document_runs(position_ids, capacity: int) -> list[tuple[int, int]]:
     """[start, end) token ranges of consecutive whole documents of one row, at most `capacity` tokens each where the
-    documents allow (a longer document is a run of its own), filled greedily in order."""
+    documents allow (a longer document is a run of its own): as few runs as filling them in order gives, as even as
+    whole documents allow (the smallest cap that needs no more runs), so the peak is lower and no run is a short
+    remainder."""
     starts, length = document_starts(position_ids), len(position_ids)
+    fewest = len(_filled_in_order(starts, length, capacity))
+    low, high = min(math.ceil(length / fewest), capacity), capacity
+    while low < high:  # filling with a smaller cap never needs fewer runs
+        middle = (low + high) // 2
+        if len(_filled_in_order(starts, length, middle)) <= fewest:
+            high = middle
+        else:
+            low = middle + 1
+    return _filled_in_order(starts, length, low)
+
+
+def _filled_in_order(starts: list[int], length: int, cap: int) -> list[tuple[int, int]]:
+    """Runs of whole documents filled greedily in order, each ending before the document that would take it past
+    `cap` tokens."""
     runs: list[tuple[int, int]] = []
     begin = 0
     for start, end in zip(starts, [*starts[1:], length]):  # each document, [start, end)
-        if end - begin > capacity and start > begin:  # it would overflow the run: the run ends before it
+        if end - begin > cap and start > begin:
             runs.append((begin, start))
             begin = start
     runs.append((begin, length))
