@@ -347,6 +347,7 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
     losses = meter.losses()
     result = {
         "engine": name,
+        "process_id": os.getpid(),  # every run its own process
         "settings": dataclasses.asdict(engine),
         "budget_gib": budget_gib,
         "allowed_gib": round(allowed / GIB, 2) if allowed else None,

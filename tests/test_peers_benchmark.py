@@ -18,30 +18,38 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_tiny_peers_run_each_engine_in_turn_and_count_tokens_alike(tmp_path):
+def test_tiny_peers_and_the_project_run_each_in_its_process_and_count_tokens_alike(tmp_path):
+    """The project's own stage trainers (`project`, `project_dpo`) beside TRL's: one process per run, the same tokens
+    step by step and the same first loss (a fresh LoRA adds nothing), and the report setting one against the other."""
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--tiny", "--engines", "trl,trl_dpo",
-               "--repeats", "2", "--out", str(out), "--work", str(tmp_path / "work"),
+    engines = ["project", "trl", "project_dpo", "trl_dpo"]
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--tiny", "--engines", ",".join(engines),
+               "--out", str(out), "--work", str(tmp_path / "work"),
                "--model-dir", str(tmp_path / "model")]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # The flow is under test, not the compiler: the compiled layers' CPU build would take minutes.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=environment)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((out / "peers.json").read_text())
-    runs = result["runs"]
+    runs = {r["engine"]: r for r in result["runs"]}
 
-    # The whole order, then again: engines alternate rather than repeating one engine in a row
-    assert [(r["repeat"], r["engine"]) for r in runs] == [(0, "trl"), (0, "trl_dpo"), (1, "trl"), (1, "trl_dpo")]
-    assert all(r["budget_gib"] is None and "error" not in r for r in runs)
-    for r in runs:
+    assert [r["engine"] for r in result["runs"]] == engines
+    assert len({r["process_id"] for r in result["runs"]}) == len(engines)  # each run its own process
+    assert all(r["budget_gib"] is None and "error" not in r for r in runs.values())
+    for r in runs.values():
         assert r["tokens_per_s"] > 0 and r["tokens_per_s_incl_setup"] > 0
         assert len(r["losses"]) == r["steps"] and all(math.isfinite(loss) for loss in r["losses"])
         # The hook counts what TRL counts, so engines whose trainers count nothing are measured alike
         assert r["tokens_total"] == r["trainer_tokens_total"] > 0
-    for name in ("trl", "trl_dpo"):  # the same rows in every repeat: the same tokens, step by step
-        first, second = (r for r in runs if r["engine"] == name)
-        assert first["step_tokens"] == second["step_tokens"]
-    dpo = runs[1]
-    training, reference = dpo["tokens_per_s_training_only"], dpo["reference_pass"]["tokens_per_s"]
-    assert dpo["tokens_per_s"] == pytest.approx(1 / (1 / training + 1 / reference), abs=0.1)
+    for project, trl in (("project", "trl"), ("project_dpo", "trl_dpo")):
+        assert runs[project]["layout"]["mode"] == "fast" and runs[trl]["layout"] is None
+        assert runs[project]["step_tokens"] == runs[trl]["step_tokens"]  # the same rows in every process
+        assert runs[project]["first_loss"] == pytest.approx(runs[trl]["first_loss"], rel=1e-3)
+    assert runs["project"]["trainer"]["padding_free"] and runs["project_dpo"]["trainer"]["precompute_ref_log_probs"]
+    for name in ("project_dpo", "trl_dpo"):
+        dpo = runs[name]
+        training, reference = dpo["tokens_per_s_training_only"], dpo["reference_pass"]["tokens_per_s"]
+        assert dpo["tokens_per_s"] == pytest.approx(1 / (1 / training + 1 / reference), abs=0.1)
 
     # The same rows as benchmarks/throughput.py writes (its fast runs' row counts, seed 0)
     assert result["data"]["sft_tokens"]["rows"] == 48 and result["data"]["dpo_prompt_plus_chosen_tokens"]["rows"] == 24
@@ -50,9 +58,22 @@ def test_tiny_peers_run_each_engine_in_turn_and_count_tokens_alike(tmp_path):
             assert "no CUDA device" in result["skipped"][name]
     for name in ("unsloth", "unsloth_d0_ckpt", "unsloth_dpo"):  # no --unsloth-site
         assert "no Unsloth install" in result["skipped"][name]
-    assert "trl" not in result["skipped"] and "trl_dpo" not in result["skipped"]
+    assert not set(engines) & set(result["skipped"])
     report = (out / "peers.md").read_text()
     assert report.startswith("# Peers") and "## SFT" in report and "## DPO" in report and "Not run here" in report
+    assert "## The project against the best peer (target: 1.5x)" in report
+    assert "| SFT | whole GPU |" in report and "| trl |" in report and "| DPO | whole GPU |" in report
+
+
+def test_repeats_go_through_the_whole_order_again():
+    """A drift of the machine touches every engine alike: engines alternate rather than one repeating in a row."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import peers
+
+    assert peers.run_order(["trl", "trl_dpo"], [6, 24], 2) == [
+        (0, "trl", 6), (0, "trl", 24), (0, "trl_dpo", 6), (0, "trl_dpo", 24),
+        (1, "trl", 6), (1, "trl", 24), (1, "trl_dpo", 6), (1, "trl_dpo", 24),
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -83,30 +104,6 @@ def test_tiny_unsloth_runs_read_the_same_tokens_and_start_from_the_same_loss_as_
         # A fresh LoRA adds nothing (B = 0), whatever its dropout: the first losses are the same model's
         assert runs[unsloth]["first_loss"] == pytest.approx(runs[trl]["first_loss"], rel=1e-3)
     assert "fused preference loss" in (out / "peers.md").read_text()
-
-
-@pytest.mark.slow
-def test_tiny_project_engines_run_the_stages_trainers_on_the_peers_tokens_from_the_same_loss(tmp_path):
-    out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--tiny", "--engines",
-               "project,trl,project_dpo,trl_dpo", "--out", str(out), "--work", str(tmp_path / "work"),
-               "--model-dir", str(tmp_path / "model")]  # fmt: skip
-    # The flow is under test, not the compiler: the compiled layers' CPU build would take minutes.
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, env=environment)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads((out / "peers.json").read_text())
-    runs = {r["engine"]: r for r in result["runs"]}
-    assert not any("error" in r for r in runs.values())
-    for project, trl in (("project", "trl"), ("project_dpo", "trl_dpo")):
-        assert runs[project]["layout"]["mode"] == "fast" and runs[trl]["layout"] is None
-        assert runs[project]["step_tokens"] == runs[trl]["step_tokens"]
-        # A fresh LoRA adds nothing: the first losses are the same model's on the same rows
-        assert runs[project]["first_loss"] == pytest.approx(runs[trl]["first_loss"], rel=1e-3)
-    assert runs["project"]["trainer"]["padding_free"] and runs["project_dpo"]["trainer"]["precompute_ref_log_probs"]
-    report = (out / "peers.md").read_text()
-    assert "## The project against the best peer (target: 1.5x)" in report
-    assert "| SFT | whole GPU |" in report and "| trl |" in report and "| DPO | whole GPU |" in report
 
 
 def test_the_project_is_set_against_the_fastest_peer_that_ran_at_the_same_budget():
