@@ -34,7 +34,7 @@ def test_the_same_gpu_plans_a_smaller_layout_within_a_smaller_budget():
     assert tight.max_tokens_per_batch <= roomy.max_tokens_per_batch
 
 
-def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch):
+def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch, capsys):
     from conftest import write_params
 
     path = write_params(tmp_path, lambda params: params["sft"].update(memory_budget_gib=6))
@@ -44,6 +44,8 @@ def test_the_budget_reaches_the_layout_from_params(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "memory_budget", lambda gpu, budget: seen.append((gpu, budget)) or None)
     speed.layout(cfg.model, "sft", cfg.sft.trainer, cfg.sft.speed, budget_gib=cfg.sft.memory_budget_gib)
     assert seen == [(140 * GIB, 6.0)]
+    printed = capsys.readouterr().out  # what ran belongs in the log: the weights and optimizer too
+    assert "base weights as loaded" in printed and "optimizer as written" in printed
 
 
 def test_the_stages_plan_with_their_adapter_counted(tmp_path, monkeypatch):

@@ -622,8 +622,9 @@ def layout(
     print(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
-        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, projections {chosen.projections}, "
-        f"embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, recompute {chosen.recompute}, "
+        f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, base weights {chosen.base_weights}, "
+        f"projections {chosen.projections}, embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, "
+        f"recompute {chosen.recompute}, optimizer {chosen.optimizer}, "
         f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
         + (f", each step split across the GPUs {chosen.shares}" if world_size() > 1 else "")
     )
