@@ -601,11 +601,11 @@ def table_row(name: str, budget: float | None, runs: list[dict]) -> str:
 def against_peers(runs: list[dict]) -> list[dict]:
     """Per stage and budget where the project ran: its median tokens/s, the best peer's (the highest median among
     the peers with a rate there; an engine that went out of memory does not fit) and the ratio of the two."""
-    medians: dict[tuple[str, float | None], float] = {}
-    for name, budget in dict.fromkeys((run["engine"], run["budget_gib"]) for run in runs):
-        rates = [run["tokens_per_s"] for run in runs if (run["engine"], run["budget_gib"]) == (name, budget)]
-        if rated := [rate for rate in rates if rate]:
-            medians[name, budget] = statistics.median(rated)
+    rates: dict[tuple[str, float | None], list[float]] = {}
+    for run in runs:
+        if run.get("tokens_per_s"):  # an OOM or failed run has none
+            rates.setdefault((run["engine"], run["budget_gib"]), []).append(run["tokens_per_s"])
+    medians = {key: statistics.median(rated) for key, rated in rates.items()}
     rows = []
     for (name, budget), project in medians.items():
         if ENGINES[name].library != "project":

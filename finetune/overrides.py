@@ -605,8 +605,8 @@ def dequantize_base(model) -> int:
     bitsandbytes dequantizes a 4-bit weight to the compute dtype on every forward and backward call and multiplies
     with that; this does it once. The products are the same (the NF4 weights' bf16 values, the same matmul), so
     training is still QLoRA's, at the memory of a bf16 copy: planned only where the step's longest batch fits
-    beside it (finetune.layout.speed.keeps_dequantized_copy). What it saves is two dequantize kernels and their Python per
-    layer call, and it leaves no custom op inside the compiled layers.
+    beside it (finetune.layout.speed.keeps_dequantized_copy). What it saves is two dequantize kernels and their
+    Python per layer call, and it leaves no custom op inside the compiled layers.
     """
     import bitsandbytes as bnb
 

@@ -116,7 +116,8 @@ def test_the_project_is_set_against_the_fastest_peer_that_ran_at_the_same_budget
     runs = [
         run("project", 6, 900), run("project", 6, 1000), run("project", 6, 1100),
         run("unsloth_d0_ckpt", 6, 400), run("unsloth_d0_ckpt", 6, 500), run("unsloth_d0_ckpt", 6, 450),
-        run("trl", 6, None),  # out of memory: does not fit
+        run("trl", 6, None),  # no rate
+        {"engine": "trl_liger", "budget_gib": 6, "error": "OOM at 6 GiB"},  # out of memory: does not fit
         run("trl_ckpt", 6, 300),
         run("trl", 24, 2000),  # another budget
         run("trl_dpo", 6, 5000),  # another stage
