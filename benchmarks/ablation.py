@@ -5,6 +5,7 @@ a fresh process, with a keep / delete verdict per lever.
     python benchmarks/ablation.py --levers compiled,flex_attention --repeats 5
     python benchmarks/ablation.py --cold-cache                   # every process starts with an empty inductor cache
     python benchmarks/ablation.py --tiny --out /tmp/ablation     # CPU smoke test of the flow; verdicts mean nothing
+    python benchmarks/ablation.py --summarise OUT/ablation.json   # verdicts from the runs a stopped ablation saved
 
 A run is `benchmarks/throughput.py --sections variants --variants NAME` in its own process, on one model built once;
 repeats alternate ON, OFF / OFF, ON (ABBA). Results: OUT/ablation.json (every run) and OUT/ablation.md (verdicts).
@@ -281,11 +282,12 @@ def markdown(result: dict) -> str:
     lines = ["# Lever ablation of `speed: fast` (benchmarks/ablation.py)", ""]
     if result["tiny"]:
         lines += [f"**Smoke run on {device} with the tiny model: the verdicts mean nothing.**", ""]
-    cache = (
-        "emptied before every process (--cold-cache)"
-        if result["cold_cache"]
-        else "warm (filled first by one unmeasured run of each variant)"
-    )
+    if result["cold_cache"]:
+        cache = "emptied before every process (--cold-cache)"
+    elif result.get("warm_up", True):
+        cache = "warm (filled first by one unmeasured run of each variant)"
+    else:
+        cache = "filled by the measured runs themselves (--no-warm-up: a variant's first run compiles it)"
     budget = f"{result['memory_budget_gib']:g} GiB (--memory-budget-gib)" if result["memory_budget_gib"] else "all"
     lines += [
         f"Date: {result['date']}. Device: {device} ({versions.get('gpu_memory_gib')} GiB); "
@@ -306,6 +308,9 @@ def markdown(result: dict) -> str:
         "",
         "Same rows in every run: " + ("yes" if result["same_rows"] else "**no**") + f". Order: {result['order']}.",
     ]
+    planned = len(result["order"].split(", "))
+    if result.get("measured_runs", planned) < planned:
+        lines += [f"**Stopped early: {result['measured_runs']} of the {planned} measured runs finished.**"]
     failed = [run for run in result["runs"] if "error" in run]
     lines += [f"- {run['label']} ({run['variant']}): {run['error']} (log {run['log']})" for run in failed]
     return "\n".join(lines) + "\n"
@@ -324,6 +329,10 @@ def parse_args(argv=None):
     parser.add_argument("--work", default=None, help="scratch and inductor cache (default /tmp/ablation[_tiny])")
     parser.add_argument("--model-dir", default=None, help="where the random model is built once")
     parser.add_argument("--memory-budget-gib", type=float, default=None, help="GPU memory every run plans within")
+    parser.add_argument(
+        "--no-warm-up", action="store_true", help="no unmeasured run per variant first (steady rates skip compiling)"
+    )
+    parser.add_argument("--summarise", default=None, help="only write the verdicts of this saved ablation.json")
     args = parser.parse_args(argv)
     args.levers = args.levers.split(",") if args.levers else list(TINY_LEVERS if args.tiny else LEVERS)
     unknown = [name for name in args.levers if name not in LEVERS]
@@ -339,8 +348,24 @@ def prepared_versions(settings: Settings) -> dict:
     return json.loads(result_file.read_text())["versions"] if result_file.is_file() else {}
 
 
+def finish(result: dict, out: Path) -> int:
+    """Verdicts from the measured runs in `result` (all of them, or those saved before a stop), into OUT."""
+    measured = [run for run in result["runs"] if run["role"] == "measured"]
+    result["levers"] = summarise(result["levers_asked"], measured)
+    result["not_measured"] = NOT_MEASURED
+    result["same_rows"] = len({run["rows_digest"] for run in result["runs"] if run["rows_digest"]}) == 1
+    result["measured_runs"] = len(measured)
+    (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "ablation.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result), flush=True)
+    return 1 if any(summary["verdict"] == "error" for summary in result["levers"]) else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        saved = Path(args.summarise).resolve()
+        return finish(json.loads(saved.read_text()), saved.parent)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
@@ -357,7 +382,9 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "tiny": args.tiny,
         "cold_cache": args.cold_cache,
+        "warm_up": not args.no_warm_up,
         "memory_budget_gib": args.memory_budget_gib,
+        "levers_asked": args.levers,
         "repeats": args.repeats,
         "steps": 3 if args.tiny else 24,  # throughput.py's own steps per variant
         "order": ", ".join(f"{variant}#{repeat}" for variant, repeat in order),
@@ -374,7 +401,7 @@ def main(argv=None) -> int:
     if "error" in prepare:
         print(f"ablation: the prepare run failed: {prepare['error']}; see {prepare['log']}", file=sys.stderr)
         return 1
-    if not args.cold_cache:  # every measured process then finds its graphs compiled, as a second `dvc repro` does
+    if not args.cold_cache and not args.no_warm_up:  # measured runs find their graphs compiled, as later repros do
         for variant in dict.fromkeys(variant for variant, _ in order if variant != "fast"):  # prepare ran fast
             result["runs"].append({**run_process(settings, variant, f"warm_up_{variant}"), "role": "cache warm-up"})
             save()
@@ -382,14 +409,7 @@ def main(argv=None) -> int:
         run = run_process(settings, variant, f"{variant}_r{repeat}")
         result["runs"].append({**run, "role": "measured", "repeat": repeat, "position": position})
         save()
-    measured = [run for run in result["runs"] if run["role"] == "measured"]
-    result["levers"] = summarise(args.levers, measured)
-    result["not_measured"] = NOT_MEASURED
-    result["same_rows"] = len({run["rows_digest"] for run in result["runs"] if run["rows_digest"]}) == 1
-    save()
-    (out / "ablation.md").write_text(markdown(result), encoding="utf-8")
-    print(markdown(result), flush=True)
-    return 1 if any(summary["verdict"] == "error" for summary in result["levers"]) else 0
+    return finish(result, out)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,26 @@ def test_tiny_ablation_runs_each_repeat_in_its_own_process_in_abba_order(tmp_pat
     report = (out / "ablation.md").read_text()
     assert "smoke run on cpu" in report.lower() and "compiled decoder layers" in report
     assert not (tmp_path / "work" / "fast_r0").exists()  # a measured run's scratch goes with it
+
+
+def test_summarise_judges_the_runs_a_stopped_ablation_saved(tmp_path):
+    def run(variant, rate, repeat):
+        return {"variant": variant, "role": "measured", "repeat": repeat, "rows_digest": "d", "label": variant,
+                "tokens_per_s": rate, "tokens_per_s_incl_build": rate / 4, "peak_memory_gib": 40.0}  # fmt: skip
+
+    saved = {
+        "date": "2026-12-05", "tiny": False, "cold_cache": False, "warm_up": False, "memory_budget_gib": 64.0,
+        "repeats": 3, "steps": 24, "levers_asked": ["compiled"], "versions": {"gpu": "H200"},
+        "order": ", ".join(["fast#0", "fast_eager#0", "fast_eager#1", "fast#1", "fast#2", "fast_eager#2"]),
+        "runs": [
+            run("fast", 110.0, 0), run("fast_eager", 100.0, 0), run("fast_eager", 101.0, 1), run("fast", 111.0, 1),
+        ],
+    }  # fmt: skip
+    (tmp_path / "ablation.json").write_text(json.dumps(saved))
+    assert ablation.main(["--summarise", str(tmp_path / "ablation.json")]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    (lever,) = result["levers"]
+    assert lever["on_side"]["rates"] == [110.0, 111.0] and lever["verdict"] == "keep"
+    report = (tmp_path / "ablation.md").read_text()
+    assert "Stopped early: 4 of the 6 measured runs finished" in report
+    assert "--no-warm-up" in report
