@@ -51,11 +51,6 @@ LEVERS = {
         "fast",
         "fast_checkpoints_on_gpu",
     ),
-    "offload_without_host_waits": Lever(
-        "offloaded checkpoints copied out without the host waiting (torch 2.11's save_on_cpu waits for each copy)",
-        "fast",
-        "fast_offload_host_waits",
-    ),
     "document_runs": Lever(
         "a batch too long to recompute whole recomputed in runs of documents (planned at small budgets: whole-step "
         "batches instead of accumulated micro-batches)",
@@ -64,7 +59,6 @@ LEVERS = {
     ),
     "compiled": Lever("compiled decoder layers", "fast", "fast_eager"),
     "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
-    "fused_projections": Lever("fused q/k/v and gate/up projections", "fast", "fast_separate_projections"),
     "fused_adamw": Lever("fused AdamW instead of the written paged_adamw_8bit", "fast", "fast_paged_adamw_8bit"),
     "loader_workers": Lever("batches collated in loader worker processes", "fast", "fast_loader_in_process"),
     "walk_modules_once": Lever("WalkModulesOnce", "fast", "fast_walk_modules_each_step"),

@@ -236,8 +236,14 @@ def run_child(name: str, budget_gib: float | None, args, repeat: int) -> dict:
 
 
 def run_order(engines: list[str], budgets: list[float | None], repeats: int) -> list[tuple[int, str, float | None]]:
-    """The whole order of engines and budgets, then again: a drift of the machine touches every engine alike."""
-    return [(repeat, name, budget) for repeat in range(repeats) for name in engines for budget in budgets]
+    """The whole order of engines and budgets, then reversed, and so on (ABBA): over two repeats every run sits at the
+    same mean position, so a drift of the machine, or a call stopped at its limit, favours no engine."""
+    sequence = [(name, budget) for name in engines for budget in budgets]
+    return [
+        (repeat, name, budget)
+        for repeat in range(repeats)
+        for name, budget in (sequence[::-1] if repeat % 2 else sequence)
+    ]
 
 
 def save(result: dict, out: Path) -> None:

@@ -207,7 +207,6 @@ class CachedModel:
         import torch
         from peft import PeftModel
 
-        from finetune.layout.fusion import FUSED_WEIGHT
         from finetune.overrides import DequantizedLinear
 
         if isinstance(trainer_model, PeftModel):
@@ -222,9 +221,6 @@ class CachedModel:
             self.model = None  # the 4-bit layers were replaced: load them again for the next configuration
         elif getattr(self.model, "is_loaded_in_4bit", False) and embeddings != torch.float32:
             self.model = None  # finetune.layout.embeddings undid PEFT's float32 upcast: load them again
-        elif any(name.rsplit(".", 1)[-1] in FUSED_WEIGHT.values() for name, _ in self.model.named_parameters()):
-            # finetune.layout.fusion stacked the weights of unquantized layers: start from a fresh load
-            self.model = None
 
 
 def step_meter():
@@ -591,7 +587,6 @@ VARIANTS = {
     "fast_paged_adamw_8bit": {
         "shape": {"adapter_params": 0}, "kwargs": {"optim": "paged_adamw_8bit"}, "plan": {"optimizer": "as written"}
     },
-    "fast_separate_projections": {"plan": {"projections": "separate"}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
@@ -603,7 +598,6 @@ VARIANTS = {
     # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
     "fast_checkpoints_on_gpu": {"trainer": {"activation_checkpointing_kwargs": {"offload": False}}},
     # torch's own save_on_cpu for offloaded checkpoints, which on torch 2.11 makes the host wait for each copy out.
-    "fast_offload_host_waits": {"torch_offload_copies": True},
     # Planned as for a model whose layers attend differently: no runs of documents, so smaller micro-batches.
     "fast_whole_recompute": {"shape": {"uniform_attention": False}},
     "fast_eager": {"plan": {"compiled": False}},
@@ -623,20 +617,6 @@ VARIANTS = {
     "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
     "dpo_eager_4bit_sdpa": {"stage": "dpo", "plan": EAGER_4BIT},
 }
-
-
-def with_torch_offload_copies(install):
-    """`install`, then transformers' offload back on torch's own save_on_cpu (finetune.overrides.
-    offload_without_host_waits replaces it where it makes the host wait)."""
-
-    def run(model):
-        import torch
-        import transformers.modeling_utils
-
-        install(model)
-        transformers.modeling_utils.save_on_cpu = torch.autograd.graph.save_on_cpu
-
-    return run
 
 
 def run_variants(
@@ -687,9 +667,7 @@ def run_variants(
             "cfg": cfg,
             "trainer_kwargs": {**fast, **variant.get("kwargs", {}), "max_steps": run_steps},
             "speed_plan": chosen,
-            "install": with_torch_offload_copies(installer(chosen, shape))
-            if variant.get("torch_offload_copies")
-            else installer(chosen, shape),
+            "install": installer(chosen, shape),
             "cache": cache,
             "warmup": 4,  # the first steps compile: static, then dynamic shapes
             "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,
@@ -898,11 +876,6 @@ def markdown(result: dict) -> str:
             + (
                 f", compiled layers, {run['layout']['attention']}, base weights {run['layout']['base_weights']}"
                 if run["layout"] and run["layout"].get("compiled")
-                else ""
-            )
-            + (
-                ", q/k/v and gate/up fused"
-                if run["layout"] and run["layout"].get("projections", "separate") != "separate"
                 else ""
             )
             + f", {t.get('optim')}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import sys
 import types
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -388,65 +387,6 @@ def check_checkpoint_function(layer) -> None:
     _require(calls, "transformers", what, name)
 
 
-# --- torch 2.11 (the GPU machine's): save_on_cpu's host-blocking copy, as transformers 5.23.0's offload uses it ---
-# Upstream: fixed by https://github.com/pytorch/pytorch/pull/175421 (torch 2.13, pinned here, copies non-blocking).
-
-
-def offload_without_host_waits() -> bool:
-    """Offloaded checkpoints copy to pinned host memory without making the host wait for the GPU.
-
-    transformers' `activation_checkpointing_kwargs: {offload: true}` runs each checkpoint under torch's save_on_cpu,
-    whose pack copies each saved tensor to pinned memory blocking the host in torch before PR 175421: a stream sync
-    per checkpointed layer per micro-batch (on the H200 at 6 GiB, 680 syncs and 592 copies out in 4 steps), each
-    emptying the GPU's queue while the CPU, which bounds such steps, waits. Where torch's pack blocks, transformers'
-    reference is replaced by hooks that copy out non-blocking on the same stream: the GPU memory is not reused before
-    the copy, and the pinned copy is read only by the copy back, queued after it. Returns whether it replaced it.
-    """
-    import transformers.modeling_utils as modeling_utils
-
-    check_offload_hooks()
-    if _copies_out_without_waiting(torch.autograd.graph.save_on_cpu):
-        return False
-    modeling_utils.save_on_cpu = SaveOnCpuWithoutHostWaits
-    return True
-
-
-class SaveOnCpuWithoutHostWaits(torch.autograd.graph.saved_tensors_hooks):
-    """torch's save_on_cpu (same arguments) with the copy out non-blocking into pinned memory."""
-
-    def __init__(self, pin_memory: bool = False, device_type: str = "cuda"):
-        pinnable = pin_memory and getattr(torch, device_type, torch.cuda).is_available()
-
-        def pack(tensor):
-            if not pinnable or tensor.is_sparse:
-                return tensor.device, tensor.cpu()
-            host = torch.empty_like(tensor, device="cpu", pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            return tensor.device, host
-
-        def unpack(packed):
-            device, host = packed
-            return host.to(device, non_blocking=host.is_pinned())
-
-        super().__init__(pack, unpack)
-
-
-def _copies_out_without_waiting(save_on_cpu) -> bool:
-    """Whether save_on_cpu's pack function passes non_blocking to its copy (keyword names are code constants)."""
-    packs = [code for code in _codes(save_on_cpu.__init__) if code.co_name == "pack_to_cpu"]
-    _require(len(packs) == 1, "torch", "save_on_cpu's pack_to_cpu", "offload_without_host_waits")
-    return any(isinstance(c, tuple) and "non_blocking" in c for c in packs[0].co_consts)
-
-
-def check_offload_hooks() -> None:
-    import transformers.modeling_utils as modeling_utils
-
-    name, what = "offload_without_host_waits", "the offloaded checkpoint's use of torch's save_on_cpu"
-    _require(hasattr(modeling_utils, "save_on_cpu"), "transformers", what, name)
-    enable = getattr(modeling_utils.PreTrainedModel, "_activation_checkpointing_enable", None)
-    _require("save_on_cpu" in _names(enable), "transformers", what, name)
-
-
 # --- transformers 5.23.0: a backbone's forward, replaced on the instance (for TRL 1.16's padded DPO batches) ---------
 # Upstream: TRL's DPO collator pads since padding_free was disabled in DPO
 # (https://github.com/huggingface/trl/issues/2469).
@@ -479,103 +419,6 @@ def check_backbone_forward(backbone) -> None:
     _require(takes and more, "transformers", f"{type(backbone).__name__}.forward's keywords", name)
     attention = hasattr(getattr(backbone, "config", None), "_attn_implementation")
     _require(attention, "transformers", "config._attn_implementation", name)
-
-
-# --- transformers 5.23.0, peft 0.21.2: Mistral's and Llama's attention and MLP, and PEFT's LoRA Linear, re-implemented
-# with sibling projections fused (finetune.layout.fusion). Upstream: no upstream issue known.
-
-# Attention classes whose forward attend() reproduces, and whether they pass their sliding window.
-ATTENTION_CLASSES = {"MistralAttention": True, "LlamaAttention": False}
-MLP_CLASSES = ("MistralMLP", "LlamaMLP")
-# The names each reproduced forward uses in transformers 5.23: another name means the library's code has changed.
-_LLAMA_ATTENTION = frozenset({
-    "ALL_ATTENTION_FUNCTIONS", "_attn_implementation", "apply_rotary_pos_emb", "attention_dropout", "config",
-    "contiguous", "eager_attention_forward", "get_interface", "head_dim", "k_proj", "layer_idx", "o_proj", "q_proj",
-    "reshape", "scaling", "shape", "training", "transpose", "update", "v_proj", "view",
-})  # fmt: skip
-REPRODUCED_FORWARDS = {
-    "MistralAttention": _LLAMA_ATTENTION | {"getattr"},  # getattr: its sliding window
-    "LlamaAttention": _LLAMA_ATTENTION,
-    "MistralMLP": frozenset({"act_fn", "down_proj", "gate_proj", "up_proj"}),
-    "LlamaMLP": frozenset({"act_fn", "down_proj", "gate_proj", "up_proj"}),
-}
-# peft.tuners.lora.Linear.forward, which finetune.layout.fusion.grouped_projections reproduces.
-LORA_FORWARD = frozenset({
-    "VARIANT_KWARG_KEYS", "_cast_input_dtype", "_check_forward_args", "_mixed_batch_forward", "active_adapters",
-    "base_layer", "disable_adapters", "dtype", "forward", "keys", "lora_A", "lora_B", "lora_dropout", "lora_variant",
-    "merged", "pop", "scaling", "to", "unmerge", "weight",
-})  # fmt: skip
-
-
-def route_forward(module, forward: Callable) -> None:
-    """Run `module` (an ATTENTION_CLASSES or MLP_CLASSES module) through `forward`, bound to it on the instance."""
-    check_reproduced_forward(module)
-    module.forward = types.MethodType(forward, module)
-
-
-def attend(module, tokens, projections, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
-    """MistralAttention's or LlamaAttention's forward after its q, k and v projections, given as `projections`."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    model_code = sys.modules[type(module).__module__]
-    query, key, value = (states.view(*tokens, -1, module.head_dim).transpose(1, 2) for states in projections)
-    cos, sin = position_embeddings
-    query, key = model_code.apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, module.layer_idx)
-    attend_with = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, model_code.eager_attention_forward
-    )
-    if ATTENTION_CLASSES[type(module).__name__]:
-        kwargs["sliding_window"] = getattr(module.config, "sliding_window", None)
-    output, weights = attend_with(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=module.attention_dropout if module.training else 0.0,
-        scaling=module.scaling,
-        **kwargs,
-    )
-    return module.o_proj(output.reshape(*tokens, -1).contiguous()), weights
-
-
-def project_down(module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """MistralMLP's or LlamaMLP's forward after its gate and up projections."""
-    return module.down_proj(module.act_fn(gate) * up)
-
-
-def lora_input(layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a LoRA layer casts it for its A matrix (PEFT's private _cast_input_dtype)."""
-    return layer._cast_input_dtype(x, dtype)
-
-
-def check_reproduced_forward(module) -> None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    name = "route_forward"
-    cls = type(module)
-    expected = REPRODUCED_FORWARDS.get(cls.__name__)
-    same = expected is not None and _names(getattr(cls, "forward", None)) == expected
-    _require(same, "transformers", f"{cls.__name__}.forward", name)
-    if cls.__name__ in ATTENTION_CLASSES:
-        model_code = sys.modules[cls.__module__]
-        found = all(hasattr(model_code, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward"))
-        _require(found, "transformers", f"{cls.__module__}'s attention functions", name)
-        _require(hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"), "transformers", "ALL_ATTENTION_FUNCTIONS", name)
-
-
-def check_lora_layers() -> None:
-    from peft.tuners.lora import Linear, LoraLayer
-
-    name = "lora_input"
-    same = _names(getattr(Linear, "forward", None)) == LORA_FORWARD
-    _require(same, "peft", "peft.tuners.lora.Linear.forward", "LORA_FORWARD")
-    signature = _parameters(getattr(LoraLayer, "_cast_input_dtype", None)) == ["self", "x", "dtype"]
-    _require(signature, "peft", "LoraLayer._cast_input_dtype(self, x, dtype)", name)
-    state = {"lora_A", "lora_B", "lora_dropout", "scaling", "lora_variant", "lora_bias"} <= _names(LoraLayer.__init__)
-    _require(state, "peft", "LoraLayer's adapter state", name)
 
 
 # --- bitsandbytes 0.50.2: Linear4bit, its weights dequantized once (its dtype contract re-implemented) ---------------

@@ -109,7 +109,7 @@ def test_the_fast_layout_plans_it_under_qlora_with_autocast_and_its_installer_ap
     for trainer, quantized in (({**SEED, "bf16": False}, True), (SEED, False)):  # no autocast; no PEFT upcast
         assert plan("sft", trainer, "fast", MISTRAL_7B, 80 * GIB, quantized=quantized)[1].embeddings == "as loaded"
     only_embeddings = dataclasses.replace(
-        chosen, compiled=False, attention="sdpa", base_weights="as loaded", projections="separate",
+        chosen, compiled=False, attention="sdpa", base_weights="as loaded",
         padding_free=False, checkpointing="off",
     )  # fmt: skip
     model = prepared_model()

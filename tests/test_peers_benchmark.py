@@ -65,14 +65,14 @@ def test_tiny_peers_and_the_project_run_each_in_its_process_and_count_tokens_ali
     assert "| SFT | whole GPU |" in report and "| trl |" in report and "| DPO | whole GPU |" in report
 
 
-def test_repeats_go_through_the_whole_order_again():
-    """A drift of the machine touches every engine alike: engines alternate rather than one repeating in a row."""
+def test_repeats_go_through_the_whole_order_forward_then_backward():
+    """ABBA: engines alternate rather than one repeating in a row, and each sits at the same mean position."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import peers
 
     assert peers.run_order(["trl", "trl_dpo"], [6, 24], 2) == [
         (0, "trl", 6), (0, "trl", 24), (0, "trl_dpo", 6), (0, "trl_dpo", 24),
-        (1, "trl", 6), (1, "trl", 24), (1, "trl_dpo", 6), (1, "trl_dpo", 24),
+        (1, "trl_dpo", 24), (1, "trl_dpo", 6), (1, "trl", 24), (1, "trl", 6),
     ]  # fmt: skip
 
 

@@ -24,7 +24,6 @@ from finetune.layout.documents import document_block_mask
 from finetune.layout.embeddings import HELD_IN_BF16
 from finetune.layout.speed import (
     FUSED_ADAMW,
-    FUSED_PROJECTIONS,
     GIB,
     IN_RUNS,
     OFFLOADED,
@@ -84,9 +83,7 @@ def test_fast_on_an_80_gb_gpu_is_one_real_batch_of_the_same_examples():
     assert kwargs["activation_checkpointing"] is True
     assert 1024 < chosen.tokens_without_checkpointing < 8 * 1024
     assert chosen.checkpointing.startswith("as memory needs")
-    # The bf16 copy's frozen weights stacked per sibling group; the next batches collated in worker processes,
-    # unless the trainer settings say how.
-    assert chosen.projections == FUSED_PROJECTIONS
+    # The next batches collated in worker processes, unless the trainer settings say how.
     assert (kwargs["dataloader_num_workers"], kwargs["dataloader_persistent_workers"]) == (2, True)
     assert chosen.batches_from == "2 worker processes"
     kept, kept_plan = plan("sft", {**SEED, "dataloader_num_workers": 0}, "fast", MISTRAL_7B, 80 * GIB, quantized=True)
@@ -547,7 +544,6 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
         True,
     )
     assert chosen.compiled and chosen.checkpointing.startswith("as memory needs" if tight else "off")
-    assert chosen.projections == FUSED_PROJECTIONS  # unquantized weights: stacked as they are
 
     def losses(name, kwargs, install=None):
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))

@@ -15,8 +15,8 @@ and loss normalisation of that run and changes only the layout:
   whole documents (finetune.layout.documents), so small budgets keep whole-step batches too;
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
-  copy where it leaves room for the step as one batch (keeps_dequantized_copy), q/k/v and gate/up as one matrix
-  product each over that copy (finetune.layout.fusion), and AdamW as PyTorch's fused step (FUSED_ADAMW). Each gives
+  copy where it leaves room for the step as one batch (keeps_dequantized_copy), and AdamW as PyTorch's fused step
+  (FUSED_ADAMW). Each gives
   the same numbers as before up to float rounding (the fused step's float32 states drop the 8-bit rounding of
   bitsandbytes' states); what each bought is in benchmarks/results/ (throughput.md, and the profiles of the eager,
   compiled and fast steps);
@@ -276,7 +276,6 @@ class SpeedPlan:
     recompute: str = WHOLE_BATCHES  # or how long batches recompute in runs of documents (IN_RUNS)
     optimizer: str = "as written"  # or the optimizer the layout runs instead (see FUSED_ADAMW)
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
-    projections: str = "separate"  # or FUSED_PROJECTIONS (see finetune.layout.fusion)
     batches_from: str = "as written"  # or LOADER_WORKERS processes (see the fast layout in plan)
     shares: str = "in sampler order"  # or BALANCED_SHARES: how each step's examples are split across the GPUs
 
@@ -296,7 +295,6 @@ FSDP_SETTINGS = {
 # The fast layout collates the next batches in this many worker processes, unless the trainer settings choose: in
 # the training process each collation is time the GPU waits.
 LOADER_WORKERS = 2
-FUSED_PROJECTIONS = "q/k/v and gate/up fused, one product each for frozen weights, LoRA A and LoRA B"
 BALANCED_SHARES = "by token count (finetune.layout.balance)"
 OFFLOADED = "offloaded to pinned host memory (activation_checkpointing_kwargs offload)"
 SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
@@ -500,8 +498,6 @@ def plan(
             recompute=IN_RUNS.format(tokens=whole_tokens) if runs else WHOLE_BATCHES,
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
-            # Stacking needs whole, plain weights: a bf16 copy, or a model loaded unquantized.
-            projections=FUSED_PROJECTIONS if not sharded and (dequantized or not quantized) else "separate",
             batches_from=batches_from,
             # Padding-free rows cost their tokens, so equal tokens per GPU is equal work (see finetune.layout.balance).
             # A sampler the trainer settings name (train_sampling_strategy) is theirs to choose.
@@ -623,7 +619,7 @@ def layout(
         f"{stage}: speed {chosen.mode} ({chosen.reason}): batch {chosen.per_device_train_batch_size} x accumulation "
         f"{chosen.gradient_accumulation_steps}, padding-free {chosen.padding_free}, "
         f"checkpointing {chosen.checkpointing}, compiled {chosen.compiled}, base weights {chosen.base_weights}, "
-        f"projections {chosen.projections}, embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, "
+        f"embeddings {chosen.embeddings}, checkpoints {chosen.checkpoints}, "
         f"recompute {chosen.recompute}, optimizer {chosen.optimizer}, "
         f"batches from {chosen.batches_from}, sharding {chosen.sharding}"
         + (f", each step split across the GPUs {chosen.shares}" if world_size() > 1 else "")
@@ -642,8 +638,8 @@ def activations_of(chosen: SpeedPlan, shape: ModelShape) -> Activations:
 
 
 def installer(chosen: SpeedPlan, shape: ModelShape | None):
-    """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, fused projections, compiled layers,
-    packing of padded batches, per-batch checkpointing hook)."""
+    """`install(model)`: applies the plan to a loaded model (bf16 copy, attention, compiled layers, packing of padded
+    batches, per-batch checkpointing hook)."""
 
     def install(model) -> None:
         if chosen.base_weights != "as loaded":
@@ -656,19 +652,10 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
             hold_frozen_embeddings_in_bf16(model)
         if chosen.attention != "sdpa":
             model.set_attn_implementation(chosen.attention)
-        if chosen.projections != "separate":
-            from finetune.layout.fusion import fuse_projections
-
-            fuse_projections(model)
         if chosen.compiled:
             compile_decoder_layers(model)
         if chosen.padding_free:
             pack_padded_batches(model.base_model)
-        if chosen.checkpoints == OFFLOADED:
-            from finetune.overrides import offload_without_host_waits
-
-            if offload_without_host_waits():
-                print("speed: offloaded checkpoints copy out without host waits (this torch's save_on_cpu waits)")
         if chosen.mode == "fast" and chosen.checkpointing != "off":
             budget = chosen.memory_budget_gib * GIB
             how = activations_of(chosen, shape)
