@@ -83,6 +83,7 @@ def test_tiny_ablation_runs_each_repeat_in_its_own_process_in_abba_order(tmp_pat
         ("fast", 0), ("fast_eager", 0), ("fast_eager", 1), ("fast", 1),
     ]  # fmt: skip
     assert all(run["tokens_per_s"] > 0 and run["tokens_per_s_incl_build"] > 0 for run in measured)
+    assert all(len(run["step_tokens"]) == result["steps"] == len(run["step_seconds"]) for run in measured)
     assert len({run["process_id"] for run in result["runs"]}) == len(result["runs"])
     assert result["same_rows"]
     (lever,) = result["levers"]

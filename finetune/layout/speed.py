@@ -16,10 +16,9 @@ and loss normalisation of that run and changes only the layout:
 - the decoder layers compiled with torch.compile, attention through PyTorch's flex attention (which skips the
   masked blocks of a padding-free batch instead of computing them), the 4-bit weights dequantized once into a bf16
   copy where it leaves room for the step as one batch (keeps_dequantized_copy), and AdamW as PyTorch's fused step
-  (FUSED_ADAMW). Each gives
-  the same numbers as before up to float rounding (the fused step's float32 states drop the 8-bit rounding of
-  bitsandbytes' states); what each bought is in benchmarks/results/ (throughput.md, and the profiles of the eager,
-  compiled and fast steps);
+  (FUSED_ADAMW). Each gives the same numbers as before up to float rounding (the fused step's float32 states drop
+  the 8-bit rounding of bitsandbytes' states); what each bought is in benchmarks/results/ (throughput.md, the
+  profiles of the eager, compiled and fast steps, and the lever ablation in ablation_h200/);
 - under QLoRA with autocast, the frozen embedding and head held in the bf16 they were loaded in
   (finetune.layout.embeddings): the same numbers bit for bit, 0.52 GB less for a 7B model and no bf16 copy of the head
   at each step;
