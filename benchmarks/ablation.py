@@ -6,6 +6,7 @@ a fresh process, with a keep / delete verdict per lever.
     python benchmarks/ablation.py --cold-cache                   # every process starts with an empty inductor cache
     python benchmarks/ablation.py --tiny --out /tmp/ablation     # CPU smoke test of the flow; verdicts mean nothing
     python benchmarks/ablation.py --summarise OUT/ablation.json   # verdicts from the runs a stopped ablation saved
+    python benchmarks/ablation.py --resume SAVED/ablation.json --out OUT   # its missing runs, on the same GPU kind
 
 A run is `benchmarks/throughput.py --sections variants --variants NAME` in its own process, on one model built once;
 repeats alternate ON, OFF / OFF, ON (ABBA). Results: OUT/ablation.json (every run) and OUT/ablation.md (verdicts).
@@ -107,6 +108,13 @@ def run_order(levers: list[str], repeats: int) -> list[tuple[str, int]]:
     at the same mean position (ABBA) and a drift over time favours none."""
     sequence = list(dict.fromkeys(variant for name in levers for variant in (LEVERS[name].on, LEVERS[name].off)))
     return [(variant, repeat) for repeat in range(repeats) for variant in (sequence[::-1] if repeat % 2 else sequence)]
+
+
+def pending(order: list[tuple[str, int]], runs: list[dict]) -> list[tuple[int, tuple[str, int]]]:
+    """(position, (variant, repeat)) of the running order that no saved run measured: a run a stop cut short saved
+    nothing, so it runs again."""
+    done = {(run["variant"], run["repeat"]) for run in runs if run["role"] == "measured"}
+    return [(position, step) for position, step in enumerate(order) if step not in done]
 
 
 def relative_spread(rates: list[float]) -> float:
@@ -302,6 +310,8 @@ def markdown(result: dict) -> str:
         "",
         "Same rows in every run: " + ("yes" if result["same_rows"] else "**no**") + f". Order: {result['order']}.",
     ]
+    if result.get("calls", 1) > 1:
+        lines += [f"Runs from {result['calls']} calls on one GPU kind (--resume), each with its own prepare run."]
     planned = len(result["order"].split(", "))
     if result.get("measured_runs", planned) < planned:
         lines += [f"**Stopped early: {result['measured_runs']} of the {planned} measured runs finished.**"]
@@ -327,7 +337,16 @@ def parse_args(argv=None):
         "--no-warm-up", action="store_true", help="no unmeasured run per variant first (steady rates skip compiling)"
     )
     parser.add_argument("--summarise", default=None, help="only write the verdicts of this saved ablation.json")
+    parser.add_argument(
+        "--resume", default=None, help="run what this saved ablation.json lacks, with its settings, into --out"
+    )
     args = parser.parse_args(argv)
+    saved = json.loads(Path(args.resume).read_text()) if args.resume else None
+    if saved:  # the saved call's settings, so that its runs and these are one ablation
+        args.levers, args.repeats, args.tiny = ",".join(saved["levers_asked"]), saved["repeats"], saved["tiny"]
+        args.cold_cache, args.no_warm_up = saved["cold_cache"], not saved["warm_up"]
+        args.memory_budget_gib = saved["memory_budget_gib"]
+    args.saved = saved
     args.levers = args.levers.split(",") if args.levers else list(TINY_LEVERS if args.tiny else LEVERS)
     unknown = [name for name in args.levers if name not in LEVERS]
     if unknown:
@@ -371,7 +390,7 @@ def main(argv=None) -> int:
         budget_gib=args.memory_budget_gib,
     )
     order = run_order(args.levers, args.repeats)
-    result = {
+    result = args.saved or {
         "what": "finetune.layout.speed's levers, each ON vs OFF, one fresh process per run (benchmarks/ablation.py)",
         "date": time.strftime("%Y-%m-%d"),
         "tiny": args.tiny,
@@ -384,24 +403,35 @@ def main(argv=None) -> int:
         "order": ", ".join(f"{variant}#{repeat}" for variant, repeat in order),
         "runs": [],
     }
+    to_run = pending(order, result["runs"])
+    if args.saved and not to_run:
+        return finish(result, out)
+    result["calls"] = result.get("calls", 0) + 1
 
     def save() -> None:
         (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
-    prepare = {**run_process(settings, "fast", "prepare", prepare=True), "role": "prepare"}
+    call = {"call": result["calls"]}  # on resuming, the saved runs' calls come first
+    prepare = {**run_process(settings, "fast", "prepare", prepare=True), "role": "prepare", **call}
     result["runs"].append(prepare)
-    result["versions"] = prepared_versions(settings)
+    versions = prepared_versions(settings)
+    earlier = result.setdefault("versions", versions)
     save()
     if "error" in prepare:
         print(f"ablation: the prepare run failed: {prepare['error']}; see {prepare['log']}", file=sys.stderr)
         return 1
+    if versions.get("gpu") != earlier.get("gpu"):
+        message = f"ablation: --resume: the saved runs ran on {earlier.get('gpu')}, this is {versions.get('gpu')}"
+        print(message, file=sys.stderr)
+        return 2
     if not args.cold_cache and not args.no_warm_up:  # measured runs find their graphs compiled, as later repros do
-        for variant in dict.fromkeys(variant for variant, _ in order if variant != "fast"):  # prepare ran fast
-            result["runs"].append({**run_process(settings, variant, f"warm_up_{variant}"), "role": "cache warm-up"})
+        for variant in dict.fromkeys(variant for _, (variant, _) in to_run if variant != "fast"):  # prepare ran fast
+            warm_up = run_process(settings, variant, f"warm_up_{variant}")
+            result["runs"].append({**warm_up, "role": "cache warm-up", **call})
             save()
-    for position, (variant, repeat) in enumerate(order):
+    for position, (variant, repeat) in to_run:
         run = run_process(settings, variant, f"{variant}_r{repeat}")
-        result["runs"].append({**run, "role": "measured", "repeat": repeat, "position": position})
+        result["runs"].append({**run, "role": "measured", "repeat": repeat, "position": position, **call})
         save()
     return finish(result, out)
 

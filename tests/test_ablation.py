@@ -115,3 +115,58 @@ def test_summarise_judges_the_runs_a_stopped_ablation_saved(tmp_path):
     report = (tmp_path / "ablation.md").read_text()
     assert "Stopped early: 4 of the 6 measured runs finished" in report
     assert "--no-warm-up" in report
+
+
+def test_pending_runs_are_those_no_saved_run_measured():
+    order = ablation.run_order(["compiled"], repeats=2)  # fast#0, fast_eager#0, fast_eager#1, fast#1
+    saved = [{"variant": "fast", "repeat": 0, "role": "measured"}, {"variant": "fast", "repeat": 0, "role": "prepare"}]
+    assert ablation.pending(order, saved) == [(1, ("fast_eager", 0)), (2, ("fast_eager", 1)), (3, ("fast", 1))]
+
+
+def fake_processes(monkeypatch, gpu: str) -> list[str]:
+    """run_process without processes: each variant at a fixed rate; the labels run, in order."""
+    ran = []
+
+    def run_process(settings, variant, label, prepare=False):
+        ran.append(label)
+        rate = {"fast": 110.0, "fast_eager": 100.0}[variant]
+        return {"variant": variant, "label": label, "rows_digest": "d", "log": "", "tokens_per_s": rate,
+                "tokens_per_s_incl_build": rate / 4, "peak_memory_gib": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(ablation, "run_process", run_process)
+    monkeypatch.setattr(ablation, "prepared_versions", lambda settings: {"gpu": gpu})
+    return ran
+
+
+def test_resume_runs_only_what_the_stopped_call_lacks_on_the_same_gpu(tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    ran = fake_processes(monkeypatch, "H200")
+    assert ablation.main(["--levers", "compiled", "--repeats", "2", "--no-warm-up", "--out", str(first)]) == 0
+    saved = json.loads((first / "ablation.json").read_text())
+    saved["runs"] = saved["runs"][:3]  # the call stopped after prepare, fast#0 and fast_eager#0
+    (first / "ablation.json").write_text(json.dumps(saved))
+    ran.clear()
+    second = tmp_path / "second"
+    assert ablation.main(["--resume", str(first / "ablation.json"), "--out", str(second)]) == 0
+    assert ran == ["prepare", "fast_eager_r1", "fast_r1"]
+    result = json.loads((second / "ablation.json").read_text())
+    assert result["calls"] == 2 and result["memory_budget_gib"] is None and not result["warm_up"]
+    (lever,) = result["levers"]
+    assert lever["on_side"]["rates"] == [110.0, 110.0] and lever["verdict"] == "keep"
+    assert "Runs from 2 calls on one GPU kind" in (second / "ablation.md").read_text()
+    ran.clear()  # nothing left to run: verdicts only, no prepare run
+    assert ablation.main(["--resume", str(second / "ablation.json"), "--out", str(tmp_path / "third")]) == 0
+    assert ran == [] and json.loads((tmp_path / "third" / "ablation.json").read_text())["calls"] == 2
+
+
+def test_resume_on_another_gpu_stops_before_measuring(tmp_path, monkeypatch, capsys):
+    first = tmp_path / "first"
+    fake_processes(monkeypatch, "NVIDIA H200")
+    assert ablation.main(["--levers", "compiled", "--repeats", "1", "--out", str(first)]) == 0
+    saved = json.loads((first / "ablation.json").read_text())
+    saved["runs"] = [run for run in saved["runs"] if run["label"] != "fast_eager_r0"]
+    (first / "ablation.json").write_text(json.dumps(saved))
+    ran = fake_processes(monkeypatch, "NVIDIA H100 80GB HBM3")
+    assert ablation.main(["--resume", str(first / "ablation.json"), "--out", str(tmp_path / "second")]) == 2
+    assert ran == ["prepare"]
+    assert "the saved runs ran on NVIDIA H200, this is NVIDIA H100 80GB HBM3" in capsys.readouterr().err
