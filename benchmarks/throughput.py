@@ -588,6 +588,11 @@ VARIANTS = {
     "fast_paged_adamw_8bit": {
         "shape": {"adapter_params": 0}, "kwargs": {"optim": "paged_adamw_8bit"}, "plan": {"optimizer": "as written"}
     },
+    # A candidate for the 6 GiB plan, not a lever: fused AdamW where the plan keeps the 8-bit one because the longest
+    # batch needs runs of documents; its float32 states are not planned for (the allocator cap still holds).
+    "fast_fused_adamw_in_runs": {
+        "kwargs": {"optim": "adamw_torch_fused"}, "plan": {"optimizer": "adamw_torch_fused (for paged_adamw_8bit)"}
+    },
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
