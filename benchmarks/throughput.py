@@ -603,7 +603,6 @@ VARIANTS = {
     "fast_float32_embeddings": {"plan": {"embeddings": "as loaded"}},
     # The trainer settings' own choice, which the layout keeps: planned with the inputs on the GPU.
     "fast_checkpoints_on_gpu": {"trainer": {"activation_checkpointing_kwargs": {"offload": False}}},
-    # torch's own save_on_cpu for offloaded checkpoints, which on torch 2.11 makes the host wait for each copy out.
     # Planned as for a model whose layers attend differently: no runs of documents, so smaller micro-batches.
     "fast_whole_recompute": {"shape": {"uniform_attention": False}},
     "fast_eager": {"plan": {"compiled": False}},
