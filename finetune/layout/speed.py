@@ -437,15 +437,16 @@ def plan(
         if tight and not runs and (batch > 1 or budget <= 0):
             continue
         written_optim = written.get("optim")
+        swappable = written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW
         roomy = not tight and (dequantized or not quantized)  # a GPU with room for the bf16 weights
         # AdamW as the fused step: with the bf16 copy the reserve holds its float32 states; with the 4-bit weights,
         # where the longest batch still fits after they come out of the activations' budget.
         batch_budget = budget
-        if not tight and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW and not roomy:
+        if swappable and not tight and not roomy and shape.adapter_params:
             states = shape.adapter_params * FUSED_STATES_BYTES
-            if shape.adapter_params and layers_to_checkpoint(shape, worst, budget - states, how) is not None:
+            if layers_to_checkpoint(shape, worst, budget - states, how) is not None:
                 batch_budget = budget - states
-        fused_adamw = batch_budget < budget or roomy
+        fused_adamw = swappable and (batch_budget < budget or roomy)
         free_tokens = 0
         while free_tokens < worst and batch_bytes(shape, free_tokens + 64, 0, how) <= batch_budget:
             free_tokens += 64
@@ -461,7 +462,7 @@ def plan(
         offloaded = how.offloaded and free_tokens < worst
         if offloaded:
             kwargs["activation_checkpointing_kwargs"] = {**checkpoint_kwargs, "offload": True}
-        if fused_adamw and written_optim in ADAMW_OPTIMIZERS and written_optim != FUSED_ADAMW:
+        if fused_adamw:
             kwargs["optim"], optimizer = FUSED_ADAMW, f"{FUSED_ADAMW} (for {written_optim})"
         batches_from = "as written"
         if "dataloader_num_workers" not in written:
