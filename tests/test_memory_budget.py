@@ -56,7 +56,7 @@ def test_the_stages_plan_with_their_adapter_counted(tmp_path, monkeypatch):
 
     from finetune.training import start
 
-    cfg = load_config(str(write_params(tmp_path, lambda params: None)))
+    cfg = load_config(str(write_params(tmp_path, lambda params: params["paths"].update(checkpoints=str(tmp_path)))))
     seen = {}
 
     def layout(model_cfg, stage, trainer, requested, **kwargs):
@@ -85,6 +85,10 @@ def test_the_planners_terms_cover_the_counted_activations_of_the_7b_shape():
     # Rounded up, not far: a term twice too large halves the batches a budget allows.
     assert speed.layer_bytes_per_token(shape, compiled=True) < 1.05 * variants["compiled"]["layer_bytes_per_token"]
     assert speed.layer_bytes_per_token(shape) < 1.05 * variants["eager"]["layer_bytes_per_token"]
+    for name, compiled in (("compiled, dropout 0", True), ("eager, dropout 0", False)):
+        without_dropout = speed.layer_bytes_per_token(shape, compiled=compiled, dropout=False)
+        counted_bytes = variants[name]["layer_bytes_per_token"]
+        assert variants[name]["lora_dropout"] == 0 and counted_bytes <= without_dropout < 1.05 * counted_bytes
     assert shape.stream_bytes * shape.hidden == variants["checkpointed"]["layer_bytes_per_token"]
     assert speed.head_bytes_per_token(shape) >= variants["eager"]["rest_bytes_per_token"]
     assert speed.LOGIT_TILE_TOKENS == chunked_logprob.TOKEN_CHUNK_SIZE  # TRL's fused head: the tile's rows

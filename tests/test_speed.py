@@ -30,6 +30,7 @@ from finetune.layout.speed import (
     WHOLE_BATCHES,
     Activations,
     ModelShape,
+    activations_of,
     batch_bytes,
     checkpoint_as_needed,
     compile_decoder_layers,
@@ -104,7 +105,7 @@ def test_with_the_4_bit_weights_adamw_is_fused_where_its_float32_states_fit_besi
     """The seed recipe's adapter (LoRA r16 on the seven projections: 41,943,040 parameters) at small budgets."""
     adapted = dataclasses.replace(MISTRAL_7B, adapter_params=41_943_040)
     states_gib = 41_943_040 * 8 / GIB
-    for stage, budgets in (("sft", (8, 16, 20)), ("dpo", (12, 16, 24))):
+    for stage, budgets in (("sft", (8, 16, 20)), ("dpo", (10, 12, 16, 24))):
         for gib in budgets:
             kwargs, chosen = plan(stage, SEED, "fast", adapted, gib * GIB, quantized=True)
             _, uncounted = plan(stage, SEED, "fast", MISTRAL_7B, gib * GIB, quantized=True)
@@ -113,8 +114,8 @@ def test_with_the_4_bit_weights_adamw_is_fused_where_its_float32_states_fit_besi
             # The states come out of the activations' budget: the per-batch checkpointing plans within the rest.
             assert chosen.memory_budget_gib == pytest.approx(uncounted.memory_budget_gib - states_gib, abs=0.01)
             assert uncounted.optimizer == "as written"  # an adapter not counted: no room known for its states
-    # Where the longest batch needs runs of documents (SFT at 6 GiB, DPO up to 10), the 8-bit states stay.
-    for stage, gib in (("sft", 6), ("dpo", 6), ("dpo", 10)):
+    # Where the longest batch needs runs of documents (SFT at 6 GiB, DPO up to 8), the 8-bit states stay.
+    for stage, gib in (("sft", 6), ("dpo", 6), ("dpo", 8)):
         kwargs, chosen = plan(stage, SEED, "fast", adapted, gib * GIB, quantized=True)
         assert chosen.recompute != WHOLE_BATCHES and kwargs["optim"] == "paged_adamw_8bit", (stage, gib)
     # With the bf16 copy the reserve holds them, as before (24 GiB for SFT).
@@ -122,6 +123,22 @@ def test_with_the_4_bit_weights_adamw_is_fused_where_its_float32_states_fit_besi
     _, copied_uncounted = plan("sft", SEED, "fast", MISTRAL_7B, 24 * GIB, quantized=True)
     assert copied.base_weights != "as loaded" and copied.optimizer.startswith(FUSED_ADAMW)
     assert copied.memory_budget_gib == copied_uncounted.memory_budget_gib
+
+
+def test_a_run_without_the_adapters_dropout_is_planned_with_its_smaller_activations():
+    """TRL's DPOTrainer sets every dropout to 0 (DPOConfig.disable_dropout, on by default), and a LoRA dropout of 0
+    saves no masks: fewer layers recompute at the same budget (benchmarks/results/activation_memory.json)."""
+    for budget in (10 * GIB, 24 * GIB, 48 * GIB):
+        _, dpo = plan("dpo", SEED, "fast", MISTRAL_7B, budget, quantized=True)
+        _, kept = plan("dpo", {**SEED, "disable_dropout": False}, "fast", MISTRAL_7B, budget, quantized=True)
+        assert not dpo.adapter_dropout and kept.adapter_dropout
+        assert dpo.tokens_without_checkpointing > kept.tokens_without_checkpointing
+        _, sft = plan("sft", SEED, "fast", MISTRAL_7B, budget, quantized=True)
+        no_dropout = dataclasses.replace(MISTRAL_7B, adapter_dropout=False)
+        _, sft_without = plan("sft", SEED, "fast", no_dropout, budget, quantized=True)
+        assert sft.adapter_dropout and not sft_without.adapter_dropout
+        assert sft_without.tokens_without_checkpointing > sft.tokens_without_checkpointing
+    assert not activations_of(dpo, MISTRAL_7B).dropout and activations_of(kept, MISTRAL_7B).dropout
 
 
 def test_model_shape_counts_the_adapter_as_peft_builds_it(tmp_path):
@@ -134,7 +151,7 @@ def test_model_shape_counts_the_adapter_as_peft_builds_it(tmp_path):
     assert shape == dataclasses.replace(MISTRAL_7B, adapter_params=41_943_040)
     query_only = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=("q_proj",))
     attention_only = model_shape(model_cfg, lora_cfg=query_only)
-    assert attention_only.adapter_params == 32 * 8 * (4096 + 4096)
+    assert attention_only.adapter_params == 32 * 8 * (4096 + 4096) and not attention_only.adapter_dropout
 
 
 def test_fast_dpo_batches_pairs_and_packs_them_inside_the_model():

@@ -51,9 +51,12 @@ from finetune.model.loading import CUDA_ONLY_OPTIMIZERS, decoder_layers
 GIB = 2**30
 # Bytes autograd saves per token per decoder layer, per unit of (hidden + intermediate) size, for the seed recipe's
 # LoRA layer (dropout 0.05) under QLoRA, counted on the Mistral-7B shape by benchmarks/activation_memory.py (its
-# results file: 290,664 compiled, 472,936 eager), rounded up.
+# results file: 290,664 compiled, 472,936 eager), rounded up; and where the adapter's dropout does not run in training
+# (LoRA dropout 0, or DPO's disable_dropout), which saves no masks and no dropped inputs (227,176 and 317,288).
 COMPILED_ACTIVATION_BYTES = 16.0
 EAGER_ACTIVATION_BYTES = 26.0
+COMPILED_NO_DROPOUT_BYTES = 12.5
+EAGER_NO_DROPOUT_BYTES = 17.5
 # PEFT's prepare_model_for_kbit_training upcasts the embedding and norms to float32, so a QLoRA model's residual
 # stream runs in float32; an unquantized model's stays bf16. A checkpointed layer keeps only its input, one value of
 # the stream per hidden unit.
@@ -101,6 +104,7 @@ class ModelShape:
     stream_bytes: int = QLORA_STREAM_BYTES  # bytes per value of the residual stream as it trains
     uniform_attention: bool = True  # every layer attends alike: one block mask serves all (finetune.layout.documents)
     adapter_params: int = 0  # the LoRA adapter's trainable parameters (0: not counted)
+    adapter_dropout: bool = True  # the adapter's LoRA dropout rate is over 0 (unknown: counted as on)
 
 
 def model_shape(model_cfg, quantized: bool = True, lora_cfg=None) -> ModelShape:
@@ -139,6 +143,7 @@ def model_shape(model_cfg, quantized: bool = True, lora_cfg=None) -> ModelShape:
         stream_bytes=QLORA_STREAM_BYTES if quantized else BF16_STREAM_BYTES,
         uniform_attention=uniform_attention,
         adapter_params=adapter_params,
+        adapter_dropout=lora_cfg is None or lora_cfg.dropout > 0,
     )
 
 
@@ -171,8 +176,11 @@ def static_bytes(
     return whole / shards + shape.quantized_params * per_param / shape.layers
 
 
-def layer_bytes_per_token(shape: ModelShape, compiled: bool = False) -> float:
-    per_unit = COMPILED_ACTIVATION_BYTES if compiled else EAGER_ACTIVATION_BYTES
+def layer_bytes_per_token(shape: ModelShape, compiled: bool = False, dropout: bool = True) -> float:
+    if dropout:
+        per_unit = COMPILED_ACTIVATION_BYTES if compiled else EAGER_ACTIVATION_BYTES
+    else:
+        per_unit = COMPILED_NO_DROPOUT_BYTES if compiled else EAGER_NO_DROPOUT_BYTES
     return per_unit * (shape.hidden + shape.intermediate)
 
 
@@ -189,6 +197,7 @@ class Activations:
     offloaded: bool = False  # the checkpointed layers' inputs wait for their recompute in host memory
     float32_head: bool = False  # QLoRA's float32 head, which autocast copies to bf16 while it runs
     in_runs: bool = False  # a long batch may recompute in runs of documents (finetune.layout.documents)
+    dropout: bool = True  # the adapter's dropout runs, so its masks and dropped inputs are saved
 
 
 def batch_bytes(
@@ -204,7 +213,7 @@ def batch_bytes(
     so the peak is the larger of the two moments.
     """
     checkpoint = 0 if how.offloaded else shape.stream_bytes * shape.hidden
-    layer = layer_bytes_per_token(shape, how.compiled)
+    layer = layer_bytes_per_token(shape, how.compiled, how.dropout)
     unchecked = shape.layers - checkpointed_layers
     tile = min(tokens, LOGIT_TILE_TOKENS) * shape.vocab * LOGIT_TILE_BYTES
     head_copy = shape.head_params * 2.0 if how.float32_head else 0.0
@@ -237,8 +246,9 @@ def layers_to_checkpoint(
 
 
 def keeps_dequantized_copy(
-    shape: ModelShape, quantized: bool, gpu_bytes: int, longest_batch: int, embeddings_bf16: bool = False
-) -> bool:
+    shape: ModelShape, quantized: bool, gpu_bytes: int, longest_batch: int, embeddings_bf16: bool = False,
+    dropout: bool = True,
+) -> bool:  # fmt: skip
     """Whether the fast layout holds the 4-bit weights as one bf16 copy: where the step's longest possible batch
     (`longest_batch` tokens) still fits beside it with every layer checkpointed on the GPU and recomputing whole.
 
@@ -249,8 +259,18 @@ def keeps_dequantized_copy(
     if not quantized:
         return False
     budget = gpu_bytes * USABLE_SHARE - static_bytes(shape, True, True, embeddings_bf16=embeddings_bf16)
-    how = Activations(compiled=True, float32_head=not embeddings_bf16)
+    how = Activations(compiled=True, float32_head=not embeddings_bf16, dropout=dropout)
     return layers_to_checkpoint(shape, longest_batch, budget, how) is not None
+
+
+def disables_dropout(stage: str, trainer: dict[str, Any]) -> bool:
+    """Whether the stage's trainer sets every dropout of the model to 0: TRL's DPOTrainer does unless the trainer
+    settings turn DPOConfig's disable_dropout off (TRL's default: on); its SFTTrainer never does."""
+    if stage != "dpo":
+        return False
+    from trl import DPOConfig
+
+    return bool(trainer.get("disable_dropout", DPOConfig.__dataclass_fields__["disable_dropout"].default))
 
 
 @dataclass(frozen=True)
@@ -277,6 +297,7 @@ class SpeedPlan:
     sharding: str = "none"  # or how FSDP shards the weights across the GPUs (see FSDP_SETTINGS)
     batches_from: str = "as written"  # or LOADER_WORKERS processes (see the fast layout in plan)
     shares: str = "in sampler order"  # or BALANCED_SHARES: how each step's examples are split across the GPUs
+    adapter_dropout: bool = True  # its dropout runs in training (off: LoRA dropout 0, or DPO's disable_dropout)
 
 
 # distributed.strategy fsdp: TrainingArguments' FSDP settings. FSDP2 (PyTorch's fully_shard, the version transformers
@@ -385,9 +406,10 @@ def plan(
         return unchanged("no CUDA device: the trainer settings run as written")
 
     embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
+    dropout = shape.adapter_dropout and not disables_dropout(stage, trainer)
     if bf16_copy is None:
         longest = effective * sequences * max_length
-        bf16_copy = keeps_dequantized_copy(shape, quantized, gpu_bytes, longest, embeddings_bf16)
+        bf16_copy = keeps_dequantized_copy(shape, quantized, gpu_bytes, longest, embeddings_bf16, dropout)
     dequantized = bf16_copy and quantized and not sharded
     shards = world if sharded else 1
     budget_gib = round((gpu_bytes * USABLE_SHARE - static_bytes(shape, quantized, dequantized, shards)) / GIB, 2)
@@ -428,7 +450,7 @@ def plan(
     # documents, as long as a run holds the longest document.
     how = Activations(
         compiled=not sharded, offloaded=may_offload, float32_head=quantized and not embeddings_bf16,
-        in_runs=not sharded and shape.uniform_attention,
+        in_runs=not sharded and shape.uniform_attention, dropout=dropout,
     )  # fmt: skip
     for batch in _divisors_descending(effective):
         worst = batch * sequences * max_length
@@ -504,6 +526,7 @@ def plan(
             shares=BALANCED_SHARES
             if stage == "sft" and world > 1 and "train_sampling_strategy" not in written
             else "in sampler order",
+            adapter_dropout=dropout,
         )
     reason = f"{gpu_bytes / GIB:.0f} GiB GPU: no room beside the weights, so the seeds' layout"
     return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": reason})
@@ -634,6 +657,7 @@ def activations_of(chosen: SpeedPlan, shape: ModelShape) -> Activations:
         offloaded=chosen.checkpoints == OFFLOADED,
         float32_head=chosen.embeddings != HELD_IN_BF16 and shape.stream_bytes == QLORA_STREAM_BYTES,
         in_runs=chosen.recompute != WHOLE_BATCHES,
+        dropout=chosen.adapter_dropout,
     )
 
 
