@@ -139,6 +139,7 @@ def test_a_run_without_the_adapters_dropout_is_planned_with_its_smaller_activati
         assert sft.adapter_dropout and not sft_without.adapter_dropout
         assert sft_without.tokens_without_checkpointing > sft.tokens_without_checkpointing
     assert not activations_of(dpo, MISTRAL_7B).dropout and activations_of(kept, MISTRAL_7B).dropout
+    assert not plan("dpo", SEED, "fast", None, None, quantized=True)[1].adapter_dropout  # recorded without a GPU too
 
 
 def test_model_shape_counts_the_adapter_as_peft_builds_it(tmp_path):

@@ -383,6 +383,8 @@ def plan(
         accumulation = effective // per_device
         written.update(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation)
 
+    dropout = (shape is None or shape.adapter_dropout) and not disables_dropout(stage, trainer)
+
     def unchanged(reason: str) -> tuple[dict[str, Any], SpeedPlan]:
         checkpointing = "all layers" if trainer.get("activation_checkpointing") else "off"
         return written, SpeedPlan(
@@ -398,6 +400,7 @@ def plan(
             reason,
             optimizer=optimizer,
             sharding=SHARDING if sharded else "none",
+            adapter_dropout=dropout,
         )
 
     if requested == "as_written":
@@ -406,7 +409,6 @@ def plan(
         return unchanged("no CUDA device: the trainer settings run as written")
 
     embeddings_bf16 = quantized and not sharded and bool(trainer.get("bf16") or trainer.get("fp16"))
-    dropout = shape.adapter_dropout and not disables_dropout(stage, trainer)
     if bf16_copy is None:
         longest = effective * sequences * max_length
         bf16_copy = keeps_dequantized_copy(shape, quantized, gpu_bytes, longest, embeddings_bf16, dropout)
@@ -432,6 +434,7 @@ def plan(
         "",
         optimizer=optimizer,
         sharding=SHARDING if sharded else "none",
+        adapter_dropout=dropout,
     )
     if requested == "low_memory":
         return low_memory, SpeedPlan(**{**asdict(low_plan), "reason": "speed: low_memory"})
