@@ -487,15 +487,15 @@ def three_steps(trainer: dict, batch: int, accumulation: int) -> dict:
     }
 
 
-def dpo_config_from_a_moved_adapter(tiny_project, tmp_path):
-    """The tiny project's config without LoRA dropout (exact arithmetic), its dpo starting from an SFT adapter that
+def dpo_config_from_a_moved_adapter(tiny_project, tmp_path, dropout: float = 0.0):
+    """The tiny project's config with LoRA `dropout` (0: exact arithmetic), its dpo starting from an SFT adapter that
     moved, so the reference is not the adapter-free base."""
     from peft import get_peft_model
 
     from finetune.model.loading import build_lora_config, load_model
 
     cfg = load_config(tiny_project.params_path)
-    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=dropout))
     start = tmp_path / "start-adapter"
     torch.manual_seed(0)
     start_model = get_peft_model(load_model(cfg.model, for_training=True), build_lora_config(cfg.lora))
@@ -513,7 +513,8 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
     from finetune.training import dpo as dpo_training
 
     monkeypatch.chdir(tmp_path)
-    cfg = dpo_config_from_a_moved_adapter(tiny_project, tmp_path)
+    # An adapter with dropout: TRL's disable_dropout zeroes it, as the plan counts, so both runs compute the same.
+    cfg = dpo_config_from_a_moved_adapter(tiny_project, tmp_path, dropout=0.1)
     written = three_steps(cfg.dpo.trainer, batch=4, accumulation=1)
     shape = model_shape(cfg.model)
     fast, chosen = plan("dpo", written, "fast", shape, 80 * GIB, quantized=False)
@@ -527,6 +528,8 @@ def test_packed_dpo_follows_the_padded_runs_loss_trajectory(tiny_project, tmp_pa
             run_cfg, args, resume=False, speed=layout, install=installer(layout, shape)
         )
         reference = list(trainer.train_dataset["ref_chosen_logps"])
+        dropouts = [module for name, module in trainer.model.named_modules() if name.endswith("lora_dropout.default")]
+        assert dropouts and all(module.p == 0 for module in dropouts) and not layout.adapter_dropout
         calls = record_layer_inputs(trainer.model)
         trainer.train()
         assert {rows for rows, _ in calls} == {1 if layout.padding_free else 8}  # 4 pairs: chosen + rejected rows
