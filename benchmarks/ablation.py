@@ -70,6 +70,12 @@ LEVERS = {
         "the fast layout instead of the seeds' (at a small --memory-budget-gib: batch 1)", "fast", "low_memory"
     ),
     "dpo_padding_free": Lever("DPO pairs packed padding-free", "dpo_fast", "dpo_padded"),
+    "dpo_without_dropout": Lever(
+        "DPO's batches checkpointed for activations without the adapter's dropout, which TRL's disable_dropout zeroes "
+        "(measure at 24 GiB, where the rest of the plan is the same)",
+        "dpo_fast",
+        "dpo_dropout_counted",
+    ),
     "dpo_precomputed_reference": Lever("DPO reference log-probs precomputed", "dpo_fast", "dpo_reference_per_step"),
 }
 NOT_MEASURED = {"token_balanced_shares": "needs 2 GPUs, not measured on one"}

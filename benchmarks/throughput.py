@@ -617,6 +617,9 @@ VARIANTS = {
     "dpo_fast": {"stage": "dpo"},
     "dpo_bf16_copy": {"stage": "dpo", "bf16_copy": True},
     "dpo_padded": {"stage": "dpo", "plan": {"padding_free": False}},
+    # Each DPO batch checkpointed as if the adapter's dropout ran (as planned before TRL's disable_dropout was
+    # counted); the weights, batch and optimizer stay the new plan's, which at 24 GiB are the old plan's too.
+    "dpo_dropout_counted": {"stage": "dpo", "plan": {"adapter_dropout": True}},
     "dpo_reference_per_step": {"stage": "dpo", "kwargs": {"precompute_ref_log_probs": False}},
     "dpo_profiled": {"stage": "dpo", "profile": True},
     "dpo_reference_batches": {"stage": "dpo", "reference_batches": (1, 2, 4, 8, 16)},
