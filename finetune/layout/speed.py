@@ -270,7 +270,7 @@ def disables_dropout(stage: str, trainer: dict[str, Any]) -> bool:
         return False
     from trl import DPOConfig
 
-    return bool(trainer.get("disable_dropout", DPOConfig.__dataclass_fields__["disable_dropout"].default))
+    return bool(trainer.get("disable_dropout", DPOConfig.disable_dropout))
 
 
 @dataclass(frozen=True)
