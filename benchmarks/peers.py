@@ -368,6 +368,7 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
         "tokens_per_s_incl_setup": round(sum(step_tokens) / (setup_s + train_s), 1),
         **steady_rate(marks, WARMUP_STEPS if len(marks) > WARMUP_STEPS + 2 else 0),
         "peak_memory_gib": peak_gib(),
+        "allocator_retries_per_step": meter.retries_per_step(),
         "losses": [round(loss, 5) for loss in losses],
         "first_loss": round(losses[0], 5),
         "last_loss": round(losses[-1], 5),

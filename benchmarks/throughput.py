@@ -235,9 +235,11 @@ def step_meter():
             self.trainer = None
             self.marks: list[tuple[float, int, int]] = []
             self.loss_sums: list[tuple[object, bool]] = []  # (running sum after the step, reset by logging after it)
+            self.retries: list[int] = []  # the CUDA allocator's retries so far (a host-side count: no GPU wait)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), 0, compilations()))
+            self.retries.append(allocator_retries())
 
         def on_step_end(self, args, state, control, **kwargs):
             import torch
@@ -246,6 +248,12 @@ def step_meter():
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens), compilations()))
             self.loss_sums.append((self.trainer._tr_loss.detach().clone(), bool(control.should_log)))
+            self.retries.append(allocator_retries())
+
+        def retries_per_step(self) -> list[int]:
+            """Each step's allocator retries: a cudaMalloc that failed, so the allocator freed its cached blocks
+            (synchronising the GPU) and tried again, which a step near the memory cap may pay."""
+            return [end - start for start, end in zip(self.retries, self.retries[1:])]
 
         def losses(self) -> list[float]:
             """Each step's loss: the growth of the Trainer's running sum, which logging resets to zero."""
@@ -256,6 +264,12 @@ def step_meter():
             return losses
 
     return StepMeter()
+
+
+def allocator_retries() -> int:
+    import torch
+
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
 
 
 def compilations() -> int:
@@ -302,7 +316,7 @@ def gpu_state() -> dict:
         return {}
     state = {
         "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2),
-        "allocator_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+        "allocator_retries": allocator_retries(),
     }
     for key, read in (("sm_clock_mhz", torch.cuda.clock_rate), ("temperature_c", torch.cuda.temperature)):
         try:
@@ -401,6 +415,7 @@ def train_run(
         "tokens_per_s_overall": round(marks[-1][1] / wall, 1) if marks else None,
         **rate,
         "peak_memory_gib": peak_gib(),
+        "allocator_retries_per_step": meter.retries_per_step(),
         "losses": [round(loss, 5) for loss in meter.losses()],
         "logged_losses": [round(entry["loss"], 5) for entry in history],
         "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
@@ -579,6 +594,9 @@ VARIANTS = {
     "low_memory": {"requested": "low_memory"},  # the seeds' layout: what the fast layout replaces at small budgets
     "fast_profiled": {"profile": True},
     "fast_profiled_python": {"profile": True, "python_frames": True},
+    # Steps 12-15 of throughput.py's rows: step 14 (4,237 tokens) recomputes in runs of documents at 6 GiB, after
+    # step 11 (4,539 tokens) compiled them; on the H100 it took 2.2 s against 0.5-0.65 s for the whole-batch steps.
+    "fast_profiled_runs": {"profile": True, "profile_steps": (12, 15)},
     "fast_logging_every_step": {"kwargs": {"logging_steps": 1}},
     "fast_loader_in_process": {
         "kwargs": {"dataloader_num_workers": 0, "dataloader_persistent_workers": False},
@@ -640,14 +658,14 @@ def run_variants(
     adapter: Path | None = None,
 ) -> dict:
     """The fast layout with one thing changed at a time (`plan` fields, trainer keywords before planning, `kwargs`
-    after it); `*_profiled*` runs finetune.training.runs.ProfileSteps over steps 8-11, writing OUT/profile_NAME/ with
-    benchmarks/idle_gaps.py's report of where the GPU waited. DPO variants start from the SFT adapter `adapter`, or
-    else from the one the first SFT variant writes."""
+    after it); `*_profiled*` runs finetune.training.runs.ProfileSteps over steps 8-11 (or the variant's
+    `profile_steps`), writing OUT/profile_NAME/ with benchmarks/idle_gaps.py's report of where the GPU waited. DPO
+    variants start from the SFT adapter `adapter`, or else from the one the first SFT variant writes."""
     import torch
 
     from finetune.layout.speed import installer, plan
     from finetune.model.loading import use_4bit
-    from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV
+    from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV, PROFILE_STEPS_ENV
 
     results = {}
     adapter = adapter or work / "adapter_variants"
@@ -668,7 +686,8 @@ def run_variants(
         copy = variant.get("bf16_copy")
         fast, chosen = plan(stage, trainer, requested, planned_shape, planned_gpu, use_4bit(cfg.model), bf16_copy=copy)
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
-        run_steps = 12 if variant.get("profile") else steps  # ProfileSteps profiles steps 8-11
+        first_profiled, last_profiled = variant.get("profile_steps", (8, 11))
+        run_steps = last_profiled + 1 if variant.get("profile") else steps
         arguments = {
             "name": f"variant_{name}",
             "stage": stage,
@@ -685,6 +704,7 @@ def run_variants(
         if variant.get("profile"):
             os.environ[PROFILE_ENV] = str(out / f"profile_{name}")
             os.environ[PROFILE_STACKS_ENV] = "1" if variant.get("python_frames") else "0"
+            os.environ[PROFILE_STEPS_ENV] = f"{first_profiled}-{last_profiled}"
         try:
             before = gpu_state()
             run = train_run(**arguments)
@@ -700,6 +720,7 @@ def run_variants(
                     "compiling_seconds_after_warmup",
                     "step_seconds",  # after the warm-up: a slow step shows here, not only in the rate
                     "step_tokens",
+                    "allocator_retries_per_step",
                     "losses",
                     "grad_norms",
                     "reference_pass",
@@ -721,6 +742,7 @@ def run_variants(
         finally:
             os.environ.pop(PROFILE_ENV, None)
             os.environ.pop(PROFILE_STACKS_ENV, None)
+            os.environ.pop(PROFILE_STEPS_ENV, None)
         trace = out / f"profile_{name}" / "trace_rank0.json.gz"
         if trace.is_file():  # where the GPU waited, next to the profile
             (trace.parent / "idle_gaps.txt").write_text(idle_gaps.report(trace))

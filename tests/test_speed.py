@@ -743,14 +743,21 @@ def test_the_fast_plan_keeps_a_bf16_copy_only_where_the_longest_step_fits_beside
 def test_profile_steps_writes_a_table_of_the_chosen_steps_per_process(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from finetune.training.runs import PROFILE_ENV, ProfileSteps, profile_callbacks
+    from finetune.core.errors import ConfigError
+    from finetune.training.runs import PROFILE_ENV, PROFILE_STEPS_ENV, ProfileSteps, profile_callbacks
 
     monkeypatch.delenv(PROFILE_ENV, raising=False)
     assert profile_callbacks() == []
     monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profile"))
+    monkeypatch.delenv(PROFILE_STEPS_ENV, raising=False)
     [callback] = profile_callbacks()
-    assert isinstance(callback, ProfileSteps)
-    callback.first, callback.count = 2, 2
+    assert isinstance(callback, ProfileSteps) and (callback.first, callback.count) == (8, 4)
+    for wrong in ("3", "4-2", "0-1", "a-b"):
+        monkeypatch.setenv(PROFILE_STEPS_ENV, wrong)
+        with pytest.raises(ConfigError, match=f"{PROFILE_STEPS_ENV}='{wrong}'"):
+            profile_callbacks()
+    monkeypatch.setenv(PROFILE_STEPS_ENV, "2-3")
+    [callback] = profile_callbacks()
     weights = torch.randn(64, 64)
     for step in range(4):  # Trainer order: on_step_begin, the step, then global_step += 1 and on_step_end
         state = SimpleNamespace(global_step=step)

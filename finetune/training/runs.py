@@ -199,13 +199,15 @@ class LogThroughput(TrainerCallback):
 
 PROFILE_ENV = "STAGES_PROFILE"  # a folder: profile a few optimizer steps of sft/dpo there (see ProfileSteps)
 PROFILE_STACKS_ENV = "STAGES_PROFILE_STACKS"  # 1: the trace also records Python frames (slower, larger)
+PROFILE_STEPS_ENV = "STAGES_PROFILE_STEPS"  # FIRST-LAST: the optimizer steps to profile (8-11)
 
 
 class ProfileSteps(TrainerCallback):
     """Run the torch profiler over optimizer steps `first`..`first + count - 1` and write, per process, a table of the
     busiest operations, the timeline (trace_rankN.json.gz, which benchmarks/idle_gaps.py reads) and a summary: wall
     time of those steps, kernel time, and the share of the wall the GPU was busy with compute. Set
-    STAGES_PROFILE=FOLDER to profile a stage as `dvc repro` runs it, and STAGES_PROFILE_STACKS=1 for Python frames.
+    STAGES_PROFILE=FOLDER to profile a stage as `dvc repro` runs it, STAGES_PROFILE_STACKS=1 for Python frames, and
+    STAGES_PROFILE_STEPS=FIRST-LAST for other steps than 8-11.
 
     The later steps are profiled because the first ones compile (one shape, then dynamic shapes).
     """
@@ -273,8 +275,19 @@ def profile_callbacks() -> list[TrainerCallback]:
     import os
 
     folder = os.environ.get(PROFILE_ENV)
+    if not folder:
+        return []
     python_frames = os.environ.get(PROFILE_STACKS_ENV, "") not in ("", "0")
-    return [ProfileSteps(folder, python_frames=python_frames)] if folder else []
+    first, last = profiled_steps(os.environ.get(PROFILE_STEPS_ENV, "8-11"))
+    return [ProfileSteps(folder, first=first, count=last - first + 1, python_frames=python_frames)]
+
+
+def profiled_steps(text: str) -> tuple[int, int]:
+    """(first, last) optimizer steps, counted from 1, of a FIRST-LAST range such as 12-15."""
+    first, _, last = text.partition("-")
+    if not (first.strip().isdigit() and last.strip().isdigit()) or not 1 <= int(first) <= int(last):
+        raise ConfigError(f"{PROFILE_STEPS_ENV}={text!r}: give the optimizer steps to profile as FIRST-LAST, e.g. 8-11")
+    return int(first), int(last)
 
 
 def live_callbacks(metrics_dir: str, resume: bool, params: dict[str, Any] | None = None) -> list[TrainerCallback]:
