@@ -286,7 +286,9 @@ def profiled_steps(text: str) -> tuple[int, int]:
     """(first, last) optimizer steps, counted from 1, of a FIRST-LAST range such as 12-15."""
     first, _, last = text.partition("-")
     if not (first.strip().isdigit() and last.strip().isdigit()) or not 1 <= int(first) <= int(last):
-        raise ConfigError(f"{PROFILE_STEPS_ENV}={text!r}: give the optimizer steps to profile as FIRST-LAST, e.g. 8-11")
+        raise ConfigError(
+            f"{PROFILE_STEPS_ENV}={text!r}: give the optimizer steps to profile as FIRST-LAST, e.g. 8-11"
+        )
     return int(first), int(last)
 
 
