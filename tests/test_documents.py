@@ -199,6 +199,45 @@ def test_each_run_gets_its_own_tokens_positions_mask_and_document_bounds():
     assert second["seq_idx"].tolist() == [[0] * 5] and parts[0][1]["seq_idx"].tolist() == [[0, 0, 0, 1, 1]]
     assert second["num_items_in_batch"] is keywords["num_items_in_batch"] and second["use_cache"] is False
     assert second["attention_mask"].seq_lengths == (5, 5)
+    # Each run's per-token tensors have the strides of tensors of their own size (views, not copies).
+    for part, run in parts:
+        for tensor in (part, run["position_ids"], *run["position_embeddings"]):
+            assert tensor.stride() == torch.empty(tensor.shape).stride() and tensor._base is not None
+
+
+def test_runs_reuse_the_compiled_layers_dynamic_graph(monkeypatch):
+    """A compiled decoder layer compiles a static graph at its first batch length and a dynamic one at the second;
+    batches split into runs of documents reuse the dynamic one. (Sliced from the whole row, a run kept the row's
+    stride on its batch dimension, which the dynamic graph guards on, so each process compiled a third graph at its
+    first long batch: 26-42 s for a 7B layer on an H100.)"""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from finetune import overrides
+    from finetune.model.loading import decoder_layers
+    from finetune.overrides import checkpoint_around_compiled
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(overrides, "SUPPRESS_COMPILE_ERRORS", False)  # a compile failure fails, not runs eagerly
+    model = tiny_lora_model(0.0)
+    runs = DocumentRuns(speed._uniform_sliding_window(model.config))
+    compiled = functools.cache(speed.torch_compiled_forward)
+    for layer in decoder_layers(model):
+        layer.gradient_checkpointing = True
+        checkpoint_around_compiled(layer, compiled, split=runs.split)
+
+    def graphs_compiled_by(lengths: list[int], capacity: int | None = None) -> int:
+        runs.capacity = capacity
+        before = counters["frames"]["total"]
+        ids = torch.randint(3, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(sum(lengths)))
+        model(input_ids=ids, position_ids=positions(lengths), labels=ids).loss.backward()
+        return counters["frames"]["total"] - before
+
+    assert graphs_compiled_by([30, 50, 20]) == 1 and graphs_compiled_by([40, 70, 33, 9]) == 1
+    assert graphs_compiled_by([25, 61, 44]) == 0
+    assert graphs_compiled_by([60, 50, 45, 30], capacity=100) == 0  # runs of 110 and 75 tokens
+    assert graphs_compiled_by([70, 20, 65, 31, 12], capacity=110) == 0  # 90 and 108
 
 
 def test_the_memory_model_of_runs():

@@ -147,7 +147,7 @@ class DocumentRuns:
         if len(self._runs) == 1:
             return None
         pieces = torch.split(hidden, [end - start for start, end in self._runs], dim=1)
-        return [(piece, self._run_keywords(keywords, index)) for index, piece in enumerate(pieces)]
+        return [(own_strides(piece), self._run_keywords(keywords, index)) for index, piece in enumerate(pieces)]
 
     def _prepare(self, position_ids) -> None:
         import torch
@@ -173,9 +173,9 @@ class DocumentRuns:
             if key == "attention_mask":
                 run[key] = self._masks[index]
             elif key == "position_embeddings":  # (cos, sin), each (1, tokens, head_dim)
-                run[key] = tuple(part[:, start:end] for part in value)
+                run[key] = tuple(own_strides(part[:, start:end]) for part in value)
             elif key == "position_ids":
-                run[key] = value[:, start:end]
+                run[key] = own_strides(value[:, start:end])
             elif key == "cache_position" and value is not None:
                 run[key] = value[start:end]
             elif key in BOUNDS:
@@ -192,6 +192,14 @@ class DocumentRuns:
                     "split; set the stage's speed to low_memory"
                 )
         return run
+
+
+def own_strides(row_slice):
+    """A slice of one row, as a view with the strides of a tensor of its own size. A slice keeps the whole row's
+    stride on its batch dimension, and a compiled layer's dynamic graph guards on that stride (tokens x width), so
+    without this the runs compile a graph of their own (tests/test_documents.py). No copy; the backward is a
+    reshape."""
+    return row_slice.squeeze(0).unsqueeze(0)
 
 
 def _is_scalar(value) -> bool:
