@@ -594,8 +594,8 @@ VARIANTS = {
     "low_memory": {"requested": "low_memory"},  # the seeds' layout: what the fast layout replaces at small budgets
     "fast_profiled": {"profile": True},
     "fast_profiled_python": {"profile": True, "python_frames": True},
-    # Steps 12-15 of throughput.py's rows: step 14 (4,237 tokens) recomputes in runs of documents at 6 GiB, after
-    # step 11 (4,539 tokens) compiled them; on the H100 it took 2.2 s against 0.5-0.65 s for the whole-batch steps.
+    # Steps 12-15 of throughput.py's rows: step 14 (4,237 tokens) recomputes in runs of documents at 6 GiB; on the
+    # H100 (2026-12-05) it took 2.2 s against 0.5-0.65 s for the whole-batch steps.
     "fast_profiled_runs": {"profile": True, "profile_steps": (12, 15)},
     "fast_logging_every_step": {"kwargs": {"logging_steps": 1}},
     "fast_loader_in_process": {
