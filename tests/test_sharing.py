@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import sqlite3
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,6 +334,47 @@ def test_a_queued_sweep_runs_and_compares(clones, lora_r8):
     diff = json.loads(stdout([*DVC, "metrics", "diff", r4, r8, "--json"], a))
     assert diff["metrics/eval.json"]
     plots = json.loads(stdout([*DVC, "plots", "diff", r4, r8, "--json"], a))
+    if plots.get("errors") and entries_lost_by_the_data_index(a):  # DVC's threaded reads damaged its own index
+        warnings.warn(f"dvc plots diff met DVC's damaged data index (README, Sharing results): {plots['errors']}")
+        reset_the_data_index(a)
+        plots = json.loads(stdout([*DVC, "plots", "diff", r4, r8, "--json"], a))
     assert plots["data"] and not plots.get("errors"), plots.get("errors")
     for title, entries in plots["data"].items():
         assert {r4, r8} <= {rev for entry in entries for rev in entry["revisions"]}, title
+
+    # The README's fix, on an index damaged as the threads damage it: listed curves cut from their folders (each
+    # given a parent id that no entry has; (parent, name) is unique).
+    with sqlite3.connect(data_index_file(a)) as index:
+        cut = index.execute("UPDATE nodes SET pid = -id WHERE name = 'learning_rate.tsv'").rowcount
+    assert cut and entries_lost_by_the_data_index(a)
+    damaged = json.loads(stdout([*DVC, "plots", "diff", r4, r8, "--json"], a))
+    assert "learning_rate.tsv" in str(damaged.get("errors")), damaged.get("errors")
+    reset_the_data_index(a)
+    repaired = json.loads(stdout([*DVC, "plots", "diff", r4, r8, "--json"], a))
+    assert repaired["data"] and not repaired.get("errors"), repaired.get("errors")
+
+
+# README, "Sharing results and running sweeps": DVC 3.67 writes a directory's listing into its data index (sqltrie
+# 0.11.3) from several threads at once, which can lose entries; deleting the index (a cache) repairs it.
+RESET_DATA_INDEX = "rm -rf \"$(dvc doctor | sed -n 's/^Repo.site_cache_dir: //p')/index/data\""
+
+
+def data_index_file(root: Path) -> Path:
+    report = stdout([*DVC, "doctor"], root)
+    [site] = [line.split(": ", 1)[1] for line in report.splitlines() if line.startswith("Repo.site_cache_dir: ")]
+    return Path(site) / "index" / "data" / "db.db"
+
+
+def entries_lost_by_the_data_index(root: Path) -> int:
+    """Entries of DVC's data index whose parent entry is not there: unreachable, so DVC reports their files missing."""
+    with sqlite3.connect(data_index_file(root)) as index:
+        query = "SELECT COUNT(*) FROM nodes WHERE pid IS NOT NULL AND pid NOT IN (SELECT id FROM nodes)"
+        return index.execute(query).fetchone()[0]
+
+
+def reset_the_data_index(root: Path) -> None:
+    """The README's command, with `dvc` the test's own."""
+    assert RESET_DATA_INDEX in (REPO / "README.md").read_text()
+    dvc = " ".join(shlex.quote(part) for part in DVC)
+    subprocess.run(["bash", "-c", f'dvc() {{ {dvc} "$@"; }}; {RESET_DATA_INDEX}'], cwd=root, check=True)
+    assert not data_index_file(root).exists()
