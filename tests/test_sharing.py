@@ -367,6 +367,8 @@ def data_index_file(root: Path) -> Path:
 
 def entries_lost_by_the_data_index(root: Path) -> int:
     """Entries of DVC's data index whose parent entry is not there: unreachable, so DVC reports their files missing."""
+    if not data_index_file(root).is_file():
+        return 0
     with sqlite3.connect(data_index_file(root)) as index:
         query = "SELECT COUNT(*) FROM nodes WHERE pid IS NOT NULL AND pid NOT IN (SELECT id FROM nodes)"
         return index.execute(query).fetchone()[0]
