@@ -236,10 +236,12 @@ def step_meter():
             self.marks: list[tuple[float, int, int]] = []
             self.loss_sums: list[tuple[object, bool]] = []  # (running sum after the step, reset by logging after it)
             self.retries: list[int] = []  # the CUDA allocator's retries so far (a host-side count: no GPU wait)
+            self.pinned: list[tuple[int, float]] = []  # pinned host blocks created so far, and seconds doing it
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), 0, compilations()))
             self.retries.append(allocator_retries())
+            self.pinned.append(pinned_pool_growth())
 
         def on_step_end(self, args, state, control, **kwargs):
             import torch
@@ -249,11 +251,22 @@ def step_meter():
             self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens), compilations()))
             self.loss_sums.append((self.trainer._tr_loss.detach().clone(), bool(control.should_log)))
             self.retries.append(allocator_retries())
+            self.pinned.append(pinned_pool_growth())
 
         def retries_per_step(self) -> list[int]:
             """Each step's allocator retries: a cudaMalloc that failed, so the allocator freed its cached blocks
             (synchronising the GPU) and tried again, which a step near the memory cap may pay."""
             return [end - start for start, end in zip(self.retries, self.retries[1:])]
+
+        def pinned_growth_per_step(self) -> dict[str, list]:
+            """Each step's new pinned host blocks and the seconds cudaHostAlloc took for them: offloaded
+            checkpoints grow the host pool until it holds the most any step has needed of each power-of-two
+            size, after which a run never pays it again."""
+            pairs = list(zip(self.pinned, self.pinned[1:]))
+            return {
+                "pinned_blocks_per_step": [end[0] - start[0] for start, end in pairs],
+                "pinned_alloc_seconds_per_step": [round(end[1] - start[1], 3) for start, end in pairs],
+            }
 
         def losses(self) -> list[float]:
             """Each step's loss: the growth of the Trainer's running sum, which logging resets to zero."""
@@ -272,6 +285,17 @@ def allocator_retries() -> int:
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
 
 
+def pinned_pool_growth() -> tuple[int, float]:
+    """Pinned host blocks the CUDA host allocator has created so far, and the seconds it spent in cudaHostAlloc
+    for them ((0, 0.0) on a CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, 0.0
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("num_host_alloc", 0), stats.get("host_alloc_time.total", 0) / 1e6  # microseconds
+
+
 def compilations() -> int:
     """Graphs dynamo has captured plus graphs inductor has compiled or loaded so far in this process."""
     from torch._dynamo.utils import counters
@@ -280,22 +304,34 @@ def compilations() -> int:
     return counters["frames"]["total"] + inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_hit"]
 
 
-def steady_rate(marks: list[tuple[float, int, int]], warmup: int) -> dict:
+def steady_rate(marks: list[tuple[float, int, int]], warmup: int, pinned_blocks: list[int] | None = None) -> dict:
     """Tokens/s over the steps after `warmup` that compiled nothing: a step that meets a new graph (a new mode, a
     batch long enough to need checkpointing) compiles once, which a real run pays once in hours; those steps are
-    counted apart, as compile time."""
+    counted apart, as compile time. With each step's new pinned host blocks, also the rate over the steady steps
+    that created none, the state a long run reaches once its host pool holds what its steps need."""
     steps = [
         (end[0] - start[0], end[1] - start[1], end[2] != start[2]) for start, end in zip(marks, marks[1:])
     ][warmup:]
     steady = [(seconds, tokens) for seconds, tokens, compiled in steps if not compiled]
     seconds = sum(s for s, _ in steady)
-    return {
+    rates = {
         "tokens_per_s": round(sum(t for _, t in steady) / seconds, 1) if seconds else None,
         "steady_steps": len(steady),
         "compiling_steps_after_warmup": len(steps) - len(steady),
         "compiling_seconds_after_warmup": round(sum(s for s, _, c in steps if c), 2),
         "step_seconds": [round(s, 3) for s, _, _ in steps],
     }
+    if pinned_blocks is not None:
+        grown = pinned_blocks[warmup:]
+        settled = [
+            (s, t) for (s, t, compiled), blocks in zip(steps, grown, strict=True) if not compiled and not blocks
+        ]
+        settled_seconds = sum(s for s, _ in settled)
+        rates["pinned_growth_steps_after_warmup"] = len(steady) - len(settled)
+        rates["tokens_per_s_without_pinned_growth"] = (
+            round(sum(t for _, t in settled) / settled_seconds, 1) if settled_seconds else None
+        )
+    return rates
 
 
 def reset_memory():
@@ -386,7 +422,8 @@ def train_run(
     wall = time.perf_counter() - started
     history = [entry for entry in trainer.state.log_history if "loss" in entry]  # every logging_steps
     marks = meter.marks
-    rate = steady_rate(marks, warmup if len(marks) > warmup + 2 else 0)
+    pinned = meter.pinned_growth_per_step()
+    rate = steady_rate(marks, warmup if len(marks) > warmup + 2 else 0, pinned["pinned_blocks_per_step"])
     result = {
         "name": name,
         "stage": stage,
@@ -416,6 +453,7 @@ def train_run(
         **rate,
         "peak_memory_gib": peak_gib(),
         "allocator_retries_per_step": meter.retries_per_step(),
+        **pinned,
         "losses": [round(loss, 5) for loss in meter.losses()],
         "logged_losses": [round(entry["loss"], 5) for entry in history],
         "grad_norms": [round(entry.get("grad_norm", float("nan")), 5) for entry in history],
@@ -721,6 +759,10 @@ def run_variants(
                     "step_seconds",  # after the warm-up: a slow step shows here, not only in the rate
                     "step_tokens",
                     "allocator_retries_per_step",
+                    "pinned_blocks_per_step",
+                    "pinned_alloc_seconds_per_step",
+                    "pinned_growth_steps_after_warmup",
+                    "tokens_per_s_without_pinned_growth",
                     "losses",
                     "grad_norms",
                     "reference_pass",

@@ -130,3 +130,18 @@ def test_the_project_is_set_against_the_fastest_peer_that_ran_at_the_same_budget
     assert rows["sft", 24]["best_peer"] == "trl" and rows["sft", 24]["ratio"] == 1.5
     assert rows["dpo", 10]["best_peer"] is None and rows["dpo", 10]["ratio"] is None
     assert len(rows) == 3
+
+
+def test_steps_that_grew_the_pinned_host_pool_are_counted_apart_from_the_settled_rate():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    # (time, tokens so far, compilations so far) at the start and after each of 5 steps; warm-up 1
+    marks = [(0.0, 0, 0), (5.0, 100, 1), (6.0, 300, 1), (8.0, 500, 1), (9.0, 700, 1), (20.0, 900, 2)]
+    rates = throughput.steady_rate(marks, 1, pinned_blocks=[0, 0, 32, 0, 0])
+    assert rates["tokens_per_s"] == round(600 / 4.0, 1)  # steps 2-4; step 5 compiled
+    assert rates["pinned_growth_steps_after_warmup"] == 1  # step 3 created 32 pinned blocks
+    assert rates["tokens_per_s_without_pinned_growth"] == round(400 / 2.0, 1)  # steps 2 and 4
+    assert "tokens_per_s_without_pinned_growth" not in throughput.steady_rate(marks, 1)
+    with pytest.raises(ValueError):  # one count per step, or the steps are misread
+        throughput.steady_rate(marks, 1, pinned_blocks=[0, 0, 32])
