@@ -309,9 +309,8 @@ def steady_rate(marks: list[tuple[float, int, int]], warmup: int, pinned_blocks:
     batch long enough to need checkpointing) compiles once, which a real run pays once in hours; those steps are
     counted apart, as compile time. With each step's new pinned host blocks, also the rate over the steady steps
     that created none, the state a long run reaches once its host pool holds what its steps need."""
-    steps = [
-        (end[0] - start[0], end[1] - start[1], end[2] != start[2]) for start, end in zip(marks, marks[1:])
-    ][warmup:]
+    all_steps = [(end[0] - start[0], end[1] - start[1], end[2] != start[2]) for start, end in zip(marks, marks[1:])]
+    steps = all_steps[warmup:]
     steady = [(seconds, tokens) for seconds, tokens, compiled in steps if not compiled]
     seconds = sum(s for s, _ in steady)
     rates = {
@@ -320,6 +319,7 @@ def steady_rate(marks: list[tuple[float, int, int]], warmup: int, pinned_blocks:
         "compiling_steps_after_warmup": len(steps) - len(steady),
         "compiling_seconds_after_warmup": round(sum(s for s, _, c in steps if c), 2),
         "step_seconds": [round(s, 3) for s, _, _ in steps],
+        "warmup_step_seconds": [round(s, 3) for s, _, _ in all_steps[:warmup]],  # compiling, or loading the cache
     }
     if pinned_blocks is not None:
         grown = pinned_blocks[warmup:]
@@ -757,6 +757,7 @@ def run_variants(
                     "compiling_steps_after_warmup",
                     "compiling_seconds_after_warmup",
                     "step_seconds",  # after the warm-up: a slow step shows here, not only in the rate
+                    "warmup_step_seconds",
                     "step_tokens",
                     "allocator_retries_per_step",
                     "pinned_blocks_per_step",

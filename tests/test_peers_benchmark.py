@@ -140,6 +140,7 @@ def test_steps_that_grew_the_pinned_host_pool_are_counted_apart_from_the_settled
     marks = [(0.0, 0, 0), (5.0, 100, 1), (6.0, 300, 1), (8.0, 500, 1), (9.0, 700, 1), (20.0, 900, 2)]
     rates = throughput.steady_rate(marks, 1, pinned_blocks=[0, 0, 32, 0, 0])
     assert rates["tokens_per_s"] == round(600 / 4.0, 1)  # steps 2-4; step 5 compiled
+    assert rates["warmup_step_seconds"] == [5.0] and rates["step_seconds"] == [1.0, 2.0, 1.0, 11.0]
     assert rates["pinned_growth_steps_after_warmup"] == 1  # step 3 created 32 pinned blocks
     assert rates["tokens_per_s_without_pinned_growth"] == round(400 / 2.0, 1)  # steps 2 and 4
     assert "tokens_per_s_without_pinned_growth" not in throughput.steady_rate(marks, 1)
