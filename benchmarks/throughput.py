@@ -279,6 +279,42 @@ def step_meter():
     return StepMeter()
 
 
+def warmup_profiler(steps: int, path: Path):
+    """cProfile over training's first `steps` optimizer steps (compiling or loading the compiled graphs, first
+    allocations), or all of a shorter run, written to `path` as the functions with the most time in and under
+    them, then in themselves."""
+    import cProfile
+    import io
+    import pstats
+
+    from transformers import TrainerCallback
+
+    class WarmupProfile(TrainerCallback):
+        def __init__(self):
+            self.profile = cProfile.Profile()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.profile.enable()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == steps:
+                self.write(state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if not path.exists():
+                self.write(state.global_step)
+
+        def write(self, last_step: int) -> None:
+            self.profile.disable()
+            report = io.StringIO()
+            for order in ("cumulative", "tottime"):
+                pstats.Stats(self.profile, stream=report).sort_stats(order).print_stats(60)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"cProfile of optimizer steps 1-{last_step}, main thread\n" + report.getvalue())
+
+    return WarmupProfile()
+
+
 def allocator_retries() -> int:
     import torch
 
@@ -395,9 +431,11 @@ def train_run(
     adapter_out: Path | None = None,
     reference_batches: tuple[int, ...] = (),
     walk_modules_each_step: bool = False,
+    warmup_profile: Path | None = None,
 ) -> dict:
     """Build the stage's trainer with these keywords, train, and measure (and TRL's reference pass again at each of
-    `reference_batches` pairs per batch; with `walk_modules_each_step`, without the stages' WalkModulesOnce)."""
+    `reference_batches` pairs per batch; with `walk_modules_each_step`, without the stages' WalkModulesOnce; with
+    `warmup_profile`, the main thread's Python over the `warmup` steps profiled into that file)."""
     from trl import DPOConfig, SFTConfig
 
     from finetune.training import dpo as dpo_training
@@ -417,6 +455,8 @@ def train_run(
         trainer.remove_callback(WalkModulesOnce)
     trainer.add_callback(meter)
     meter.trainer = trainer
+    if warmup_profile is not None:
+        trainer.add_callback(warmup_profiler(warmup, warmup_profile))
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
@@ -635,6 +675,8 @@ VARIANTS = {
     # Steps 12-15 of throughput.py's rows: step 14 (4,237 tokens) recomputes in runs of documents at 6 GiB; on the
     # H100 (2026-12-05) it took 2.2 s against 0.5-0.65 s for the whole-batch steps.
     "fast_profiled_runs": {"profile": True, "profile_steps": (12, 15)},
+    # The warm-up steps' Python: with its graphs in the cache the project's took 36-52 s on the H100, Unsloth's 6-17.
+    "fast_warmup_profiled": {"warmup_profile": True},
     "fast_logging_every_step": {"kwargs": {"logging_steps": 1}},
     "fast_loader_in_process": {
         "kwargs": {"dataloader_num_workers": 0, "dataloader_persistent_workers": False},
@@ -738,6 +780,7 @@ def run_variants(
             "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,
             "reference_batches": variant.get("reference_batches", ()),
             "walk_modules_each_step": variant.get("walk_modules_each_step", False),
+            "warmup_profile": out / f"profile_{name}" / "warmup_cprofile.txt" if variant.get("warmup_profile") else None,
         }
         if variant.get("profile"):
             os.environ[PROFILE_ENV] = str(out / f"profile_{name}")

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -146,3 +147,21 @@ def test_steps_that_grew_the_pinned_host_pool_are_counted_apart_from_the_settled
     assert "tokens_per_s_without_pinned_growth" not in throughput.steady_rate(marks, 1)
     with pytest.raises(ValueError):  # one count per step, or the steps are misread
         throughput.steady_rate(marks, 1, pinned_blocks=[0, 0, 32])
+
+
+def test_the_warmup_profile_covers_the_first_steps_or_all_of_a_shorter_run(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    def train(steps, max_steps, path):
+        profiler = throughput.warmup_profiler(steps, path)
+        profiler.on_train_begin(None, SimpleNamespace(global_step=0), None)
+        for step in range(1, max_steps + 1):
+            sorted(range(20_000), key=lambda number: -number)  # some Python for the profile to see
+            profiler.on_step_end(None, SimpleNamespace(global_step=step), None)
+        profiler.on_train_end(None, SimpleNamespace(global_step=max_steps), None)
+        return path.read_text()
+
+    assert train(2, 5, tmp_path / "long.txt").startswith("cProfile of optimizer steps 1-2")
+    short = train(4, 3, tmp_path / "short.txt")
+    assert short.startswith("cProfile of optimizer steps 1-3") and "<lambda>" in short
