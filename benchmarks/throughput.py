@@ -292,6 +292,7 @@ def warmup_profiler(steps: int, path: Path):
     class WarmupProfile(TrainerCallback):
         def __init__(self):
             self.profile = cProfile.Profile()
+            self.written = False
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.profile.enable()
@@ -301,10 +302,11 @@ def warmup_profiler(steps: int, path: Path):
                 self.write(state.global_step)
 
         def on_train_end(self, args, state, control, **kwargs):
-            if not path.exists():
+            if not self.written:
                 self.write(state.global_step)
 
         def write(self, last_step: int) -> None:
+            self.written = True
             self.profile.disable()
             report = io.StringIO()
             for order in ("cumulative", "tottime"):
@@ -745,7 +747,7 @@ def run_variants(
 
     from finetune.layout.speed import installer, plan
     from finetune.model.loading import use_4bit
-    from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV, PROFILE_STEPS_ENV
+    from finetune.training.runs import PROFILE_ENV, PROFILE_STACKS_ENV, PROFILE_STEPS_ENV, PROFILED_STEPS
 
     results = {}
     adapter = adapter or work / "adapter_variants"
@@ -766,7 +768,7 @@ def run_variants(
         copy = variant.get("bf16_copy")
         fast, chosen = plan(stage, trainer, requested, planned_shape, planned_gpu, use_4bit(cfg.model), bf16_copy=copy)
         chosen = on_this_device(dataclasses.replace(chosen, **variant.get("plan", {})))
-        first_profiled, last_profiled = variant.get("profile_steps", (8, 11))
+        first_profiled, last_profiled = variant.get("profile_steps", PROFILED_STEPS)
         run_steps = last_profiled + 1 if variant.get("profile") else steps
         arguments = {
             "name": f"variant_{name}",

@@ -199,7 +199,8 @@ class LogThroughput(TrainerCallback):
 
 PROFILE_ENV = "STAGES_PROFILE"  # a folder: profile a few optimizer steps of sft/dpo there (see ProfileSteps)
 PROFILE_STACKS_ENV = "STAGES_PROFILE_STACKS"  # 1: the trace also records Python frames (slower, larger)
-PROFILE_STEPS_ENV = "STAGES_PROFILE_STEPS"  # FIRST-LAST: the optimizer steps to profile (8-11)
+PROFILE_STEPS_ENV = "STAGES_PROFILE_STEPS"  # FIRST-LAST: the optimizer steps to profile (PROFILED_STEPS)
+PROFILED_STEPS = (8, 11)  # first and last, counted from 1: after the first steps, which compile
 
 
 class ProfileSteps(TrainerCallback):
@@ -212,7 +213,13 @@ class ProfileSteps(TrainerCallback):
     The later steps are profiled because the first ones compile (one shape, then dynamic shapes).
     """
 
-    def __init__(self, folder: str, first: int = 8, count: int = 4, python_frames: bool = False):
+    def __init__(
+        self,
+        folder: str,
+        first: int = PROFILED_STEPS[0],
+        count: int = PROFILED_STEPS[1] - PROFILED_STEPS[0] + 1,
+        python_frames: bool = False,
+    ):
         self.folder, self.first, self.count, self.python_frames = Path(folder), first, count, python_frames
         self.profiler = None
         self.started = 0.0
@@ -278,7 +285,8 @@ def profile_callbacks() -> list[TrainerCallback]:
     if not folder:
         return []
     python_frames = os.environ.get(PROFILE_STACKS_ENV, "") not in ("", "0")
-    first, last = profiled_steps(os.environ.get(PROFILE_STEPS_ENV, "8-11"))
+    steps = os.environ.get(PROFILE_STEPS_ENV)
+    first, last = PROFILED_STEPS if steps is None else profiled_steps(steps)
     return [ProfileSteps(folder, first=first, count=last - first + 1, python_frames=python_frames)]
 
 
