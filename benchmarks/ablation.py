@@ -59,11 +59,6 @@ LEVERS = {
         "fast_whole_recompute",
     ),
     "compiled": Lever("compiled decoder layers", "fast", "fast_eager"),
-    "cpp_wrapper": Lever(
-        "a candidate: the compiled layers run from inductor's C++ wrapper (ON), not its Python one (the fast layout)",
-        "fast_cpp_wrapper",
-        "fast",
-    ),
     "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
     "fused_adamw": Lever("fused AdamW instead of the written paged_adamw_8bit", "fast", "fast_paged_adamw_8bit"),
     "loader_workers": Lever("batches collated in loader worker processes", "fast", "fast_loader_in_process"),

@@ -693,10 +693,6 @@ VARIANTS = {
     "fast_fused_adamw_in_runs": {
         "kwargs": {"optim": "adamw_torch_fused"}, "plan": {"optimizer": "adamw_torch_fused (for paged_adamw_8bit)"}
     },
-    # A candidate, not a lever yet: the compiled layers' graphs run from inductor's C++ wrapper instead of its
-    # Python one. At 6 GiB the CPU bounds the step, and the H100 profile charged the Python wrappers about 1.26 ms
-    # of their own per forward call and 1.25 ms per backward call (budgets_h100_strides/profile_6gib_steps_12_15.txt).
-    "fast_cpp_wrapper": {"inductor": {"cpp_wrapper": True}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
@@ -794,8 +790,7 @@ def run_variants(
             os.environ[PROFILE_STEPS_ENV] = f"{first_profiled}-{last_profiled}"
         try:
             before = gpu_state()
-            with torch._inductor.config.patch(variant.get("inductor", {})):  # read when a graph compiles
-                run = train_run(**arguments)
+            run = train_run(**arguments)
             results[key] = {
                 k: run.get(k)
                 for k in (

@@ -170,19 +170,3 @@ def test_resume_on_another_gpu_stops_before_measuring(tmp_path, monkeypatch, cap
     assert ablation.main(["--resume", str(first / "ablation.json"), "--out", str(tmp_path / "second")]) == 2
     assert ran == ["prepare"]
     assert "the saved runs ran on NVIDIA H200, this is NVIDIA H100 80GB HBM3" in capsys.readouterr().err
-
-
-def test_a_variants_inductor_settings_hold_while_it_trains_and_not_after(tiny_project, tmp_path, monkeypatch):
-    import torch._inductor.config as inductor
-
-    from finetune.core.config import load_config
-    from finetune.layout.speed import GIB, model_shape
-
-    throughput = sys.modules["throughput"]
-    seen = []
-    monkeypatch.setattr(throughput, "train_run", lambda **_: seen.append(inductor.cpp_wrapper) or {"tokens_per_s": 1})
-    shape = model_shape(load_config(tiny_project.params_path).model)
-    names = ["fast_cpp_wrapper", "fast"]
-    results = throughput.run_variants(tiny_project.params, tmp_path, tmp_path, None, shape, 3, print, names, 80 * GIB)
-    assert seen == [True, False] and not inductor.cpp_wrapper
-    assert [results[name]["tokens_per_s"] for name in names] == [1, 1]
