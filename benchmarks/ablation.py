@@ -59,6 +59,15 @@ LEVERS = {
         "fast_whole_recompute",
     ),
     "compiled": Lever("compiled decoder layers", "fast", "fast_eager"),
+    "traced_4bit": Lever(
+        "a candidate: bitsandbytes' 4-bit products dequantized inside the compiled layers (ON), not by its own kernels"
+        " (the fast layout); measure at 6 GiB, where the weights stay 4-bit",
+        "fast_traced_4bit",
+        "fast",
+    ),
+    "dpo_traced_4bit": Lever(
+        "the same candidate for DPO; measure at 10 GiB, where the weights stay 4-bit", "dpo_traced_4bit", "dpo_fast"
+    ),
     "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
     "fused_adamw": Lever("fused AdamW instead of the written paged_adamw_8bit", "fast", "fast_paged_adamw_8bit"),
     "loader_workers": Lever("batches collated in loader worker processes", "fast", "fast_loader_in_process"),

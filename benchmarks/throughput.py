@@ -41,6 +41,8 @@ for entry in (REPO, REPO / "benchmarks"):
 import idle_gaps  # noqa: E402
 from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
 
+from finetune.layout.speed import TRACED_4BIT  # noqa: E402
+
 SEED_RECIPE = "seed000-mistral-dolly-dpo"
 H100_BF16_DENSE_FLOPS = 989.4e12  # the H100 SXM's published dense bf16 peak; MFU is measured against it
 MAX_LENGTH = 1024
@@ -693,6 +695,9 @@ VARIANTS = {
     "fast_fused_adamw_in_runs": {
         "kwargs": {"optim": "adamw_torch_fused"}, "plan": {"optimizer": "adamw_torch_fused (for paged_adamw_8bit)"}
     },
+    # A candidate for the plans whose weights stay 4-bit (6 GiB SFT, 10 GiB DPO): bitsandbytes' products with the
+    # dequantization inside the compiled layers (finetune.overrides.trace_4bit_products).
+    "fast_traced_4bit": {"plan": {"base_weights": TRACED_4BIT}},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
@@ -717,6 +722,7 @@ VARIANTS = {
     "dpo_fast": {"stage": "dpo"},
     "dpo_bf16_copy": {"stage": "dpo", "bf16_copy": True},
     "dpo_padded": {"stage": "dpo", "plan": {"padding_free": False}},
+    "dpo_traced_4bit": {"stage": "dpo", "plan": {"base_weights": TRACED_4BIT}},
     # Each DPO batch checkpointed as if the adapter's dropout ran (as planned before TRL's disable_dropout was
     # counted); the weights, batch and optimizer stay the new plan's, which at 24 GiB are the old plan's too.
     "dpo_dropout_counted": {"stage": "dpo", "plan": {"adapter_dropout": True}},

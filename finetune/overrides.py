@@ -479,6 +479,131 @@ def check_dequantize() -> None:
     _require(signature, "bitsandbytes", "functional.dequantize_4bit(A, quant_state)", name)
 
 
+# --- bitsandbytes 0.50.2: Linear4bit's product, its dequantization re-implemented in torch operations -------------
+# Upstream: no upstream issue known. bitsandbytes' CUDA product is a custom op the compiler cannot see into.
+
+
+def traced_4bit_weight(
+    quantized: Sequence[torch.Tensor], blocksize: int, shape: tuple[int, ...], absmax_blocksize: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """A 4-bit weight dequantized as bitsandbytes' kernels do it: each 4-bit index (the high half of a byte first)
+    looked up in the code, times its block's float32 absmax, cast to `dtype`. `quantized`: (packed indices, absmax,
+    code), then, when the absmax is itself quantized (double quantization, `absmax_blocksize` set), its 8-bit
+    values' scales, code and offset, as code[value] * scale + offset.
+
+    Written with gathers and element-wise operations only (bitsandbytes' own torch version scatters into a buffer),
+    so that the compiler fuses it into one kernel and may recompute it for the backward pass instead of saving it.
+    """
+    packed, absmax, code, *nested = quantized
+    if absmax_blocksize is not None:
+        scales, absmax_code, offset = nested
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
+        absmax = absmax_code[absmax.long()] * scales[blocks] + offset
+    position = torch.arange(2 * packed.numel(), device=packed.device)
+    indices = (packed[position // 2] >> (4 - 4 * (position % 2)).to(torch.uint8)) & 0xF
+    values = code[indices.long()].view(-1, blocksize) * absmax.view(-1, 1)
+    return values.view(shape).to(dtype)
+
+
+class Traced4bitProduct(torch.autograd.Function):
+    """x @ W.T for a 4-bit W dequantized in each pass, forward and backward, as bitsandbytes' MatMul4Bit does: what
+    is saved for the backward pass is the 4-bit weight, never its dequantized copy (eager runs)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, blocksize, shape, absmax_blocksize, *quantized):  # the bias frozen, as the weight
+        ctx.layout = blocksize, shape, absmax_blocksize
+        ctx.save_for_backward(*quantized)
+        return torch.nn.functional.linear(x, traced_4bit_weight(quantized, *ctx.layout, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = traced_4bit_weight(ctx.saved_tensors, *ctx.layout, grad.dtype)
+        return grad @ weight, None, None, None, None, *[None] * len(ctx.saved_tensors)
+
+
+class Traced4bitLinear(torch.nn.Module):
+    """A frozen bitsandbytes 4-bit linear layer whose product the compiler can see: the same 4-bit storage and
+    quantization state, dequantized in each pass by traced_4bit_weight, with Linear4bit's dtype contract (the
+    product in the compute dtype, returned in the input's)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.compute_dtype = layer.compute_dtype or torch.bfloat16
+        quantized, self.layout = _state_tensors(layer.weight.data, layer.weight.quant_state)
+        self.quantized_names = ("packed", "absmax", "code", "absmax_scales", "absmax_code", "offset")[: len(quantized)]
+        for name, tensor in zip(self.quantized_names, quantized, strict=True):
+            self.register_buffer(name, tensor, persistent=False)  # the 4-bit layer's own storage, not copies
+        self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = [getattr(self, name) for name in self.quantized_names]
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if not torch.compiler.is_compiling():
+            return Traced4bitProduct.apply(x.to(self.compute_dtype), bias, *self.layout, *quantized).to(x.dtype)
+        # Compiled: dequantized inside a checkpoint, which tags its operations for recomputation, so the partitioner
+        # dequantizes again for the backward pass instead of keeping the bf16 weight.
+        dequantize = functools.partial(_weight_from, self.layout, self.compute_dtype)
+        weight = torch.utils.checkpoint.checkpoint(dequantize, *quantized, use_reentrant=False)
+        return torch.nn.functional.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+
+
+def _weight_from(layout: tuple, dtype: torch.dtype, *quantized: torch.Tensor) -> torch.Tensor:
+    return traced_4bit_weight(quantized, *layout, dtype)
+
+
+def _state_tensors(packed: torch.Tensor, state) -> tuple[list[torch.Tensor], tuple]:
+    """traced_4bit_weight's tensors and layout (blocksize, shape, absmax blocksize) for a bitsandbytes 4-bit weight."""
+    quantized = [packed.view(torch.uint8).reshape(-1), state.absmax, state.code]
+    if state.nested:
+        quantized += [state.state2.absmax, state.state2.code, state.offset]
+    return quantized, (state.blocksize, tuple(state.shape), state.state2.blocksize if state.nested else None)
+
+
+def trace_4bit_products(model) -> int:
+    """Replace each bitsandbytes 4-bit linear layer by a Traced4bitLinear on the same storage; returns how many.
+
+    bitsandbytes' CUDA product of a 4-bit weight over 1,536 tokens is Python around three kernels and an addition
+    (the nested absmax, the weight, the matmul), which the compiler cannot see into and which the CPU issues one by
+    one at every pass. Traced, a compiled layer dequantizes each weight in a kernel of its own making and keeps only
+    the matmul outside, with bitsandbytes' values (tests/test_traced_4bit.py and check_traced_4bit hold them to its
+    CPU kernels bit for bit) and the 4-bit layer's memory. A weight whose size is not a whole number of blocks
+    stays bitsandbytes'.
+    """
+    import bitsandbytes as bnb
+
+    check_traced_4bit()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            state = getattr(getattr(child, "weight", None), "quant_state", None)
+            if isinstance(child, bnb.nn.Linear4bit) and state is not None and state.shape.numel() % state.blocksize == 0:
+                setattr(parent, name, Traced4bitLinear(child))
+                replaced += 1
+    return replaced
+
+
+def check_traced_4bit() -> None:
+    """bitsandbytes' quantization state has the fields read here, and its CPU kernels dequantize a small weight,
+    plain and double-quantized, to what traced_4bit_weight computes (the packing order, code and absmax)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    name = "trace_4bit_products"
+    fields = {"absmax", "shape", "code", "blocksize", "offset", "state2"} <= set(_parameters(QuantState.__init__))
+    _require(fields and "nested" in _names(QuantState.__init__), "bitsandbytes", "QuantState's fields", name)
+    has_compute_dtype = "compute_dtype" in _parameters(bnb.nn.Linear4bit.__init__)
+    _require(has_compute_dtype, "bitsandbytes", "Linear4bit.compute_dtype", name)
+    quantize, dequantize = (getattr(bnb.functional, f, None) for f in ("quantize_4bit", "dequantize_4bit"))
+    _require(callable(quantize) and callable(dequantize), "bitsandbytes", "functional.(de)quantize_4bit", name)
+    weight = torch.linspace(-1, 1, 2 * 64 * 256).reshape(256, -1) ** 3
+    for nested in (False, True):
+        packed, state = quantize(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        quantized, layout = _state_tensors(packed, state)
+        same = torch.equal(traced_4bit_weight(quantized, *layout, torch.float32), dequantize(packed, state))
+        _require(same, "bitsandbytes", "the 4-bit format (dequantize_4bit's values)", name)
+
+
 # --- bert-score 0.3.13: BERTScorer's model, tokenizer and idf weights, and its scoring loop re-implemented --------
 # Upstream: no upstream issue known (https://github.com/Tiiiger/bert_score/pull/69 moved the padding to the GPU; the
 # per-sentence tokenization and the copies to the CPU remain).

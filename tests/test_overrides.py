@@ -25,6 +25,7 @@ GUARDS = [
     overrides.check_compiler_settings,
     overrides.check_module_compile,
     overrides.check_dequantize,
+    overrides.check_traced_4bit,
     overrides.check_bertscore,
     overrides.check_reference_adapter,
     overrides.check_padding_free_refusal,
@@ -122,6 +123,7 @@ REMOVED = [
     (dvclive_live, "post_data_to_studio", overrides.check_studio_posts, "dvclive", "skip_unconfigured_studio_posts"),
     (lambda: torch.nn.Module, "compile", overrides.check_module_compile, "torch", "compile_in_place"),
     (bnb_functional, "dequantize_4bit", overrides.check_dequantize, "bitsandbytes", "dequantize_base"),
+    (bnb_functional, "quantize_4bit", overrides.check_traced_4bit, "bitsandbytes", "trace_4bit_products"),
     (bert_score_utils, "greedy_cos_idf", overrides.check_bertscore, "bert-score", "bertscore_pair_f1"),
 ]
 

@@ -289,7 +289,7 @@ class SpeedPlan:
     reason: str
     compiled: bool = False  # decoder layers run through torch.compile (see compile_decoder_layers)
     attention: str = "sdpa"  # the attention implementation the layout sets
-    base_weights: str = "as loaded"  # or "nf4, dequantized once to bf16" (overrides.dequantize_base)
+    base_weights: str = "as loaded"  # or BF16_COPY, or TRACED_4BIT
     embeddings: str = "as loaded"  # or HELD_IN_BF16 (finetune.layout.embeddings)
     checkpoints: str = "on the GPU"  # or OFFLOADED: where checkpointed layers' inputs wait for their recompute
     recompute: str = WHOLE_BATCHES  # or how long batches recompute in runs of documents (IN_RUNS)
@@ -317,6 +317,9 @@ FSDP_SETTINGS = {
 LOADER_WORKERS = 2
 BALANCED_SHARES = "by token count (finetune.layout.balance)"
 OFFLOADED = "offloaded to pinned host memory (activation_checkpointing_kwargs offload)"
+BF16_COPY = "nf4, dequantized once to bf16"  # finetune.overrides.dequantize_base
+# A candidate, not planned yet (benchmarks/README.md): finetune.overrides.trace_4bit_products
+TRACED_4BIT = "nf4, dequantized inside the compiled layers"
 SHARDING = "FSDP2: weights, gradients and optimizer states sharded across the GPUs, each layer gathered as it runs"
 
 
@@ -517,7 +520,7 @@ def plan(
             + (", which recompute in runs of documents" if runs else ""),
             compiled=how.compiled,
             attention="flex_attention",
-            base_weights="nf4, dequantized once to bf16" if dequantized else "as loaded",
+            base_weights=BF16_COPY if dequantized else "as loaded",
             embeddings=HELD_IN_BF16 if embeddings_bf16 else "as loaded",
             checkpoints=OFFLOADED if offloaded else "on the GPU",
             recompute=IN_RUNS.format(tokens=whole_tokens) if runs else WHOLE_BATCHES,
@@ -669,10 +672,14 @@ def installer(chosen: SpeedPlan, shape: ModelShape | None):
     batches, per-batch checkpointing hook)."""
 
     def install(model) -> None:
-        if chosen.base_weights != "as loaded":
+        if chosen.base_weights == BF16_COPY:
             from finetune.overrides import dequantize_base
 
             dequantize_base(model)
+        elif chosen.base_weights == TRACED_4BIT:
+            from finetune.overrides import trace_4bit_products
+
+            trace_4bit_products(model)
         if chosen.embeddings != "as loaded":
             from finetune.layout.embeddings import hold_frozen_embeddings_in_bf16
 

@@ -1,0 +1,186 @@
+"""finetune.overrides.trace_4bit_products: bitsandbytes' 4-bit products with the dequantization inside the
+compiled graph give bitsandbytes' own weights, products and gradients bit for bit, and keep only the 4-bit weight
+for the backward pass. CPU only: bitsandbytes' CPU kernels are the reference."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from finetune.overrides import Traced4bitLinear, trace_4bit_products, traced_4bit_weight
+
+OUT, IN = 96, 256
+
+
+def quantized_linear(quant_type="nf4", nested=True, bias=False, seed=0, features=(IN, OUT)) -> bnb.nn.Linear4bit:
+    torch.manual_seed(seed)
+    source = torch.nn.Linear(*features, bias=bias)
+    layer = bnb.nn.Linear4bit(*features, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type,
+                              compress_statistics=nested)  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(source.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=nested)  # fmt: skip
+    if bias:
+        layer.bias = torch.nn.Parameter(source.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")  # quantizes, with bitsandbytes' CPU kernels
+
+
+@pytest.mark.parametrize(("quant_type", "nested"), [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_the_traced_weight_is_bitsandbytes_dequantized_weight(quant_type, nested):
+    layer = quantized_linear(quant_type, nested)
+    state = layer.weight.quant_state
+    assert state.nested == nested
+    traced = Traced4bitLinear(layer)
+    quantized = [getattr(traced, name) for name in traced.quantized_names]
+    for dtype in (torch.bfloat16, torch.float32):
+        expected = bnb.functional.dequantize_4bit(layer.weight.data, state).to(dtype)
+        assert torch.equal(traced_4bit_weight(quantized, *traced.layout, dtype), expected)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32])
+def test_products_and_input_gradients_are_bitsandbytes(input_dtype):
+    layer = quantized_linear(bias=True)
+    x = torch.randn(7, IN, dtype=input_dtype, requires_grad=True)
+    expected = layer(x)
+    expected.float().square().sum().backward()
+    expected_grad, x.grad = x.grad, None
+    actual = Traced4bitLinear(layer)(x)
+    actual.float().square().sum().backward()
+    assert actual.dtype == expected.dtype == input_dtype  # returned in the input's dtype, as bitsandbytes does
+    assert torch.equal(actual, expected) and torch.equal(x.grad, expected_grad)
+
+
+def test_compiled_it_keeps_the_4_bit_weight_for_the_backward_pass_not_a_dequantized_copy():
+    layer = Traced4bitLinear(quantized_linear())
+    x = torch.randn(64, IN, dtype=torch.bfloat16, requires_grad=True)
+
+    def block(inputs):
+        return torch.nn.functional.silu(layer(inputs)) * 2
+
+    torch._dynamo.reset()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        compiled = torch.compile(block)(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not any(tensor.dtype == torch.bfloat16 and tensor.numel() >= OUT * IN for tensor in saved)
+    assert any(tensor.data_ptr() == layer.packed.data_ptr() for tensor in saved)  # the 4-bit storage itself
+    compiled.float().sum().backward()
+    compiled_grad, x.grad = x.grad, None
+    eager = block(x)
+    eager.float().sum().backward()
+    assert torch.equal(compiled, eager) and torch.equal(compiled_grad, x.grad)
+
+
+def test_every_4_bit_layer_is_replaced_on_its_own_storage_and_lora_trains_the_same():
+    from peft import LoraConfig, get_peft_model
+
+    def model():
+        stack = torch.nn.Sequential(
+            quantized_linear(seed=2), torch.nn.GELU(), quantized_linear(seed=3, features=(OUT, 8))
+        )
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0", "2"], init_lora_weights=False)
+        return get_peft_model(stack, lora)
+
+    x = torch.randn(5, IN)
+
+    def lora_gradients(network):
+        network(x).square().sum().backward()
+        return {name: p.grad for name, p in network.named_parameters() if p.grad is not None}
+
+    expected, traced = lora_gradients(model()), model()
+    packed = [module.weight.data.data_ptr() for module in traced.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert trace_4bit_products(traced) == 2
+    assert not any(isinstance(module, bnb.nn.Linear4bit) for module in traced.modules())
+    assert [module.packed.data_ptr() for module in traced.modules() if isinstance(module, Traced4bitLinear)] == packed
+    actual = lora_gradients(traced)
+    assert actual.keys() == expected.keys() and len(actual) == 4
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def quantized_mistral(traced: bool, checkpointed: bool):
+    """A two-layer Mistral whose decoder projections are bitsandbytes 4-bit layers (quantized on the CPU), with LoRA
+    on all seven, compiled as the fast layout compiles it; `checkpointed`: every layer recomputes through its
+    compiled forward (finetune.overrides.checkpoint_around_compiled)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from finetune.layout import speed
+    from finetune.model.loading import decoder_layers
+    from finetune.overrides import checkpoint_around_compiled
+
+    config = MistralConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="sdpa", use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)
+    for parent in list(model.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                setattr(parent, name, layer.to("cpu"))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, lora)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if traced:
+        assert trace_4bit_products(model) == 2 * 7
+    speed.compile_decoder_layers(model)
+    for layer in decoder_layers(model):
+        layer.gradient_checkpointing = checkpointed
+        if checkpointed:
+            checkpoint_around_compiled(layer, speed._compiled)
+    return model.train()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["whole", "checkpointed"])
+def test_a_compiled_4_bit_model_trains_its_adapter_as_with_bitsandbytes_products(monkeypatch, checkpointed):
+    from finetune import overrides
+
+    monkeypatch.setattr(overrides, "SUPPRESS_COMPILE_ERRORS", False)  # a layer left to eager would pass unnoticed
+    ids = torch.randint(3, 100, (1, 150), generator=torch.Generator().manual_seed(4))
+
+    def train_step(traced: bool):
+        """(loss, LoRA gradients, what autograd kept for the backward pass)"""
+        torch._dynamo.reset()
+        model, saved = quantized_mistral(traced, checkpointed), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, saved
+
+    (expected_loss, expected, _), (loss, actual, saved) = train_step(traced=False), train_step(traced=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+    assert actual.keys() == expected.keys() and len(actual) == 2 * 7 * 2
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6)
+    weight_shapes = {(64, 64), (32, 64), (128, 64), (64, 128)}  # q and o, k and v, gate and up, down
+    assert not any(t.is_floating_point() and tuple(t.shape) in weight_shapes for t in saved)
+
+
+def test_without_gradients_and_without_the_adapter_the_logits_are_bitsandbytes(monkeypatch):
+    """Evaluation, and DPO's reference pass (the adapter disabled), compile graphs of their own."""
+    from finetune import overrides
+
+    monkeypatch.setattr(overrides, "SUPPRESS_COMPILE_ERRORS", False)
+    torch._dynamo.reset()
+    ids = torch.randint(3, 100, (1, 77), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for traced in (False, True):
+        model = quantized_mistral(traced, checkpointed=False).eval()
+        with torch.no_grad():
+            with_adapter = model(input_ids=ids).logits
+            with model.disable_adapter():
+                logits[traced] = with_adapter, model(input_ids=ids).logits
+    assert all(torch.equal(actual, expected) for actual, expected in zip(logits[True], logits[False], strict=True))
+
+
+def test_a_plan_with_traced_4_bit_weights_installs_them():
+    from finetune.layout.speed import TRACED_4BIT, SpeedPlan, installer
+
+    model = torch.nn.Sequential(quantized_linear(), torch.nn.GELU(), quantized_linear(features=(OUT, 8)))
+    chosen = SpeedPlan("fast", "fast", 8, 1, False, "off", 1024, None, None, "a test", base_weights=TRACED_4BIT)
+    installer(chosen, None)(model)
+    assert [type(module) for module in model] == [Traced4bitLinear, torch.nn.GELU, Traced4bitLinear]
