@@ -584,8 +584,9 @@ def trace_4bit_products(model) -> int:
 
 
 def check_traced_4bit() -> None:
-    """bitsandbytes' quantization state has the fields read here, and its CPU kernels dequantize a small weight,
-    plain and double-quantized, to what traced_4bit_weight computes (the packing order, code and absmax)."""
+    """bitsandbytes' quantization state has the fields read here, and its kernels (CUDA's where there is a GPU, else
+    the CPU's) dequantize a small weight, plain and double-quantized, to what traced_4bit_weight computes (the
+    packing order, code and absmax)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
@@ -596,7 +597,8 @@ def check_traced_4bit() -> None:
     _require(has_compute_dtype, "bitsandbytes", "Linear4bit.compute_dtype", name)
     quantize, dequantize = (getattr(bnb.functional, f, None) for f in ("quantize_4bit", "dequantize_4bit"))
     _require(callable(quantize) and callable(dequantize), "bitsandbytes", "functional.(de)quantize_4bit", name)
-    weight = torch.linspace(-1, 1, 2 * 64 * 256).reshape(256, -1) ** 3
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weight = torch.linspace(-1, 1, 2 * 64 * 256, device=device).reshape(256, -1) ** 3
     for nested in (False, True):
         packed, state = quantize(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
         quantized, layout = _state_tensors(packed, state)

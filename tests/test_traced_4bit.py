@@ -1,6 +1,7 @@
 """finetune.overrides.trace_4bit_products: bitsandbytes' 4-bit products with the dequantization inside the
-compiled graph give bitsandbytes' own weights, products and gradients bit for bit, and keep only the 4-bit weight
-for the backward pass. CPU only: bitsandbytes' CPU kernels are the reference."""
+compiled graph give bitsandbytes' own weights, products and input gradients bit for bit (a compiled model's LoRA
+gradients within inductor's reordering), and keep only the 4-bit weight for the backward pass. CPU only:
+bitsandbytes' CPU kernels are the reference."""
 
 from __future__ import annotations
 
