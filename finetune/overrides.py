@@ -454,16 +454,27 @@ def dequantize_base(model) -> int:
     import bitsandbytes as bnb
 
     check_dequantize()
+
+    def copy(layer) -> DequantizedLinear:
+        dtype = layer.compute_dtype or torch.bfloat16
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        return DequantizedLinear.frozen(weight, None if layer.bias is None else layer.bias.data.to(dtype))
+
+    return _replace_4bit_layers(model, copy)
+
+
+def _replace_4bit_layers(model, replacement: Callable[[Any], torch.nn.Module | None]) -> int:
+    """Put replacement(layer) in the place of each bitsandbytes 4-bit linear layer it returns a module for; returns
+    how many it replaced."""
+    import bitsandbytes as bnb
+
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            dtype = child.compute_dtype or torch.bfloat16
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-            bias = None if child.bias is None else child.bias.data.to(dtype)
-            setattr(parent, name, DequantizedLinear.frozen(weight, bias))
-            replaced += 1
+            new = replacement(child) if isinstance(child, bnb.nn.Linear4bit) else None
+            if new is not None:
+                setattr(parent, name, new)
+                replaced += 1
     return replaced
 
 
@@ -566,21 +577,17 @@ def trace_4bit_products(model) -> int:
     bitsandbytes' CUDA product of a 4-bit weight over 1,536 tokens is Python around three kernels and an addition
     (the nested absmax, the weight, the matmul), which the compiler cannot see into and which the CPU issues one by
     one at every pass. Traced, a compiled layer dequantizes each weight in a kernel of its own making and keeps only
-    the matmul outside, with bitsandbytes' values (tests/test_traced_4bit.py and check_traced_4bit hold them to its
-    CPU kernels bit for bit) and the 4-bit layer's memory. A weight whose size is not a whole number of blocks
-    stays bitsandbytes'.
+    the matmul outside, with bitsandbytes' values (tests/test_traced_4bit.py holds them to its CPU kernels bit for
+    bit, check_traced_4bit to its CUDA kernels where there is a GPU) and the 4-bit layer's memory. A weight whose
+    size is not a whole number of blocks stays bitsandbytes'.
     """
-    import bitsandbytes as bnb
-
     check_traced_4bit()
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            state = getattr(getattr(child, "weight", None), "quant_state", None)
-            if isinstance(child, bnb.nn.Linear4bit) and state is not None and state.shape.numel() % state.blocksize == 0:
-                setattr(parent, name, Traced4bitLinear(child))
-                replaced += 1
-    return replaced
+
+    def traced(layer) -> Traced4bitLinear | None:
+        state = layer.weight.quant_state
+        return Traced4bitLinear(layer) if state is not None and state.shape.numel() % state.blocksize == 0 else None
+
+    return _replace_4bit_layers(model, traced)
 
 
 def check_traced_4bit() -> None:
