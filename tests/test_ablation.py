@@ -71,23 +71,23 @@ def test_every_lever_names_two_throughput_variants_of_one_stage():
 
 
 @pytest.mark.slow
-def test_tiny_ablation_runs_each_repeat_in_its_own_process_in_abba_order(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")  # the flow is under test, not the compiler: minutes saved on a CPU
+def test_tiny_ablation_runs_each_variant_in_its_own_process_on_the_same_rows(tmp_path, monkeypatch):
+    """Three real processes (prepare, ON, OFF); the order of repeats and warm-ups is checked without processes."""
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")  # the flow is under test, not the compiler: minutes on a CPU
     out = tmp_path / "out"
-    arguments = ["--tiny", "--levers", "compiled", "--repeats", "2", "--out", str(out)]
+    arguments = ["--tiny", "--levers", "compiled", "--repeats", "1", "--no-warm-up", "--out", str(out)]
     arguments += ["--work", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model")]
     assert ablation.main(arguments) == 0
     result = json.loads((out / "ablation.json").read_text())
     measured = [run for run in result["runs"] if run["role"] == "measured"]
-    assert [(run["variant"], run["repeat"]) for run in measured] == [
-        ("fast", 0), ("fast_eager", 0), ("fast_eager", 1), ("fast", 1),
-    ]  # fmt: skip
+    assert [run["role"] for run in result["runs"]] == ["prepare", "measured", "measured"]
+    assert [(run["variant"], run["repeat"]) for run in measured] == [("fast", 0), ("fast_eager", 0)]
     assert all(run["tokens_per_s"] > 0 and run["tokens_per_s_incl_build"] > 0 for run in measured)
     assert all(len(run["step_tokens"]) == result["steps"] == len(run["step_seconds"]) for run in measured)
     assert len({run["process_id"] for run in result["runs"]}) == len(result["runs"])
     assert result["same_rows"]
     (lever,) = result["levers"]
-    assert len(lever["on_side"]["rates"]) == len(lever["off_side"]["rates"]) == 2
+    assert len(lever["on_side"]["rates"]) == len(lever["off_side"]["rates"]) == 1
     assert lever["verdict"] in ("keep", "delete")
     report = (out / "ablation.md").read_text()
     assert "smoke run on cpu" in report.lower() and "compiled decoder layers" in report
@@ -157,6 +157,14 @@ def test_resume_runs_only_what_the_stopped_call_lacks_on_the_same_gpu(tmp_path, 
     ran.clear()  # nothing left to run: verdicts only, no prepare run
     assert ablation.main(["--resume", str(second / "ablation.json"), "--out", str(tmp_path / "third")]) == 0
     assert ran == [] and json.loads((tmp_path / "third" / "ablation.json").read_text())["calls"] == 2
+
+
+def test_each_variant_but_the_prepare_runs_once_unmeasured_first_then_the_repeats_go_abba(tmp_path, monkeypatch):
+    ran = fake_processes(monkeypatch, "H200")
+    assert ablation.main(["--levers", "compiled", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    assert ran == ["prepare", "warm_up_fast_eager", "fast_r0", "fast_eager_r0", "fast_eager_r1", "fast_r1"]
+    roles = [run["role"] for run in json.loads((tmp_path / "ablation.json").read_text())["runs"]]
+    assert roles == ["prepare", "cache warm-up"] + ["measured"] * 4
 
 
 def test_resume_on_another_gpu_stops_before_measuring(tmp_path, monkeypatch, capsys):
