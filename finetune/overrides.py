@@ -533,13 +533,18 @@ class Traced4bitProduct(torch.autograd.Function):
         return grad @ weight, None, None, None, None, *[None] * len(ctx.saved_tensors)
 
 
-class Traced4bitLinear(torch.nn.Module):
+class Traced4bitLinear(torch.nn.Linear):
     """A frozen bitsandbytes 4-bit linear layer whose product the compiler can see: the same 4-bit storage and
     quantization state, dequantized in each pass by traced_4bit_weight, with Linear4bit's dtype contract (the
-    product in the compute dtype, returned in the input's)."""
+    product in the compute dtype, returned in the input's).
+
+    A torch.nn.Linear, as Linear4bit is, so that PEFT puts LoRA on it when the stages install the plan before
+    adding the adapter; its `weight` is the 4-bit layer's packed parameter, whose integer dtype keeps the adapter in
+    float32, as on Linear4bit."""
 
     def __init__(self, layer):
-        super().__init__()
+        super().__init__(layer.in_features, layer.out_features, bias=False, device="meta")
+        self.weight = layer.weight
         self.compute_dtype = layer.compute_dtype or torch.bfloat16
         quantized, self.layout = _state_tensors(layer.weight.data, layer.weight.quant_state)
         self.quantized_names = ("packed", "absmax", "code", "absmax_scales", "absmax_code", "offset")[: len(quantized)]

@@ -125,6 +125,47 @@ def test_every_4_bit_layer_is_replaced_on_its_own_storage_and_lora_trains_the_sa
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
+@pytest.mark.parametrize("load_adapter", [False, True], ids=["fresh", "saved"])
+def test_traced_before_the_adapter_is_added_as_the_stages_do_lora_goes_on_it(tmp_path, load_adapter):
+    """The stages install the plan on the loaded model, then SFTTrainer adds a fresh adapter (get_peft_model) and
+    DPO loads the SFT one (PeftModel.from_pretrained)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0", "2"], init_lora_weights=False)
+
+    def stack():
+        first, second = (
+            quantized_linear(seed=2, features=(IN, 2 * BLOCK)),
+            quantized_linear(seed=3, features=(2 * BLOCK, 8)),
+        )
+        return torch.nn.Sequential(first, torch.nn.GELU(), second)
+
+    def model(traced: bool):
+        base = stack()
+        if traced:
+            assert trace_4bit_products(base) == 2
+        torch.manual_seed(0)
+        if load_adapter:
+            return PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+        return get_peft_model(base, lora)
+
+    if load_adapter:
+        torch.manual_seed(0)
+        get_peft_model(stack(), lora).save_pretrained(tmp_path / "adapter")
+    x = torch.randn(5, IN)
+
+    def lora_gradients(network):
+        network(x).square().sum().backward()
+        return {name: p.grad for name, p in network.named_parameters() if p.grad is not None}
+
+    traced = model(traced=True)
+    assert [type(traced.base_model.model[i].base_layer) for i in (0, 2)] == [Traced4bitLinear] * 2
+    assert traced.base_model.model[0].lora_A.default.weight.dtype == torch.float32  # as on Linear4bit
+    expected, actual = lora_gradients(model(traced=False)), lora_gradients(traced)
+    assert actual.keys() == expected.keys() and len(actual) == 4
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
 def quantized_mistral(traced: bool, checkpointed: bool, dequantized: bool = False):
     """A two-layer Mistral whose decoder projections are bitsandbytes 4-bit layers (quantized on the CPU), with LoRA
     on all seven, compiled as the fast layout compiles it; `checkpointed`: every layer recomputes through its
