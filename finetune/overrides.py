@@ -503,16 +503,19 @@ def traced_4bit_weight(
     code), then, when the absmax is itself quantized (double quantization, `absmax_blocksize` set), its 8-bit
     values' scales, code and offset, as code[value] * scale + offset.
 
-    Written with gathers and element-wise operations only (bitsandbytes' own torch version scatters into a buffer),
-    so that the compiler fuses it into one kernel and may recompute it for the backward pass instead of saving it.
+    Written with lookups in the code and element-wise operations only (bitsandbytes' own torch version scatters
+    into a buffer), so that the compiler fuses it into one kernel and may recompute it for the backward pass instead
+    of saving it. Nothing the size of the weight but the result is indexed by position: on the GPU an int64 range
+    over the weight's positions, the same for the layers of one shape, was written out once and shared (448 MiB for
+    14336 x 4096) and ran out of a 6 GiB budget; broadcasting each byte against its two shifts needs no such range.
     """
     packed, absmax, code, *nested = quantized
     if absmax_blocksize is not None:
         scales, absmax_code, offset = nested
         blocks = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
         absmax = absmax_code[absmax.long()] * scales[blocks] + offset
-    position = torch.arange(2 * packed.numel(), device=packed.device)
-    indices = (packed[position // 2] >> (4 - 4 * (position % 2)).to(torch.uint8)) & 0xF
+    shifts = 4 - 4 * torch.arange(2, device=packed.device, dtype=torch.uint8)  # the high half of each byte first
+    indices = (packed.view(-1, 1) >> shifts) & 0xF
     values = code[indices.long()].view(-1, blocksize) * absmax.view(-1, 1)
     return values.view(shape).to(dtype)
 

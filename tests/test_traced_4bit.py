@@ -97,6 +97,27 @@ def test_compiled_it_keeps_the_4_bit_weight_for_the_backward_pass_not_a_dequanti
     assert torch.equal(compiled, eager) and torch.equal(compiled_grad, x.grad)
 
 
+def test_compiled_training_writes_no_integer_tensor_the_size_of_the_weight():
+    """On the GPU an int64 range over the weight's positions was written out (448 MiB for an MLP weight of
+    Mistral-7B) and a 6 GiB run ran out of memory; the buffers a compiled forward and backward allocate show it."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    # Two layers of one shape, whose ranges the compiler could share, with whole blocks of scales (2,048 absmax)
+    features = (2 * IN, IN)
+    up, gate = (Traced4bitLinear(quantized_linear(seed=seed, features=features)) for seed in (1, 2))
+    x = torch.randn(8, features[0], requires_grad=True)
+
+    compiled = torch.compile(
+        lambda inputs: (torch.nn.functional.silu(gate(inputs)) * up(inputs)).float().square().sum()
+    )
+    _, codes = run_and_get_code(lambda: compiled(x).backward())  # the forward's code and the backward's
+    sizes = re.findall(r"empty_strided_\w+\(\((\d+), \), \(1, \), torch\.(u?int\d+)\)", "\n".join(codes))
+    assert sizes and all(int(numel) < features[0] * features[1] for numel, _ in sizes), sizes
+
+
 def test_every_4_bit_layer_is_replaced_on_its_own_storage_and_lora_trains_the_same():
     from peft import LoraConfig, get_peft_model
 
