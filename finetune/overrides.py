@@ -505,9 +505,9 @@ def traced_4bit_weight(
 
     Written with lookups in the code and element-wise operations only (bitsandbytes' own torch version scatters
     into a buffer), so that the compiler fuses it into one kernel and may recompute it for the backward pass instead
-    of saving it. Nothing the size of the weight but the result is indexed by position: on the GPU an int64 range
-    over the weight's positions, the same for the layers of one shape, was written out once and shared (448 MiB for
-    14336 x 4096) and ran out of a 6 GiB budget; broadcasting each byte against its two shifts needs no such range.
+    of saving it. Each byte is broadcast against its two shifts rather than indexed through a range over the
+    weight's positions: compiled on the GPU, such a range became an int64 tensor the size of the weight
+    (benchmarks/README.md).
     """
     packed, absmax, code, *nested = quantized
     if absmax_blocksize is not None:
@@ -585,9 +585,9 @@ def trace_4bit_products(model) -> int:
     bitsandbytes' CUDA product of a 4-bit weight over 1,536 tokens is Python around three kernels and an addition
     (the nested absmax, the weight, the matmul), which the compiler cannot see into and which the CPU issues one by
     one at every pass. Traced, a compiled layer dequantizes each weight in a kernel of its own making and keeps only
-    the matmul outside, with bitsandbytes' values (tests/test_traced_4bit.py holds them to its CPU kernels bit for
-    bit, check_traced_4bit to its CUDA kernels where there is a GPU) and the 4-bit layer's memory. A weight whose
-    size is not a whole number of blocks stays bitsandbytes'.
+    the matmul outside, with bitsandbytes' values (tests/test_traced_4bit.py holds them bit for bit to its CPU
+    kernels and to the format by hand, check_traced_4bit to its CUDA kernels where there is a GPU) and the 4-bit
+    layer's memory. A weight whose size is not a whole number of blocks stays bitsandbytes'.
     """
     check_traced_4bit()
 

@@ -253,7 +253,7 @@ def test_a_compiled_4_bit_model_trains_its_adapter_as_with_bitsandbytes_products
     assert not any(t.is_floating_point() and tuple(t.shape) in weight_shapes for t in saved)
 
 
-def test_without_gradients_and_without_the_adapter_the_logits_are_bitsandbytes(monkeypatch):
+def test_without_gradients_and_without_the_adapter_the_logits_are_those_of_bitsandbytes_weights(monkeypatch):
     """Evaluation, and DPO's reference pass (the adapter disabled), compile graphs of their own."""
     from finetune import overrides
 
