@@ -280,3 +280,65 @@ def test_a_plan_with_traced_4_bit_weights_installs_them():
     chosen = SpeedPlan("fast", "fast", 8, 1, False, "off", 1024, None, None, "a test", base_weights=TRACED_4BIT)
     installer(chosen, None)(model)
     assert [type(module) for module in model] == [Traced4bitLinear, torch.nn.GELU, Traced4bitLinear]
+
+
+@pytest.mark.slow
+def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_project, tmp_path, monkeypatch):
+    """The stage's order on a tiny model whose projections are 4-bit: the plan installed on the loaded model, then
+    SFTTrainer adds the adapter. The reference multiplies by the same 4-bit values held as plain weights (the tiny
+    model's 32-wide rows are where bitsandbytes' AVX-512 CPU kernels go wrong)."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from finetune.core.config import load_config
+    from finetune.layout.speed import GIB, TRACED_4BIT, installer, model_shape, plan
+    from finetune.model.loading import decoder_layers
+    from finetune.training import sft as sft_training
+    from finetune.training.runs import trainer_args
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tiny_project.params_path)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))  # exact arithmetic compared
+    load_model = sft_training.load_model
+
+    def loaded_with_4_bit_projections(traced: bool):
+        def load(*args, **kwargs):
+            model = load_model(*args, **kwargs)
+            for layer in decoder_layers(model):
+                for parent in list(layer.modules()):
+                    for name, child in list(parent.named_children()):
+                        if isinstance(child, torch.nn.Linear):
+                            four_bit = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                                         compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+                            four_bit.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False)
+                            four_bit = four_bit.to("cpu")  # quantizes
+                            values = torch.nn.Linear(child.in_features, child.out_features, bias=False)
+                            values.weight = torch.nn.Parameter(flat_blocks_weight(four_bit), requires_grad=False)
+                            setattr(parent, name, four_bit if traced else values)
+            return model
+
+        return load
+
+    trainer = {**cfg.sft.trainer, "eval_strategy": "no", "max_steps": 3, "save_steps": 1000}
+    trainer.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, activation_checkpointing=False)
+    shape = model_shape(cfg.model)
+    fast, chosen = plan("sft", trainer, "fast", shape, 80 * GIB, quantized=False)
+    on_cpu = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
+
+    def losses(traced: bool):
+        name = "traced" if traced else "values"
+        monkeypatch.setattr(sft_training, "load_model", loaded_with_4_bit_projections(traced))
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
+        args = trainer_args(SFTConfig, "sft", fast, str(tmp_path / f"{name}-checkpoints"))
+        plan_here = dataclasses.replace(on_cpu, base_weights=TRACED_4BIT if traced else "as loaded")
+        run = sft_training.build_trainer(
+            run_cfg, args, resume=False, speed=chosen, install=installer(plan_here, shape)
+        )
+        run.train()
+        bases = {type(module.base_layer) for module in run.model.modules() if hasattr(module, "base_layer")}
+        return [entry["loss"] for entry in run.state.log_history if "loss" in entry], bases
+
+    (expected, plain), (actual, traced) = losses(traced=False), losses(traced=True)
+    assert plain == {torch.nn.Linear} and traced == {Traced4bitLinear}
+    assert len(actual) == 3 and actual == pytest.approx(expected, rel=1e-4)
