@@ -25,12 +25,7 @@ PROJECT_WHEELS = [
     "hydra-core==1.3.8", "omegaconf==2.3.1", "liger-kernel==0.8.5",
 ]  # fmt: skip
 SDIST_ONLY = ["antlr4-python3-runtime==4.9.3"]
-# The versions benchmarks/unsloth_site.sh installs into Unsloth's own folder.
-UNSLOTH_WHEELS = [
-    "unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "cut-cross-entropy==25.1.1", "transformers==5.17.0",
-    "trl==1.15.0", "datasets==4.8.5", "huggingface-hub==1.33.0", "httpx==0.28.1", "httpcore==1.0.9", "h11==0.16.0",
-    "anyio==4.16.0",
-]  # fmt: skip
+UNSLOTH_PINS = Path(__file__).with_name("unsloth_requirements.txt")  # what benchmarks/unsloth_site.sh installs
 PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:"] + [
     arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")
     for arg in ("--platform", tag)
@@ -74,7 +69,7 @@ def main() -> None:
         repack(wheel, lambda name: "libbitsandbytes_" in name and not name.endswith(BITSANDBYTES_LIBRARIES_KEPT))
     if not args.no_unsloth:
         unsloth = args.out / "unsloth"
-        pip("download", *PLATFORM, "-d", str(unsloth), *UNSLOTH_WHEELS)
+        pip("download", *PLATFORM, "-d", str(unsloth), "-r", str(UNSLOTH_PINS))
         for wheel in unsloth.glob("unsloth-*.whl"):
             repack(wheel, lambda name: name.startswith("studio/"))  # its web app, never imported by training
     total = sum(path.stat().st_size for path in args.out.rglob("*.whl"))

@@ -8,6 +8,5 @@ set -euo pipefail
 site=${1:?usage: unsloth_site.sh DIR [pip arguments]}
 shift
 python3 -m pip install -q --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@" \
-    unsloth==2026.10.9 unsloth_zoo==2026.10.9 cut-cross-entropy==25.1.1 transformers==5.17.0 trl==1.15.0 \
-    datasets==4.8.5 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0
+    -r "$(dirname "$0")/unsloth_requirements.txt"
 rm -rf "$site/studio"  # Unsloth's web app, 80 MB that training never imports

@@ -187,6 +187,14 @@ def test_traced_before_the_adapter_is_added_as_the_stages_do_lora_goes_on_it(tmp
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
+def four_bit_copy(linear: torch.nn.Linear) -> bnb.nn.Linear4bit:
+    """`linear`'s weight quantized to NF4 (double-quantized) on the CPU, computing in float32."""
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.float32,
+                              quant_type="nf4")  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")
+
+
 def quantized_mistral(traced: bool, checkpointed: bool, dequantized: bool = False):
     """A two-layer Mistral whose decoder projections are bitsandbytes 4-bit layers (quantized on the CPU), with LoRA
     on all seven, compiled as the fast layout compiles it; `checkpointed`: every layer recomputes through its
@@ -208,10 +216,7 @@ def quantized_mistral(traced: bool, checkpointed: bool, dequantized: bool = Fals
     for parent in list(model.model.layers.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
-                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                setattr(parent, name, layer.to("cpu"))
+                setattr(parent, name, four_bit_copy(child))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model, lora)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -309,13 +314,10 @@ def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
                 for parent in list(layer.modules()):
                     for name, child in list(parent.named_children()):
                         if isinstance(child, torch.nn.Linear):
-                            four_bit = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                                         compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
-                            four_bit.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False)
-                            four_bit = four_bit.to("cpu")  # quantizes
-                            values = torch.nn.Linear(child.in_features, child.out_features, bias=False)
-                            values.weight = torch.nn.Parameter(flat_blocks_weight(four_bit), requires_grad=False)
-                            setattr(parent, name, four_bit if traced else values)
+                            four_bit = four_bit_copy(child)
+                            if not traced:  # the same 4-bit values, as the plain layer's weight
+                                child.weight = torch.nn.Parameter(flat_blocks_weight(four_bit), requires_grad=False)
+                            setattr(parent, name, four_bit if traced else child)
             return model
 
         return load
