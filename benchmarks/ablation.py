@@ -68,6 +68,12 @@ LEVERS = {
     "dpo_traced_4bit": Lever(
         "the same candidate for DPO; measure at 10 GiB, where the weights stay 4-bit", "dpo_traced_4bit", "dpo_fast"
     ),
+    "inputs_require_grad": Lever(
+        "a candidate for the warm-up: the first layer's input requires grad as the others' do, so the compiled layers"
+        " trace half as many graphs (ON), for one more input gradient a step",
+        "fast_inputs_require_grad",
+        "fast",
+    ),
     "flex_attention": Lever("flex attention", "fast", "fast_sdpa"),
     "fused_adamw": Lever("fused AdamW instead of the written paged_adamw_8bit", "fast", "fast_paged_adamw_8bit"),
     "loader_workers": Lever("batches collated in loader worker processes", "fast", "fast_loader_in_process"),

@@ -423,6 +423,20 @@ def flops_per_token(shape, mean_tokens: float, passes: float) -> float:
     return passes * (2 * matmul_params + 2 * shape.layers * mean_tokens * shape.hidden)
 
 
+def with_inputs_requiring_grad(install, on: bool):
+    """The warm-up candidate `inputs_require_grad`, not planned yet: after the plan's install, the frozen embeddings'
+    output requires grad (transformers' enable_input_require_grads), so the first decoder layer's input is of the same
+    kind as the later layers' and dynamo traces each compiled graph once, not once per kind of input."""
+    if not on:
+        return install
+
+    def install_then_require_grad(model) -> None:
+        install(model)
+        model.enable_input_require_grads()
+
+    return install_then_require_grad
+
+
 def train_run(
     name: str,
     stage: str,
@@ -698,6 +712,8 @@ VARIANTS = {
     # A candidate for the plans whose weights stay 4-bit (6 GiB SFT, 10 GiB DPO): bitsandbytes' products with the
     # dequantization inside the compiled layers (finetune.overrides.trace_4bit_products).
     "fast_traced_4bit": {"plan": {"base_weights": TRACED_4BIT}},
+    # A candidate for the warm-up: every compiled layer's input requires grad, so they trace 2 graphs, not 4.
+    "fast_inputs_require_grad": {"inputs_require_grad": True},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
@@ -782,7 +798,7 @@ def run_variants(
             "cfg": cfg,
             "trainer_kwargs": {**fast, **variant.get("kwargs", {}), "max_steps": run_steps},
             "speed_plan": chosen,
-            "install": installer(chosen, shape),
+            "install": with_inputs_requiring_grad(installer(chosen, shape), variant.get("inputs_require_grad", False)),
             "cache": cache,
             "warmup": 4,  # the first steps compile: static, then dynamic shapes
             "adapter_out": adapter if stage == "sft" and not adapter.exists() else None,

@@ -592,6 +592,41 @@ def test_fast_layout_follows_the_seed_layouts_loss_trajectory(tiny_project, tmp_
     assert recorded["speed"]["mode"] == "fast" and recorded["padding_free"] is True
 
 
+def test_inputs_that_require_grad_halve_the_compiled_layers_graphs_and_keep_the_losses(
+    tiny_project, tmp_path, monkeypatch
+):
+    """The benchmark's warm-up candidate `inputs_require_grad`: the first layer's input (the frozen embedding's
+    output) requires grad as every later layer's does, so dynamo no longer traces each graph twice."""
+    from trl import SFTConfig
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from throughput import with_inputs_requiring_grad
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tiny_project.params_path)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    shape = model_shape(cfg.model)
+    fast, chosen = plan("sft", three_steps(cfg.sft.trainer, batch=1, accumulation=4), "fast", shape, 80 * GIB,
+                        quantized=False)  # fmt: skip
+    layout = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
+    assert layout.compiled
+
+    def run(name, inputs_require_grad):
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
+        args = trainer_args(SFTConfig, "sft", fast, str(tmp_path / f"{name}-checkpoints"))
+        install = with_inputs_requiring_grad(installer(layout, shape), inputs_require_grad)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        trainer = sft_training.build_trainer(run_cfg, args, resume=False, speed=layout, install=install)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return losses, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    (off_losses, off_graphs), (on_losses, on_graphs) = run("off", False), run("on", True)
+    assert len(off_losses) == 3 and on_losses == pytest.approx(off_losses, rel=1e-5)
+    assert (off_graphs, on_graphs) == (4, 2)  # static, then dynamic at the second length; twice without the candidate
+
+
 # --- several GPUs -------------------------------------------------------------------------------------------------
 
 
