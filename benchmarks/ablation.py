@@ -7,6 +7,7 @@ a fresh process, with a keep / delete verdict per lever.
     python benchmarks/ablation.py --tiny --out /tmp/ablation     # CPU smoke test of the flow; verdicts mean nothing
     python benchmarks/ablation.py --summarise OUT/ablation.json   # verdicts from the runs a stopped ablation saved
     python benchmarks/ablation.py --resume SAVED/ablation.json --out OUT   # its missing runs, on the same GPU kind
+    python benchmarks/ablation.py --stop-after-s 540 ...         # inside a lent GPU's 10-minute call; then --resume
 
 A run is `benchmarks/throughput.py --sections variants --variants NAME` in its own process, on one model built once;
 repeats alternate ON, OFF / OFF, ON (ABBA). Results: OUT/ablation.json (every run) and OUT/ablation.md (verdicts).
@@ -357,6 +358,13 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no-warm-up", action="store_true", help="no unmeasured run per variant first (steady rates skip compiling)"
     )
+    parser.add_argument(
+        "--stop-after-s",
+        type=float,
+        default=None,
+        help="start no run that would end past this many seconds, going by this call's longest run (a lent GPU's "
+        "call limit); what ran is saved for --resume",
+    )
     parser.add_argument("--summarise", default=None, help="only write the verdicts of this saved ablation.json")
     parser.add_argument(
         "--resume", default=None, help="run what this saved ablation.json lacks, with its settings, into --out"
@@ -395,7 +403,18 @@ def finish(result: dict, out: Path) -> int:
     return 1 if any(summary["verdict"] == "error" for summary in result["levers"]) else 0
 
 
+def room_for_another(runs_this_call: list[dict], elapsed_s: float, stop_after_s: float | None) -> bool:
+    """Whether a run started now ends by `stop_after_s`, if it takes as long as the longest of this call's runs
+    after its prepare run (or as the prepare run, which also builds the model, before any other)."""
+    if stop_after_s is None:
+        return True
+    walls = [run["process_wall_s"] for run in runs_this_call if run["role"] != "prepare"]
+    walls = walls or [run["process_wall_s"] for run in runs_this_call]
+    return elapsed_s + max(walls, default=0.0) <= stop_after_s
+
+
 def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
     if args.summarise:
         saved = Path(args.summarise).resolve()
@@ -445,14 +464,28 @@ def main(argv=None) -> int:
         message = f"ablation: --resume: the saved runs ran on {earlier.get('gpu')}, this is {versions.get('gpu')}"
         print(message, file=sys.stderr)
         return 2
+    this_call = [prepare]
+
+    def out_of_time(label: str) -> bool:
+        if room_for_another(this_call, time.monotonic() - started, args.stop_after_s):
+            return False
+        print(f"ablation: {label} would end past --stop-after-s {args.stop_after_s:g}; finish with --resume")
+        return True
+
     if not args.cold_cache and not args.no_warm_up:  # measured runs find their graphs compiled, as later repros do
         for variant in dict.fromkeys(variant for _, (variant, _) in to_run if variant != "fast"):  # prepare ran fast
+            if out_of_time(f"warm_up_{variant}"):
+                return finish(result, out)
             warm_up = run_process(settings, variant, f"warm_up_{variant}")
-            result["runs"].append({**warm_up, "role": "cache warm-up", **call})
+            this_call.append({**warm_up, "role": "cache warm-up", **call})
+            result["runs"].append(this_call[-1])
             save()
     for position, (variant, repeat) in to_run:
+        if out_of_time(f"{variant}_r{repeat}"):
+            break
         run = run_process(settings, variant, f"{variant}_r{repeat}")
-        result["runs"].append({**run, "role": "measured", "repeat": repeat, "position": position, **call})
+        this_call.append({**run, "role": "measured", "repeat": repeat, "position": position, **call})
+        result["runs"].append(this_call[-1])
         save()
     return finish(result, out)
 

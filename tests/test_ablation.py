@@ -123,15 +123,18 @@ def test_pending_runs_are_those_no_saved_run_measured():
     assert ablation.pending(order, saved) == [(1, ("fast_eager", 0)), (2, ("fast_eager", 1)), (3, ("fast", 1))]
 
 
-def fake_processes(monkeypatch, gpu: str) -> list[str]:
-    """run_process without processes: each variant at a fixed rate; the labels run, in order."""
+def fake_processes(monkeypatch, gpu: str, clock: list[float] | None = None) -> list[str]:
+    """run_process without processes: each variant at a fixed rate; the labels run, in order. With `clock` (seconds,
+    read as time.monotonic), a prepare run takes 150 s and any other 100 s."""
     ran = []
 
     def run_process(settings, variant, label, prepare=False):
         ran.append(label)
-        rate = {"fast": 110.0, "fast_eager": 100.0}[variant]
+        rate, wall = {"fast": 110.0, "fast_eager": 100.0}[variant], 150.0 if prepare else 100.0
+        if clock is not None:
+            clock[0] += wall
         return {"variant": variant, "label": label, "rows_digest": "d", "log": "", "tokens_per_s": rate,
-                "tokens_per_s_incl_build": rate / 4, "peak_memory_gib": 1.0}  # fmt: skip
+                "tokens_per_s_incl_build": rate / 4, "peak_memory_gib": 1.0, "process_wall_s": wall}  # fmt: skip
 
     monkeypatch.setattr(ablation, "run_process", run_process)
     monkeypatch.setattr(ablation, "prepared_versions", lambda settings: {"gpu": gpu})
@@ -178,3 +181,26 @@ def test_resume_on_another_gpu_stops_before_measuring(tmp_path, monkeypatch, cap
     assert ablation.main(["--resume", str(first / "ablation.json"), "--out", str(tmp_path / "second")]) == 2
     assert ran == ["prepare"]
     assert "the saved runs ran on NVIDIA H200, this is NVIDIA H100 80GB HBM3" in capsys.readouterr().err
+
+
+def test_a_call_with_a_time_limit_starts_no_run_it_cannot_finish_and_resume_runs_the_rest(tmp_path, monkeypatch):
+    clock = [0.0]
+    ran = fake_processes(monkeypatch, "H100", clock)
+    monkeypatch.setattr(ablation.time, "monotonic", lambda: clock[0])
+    first = tmp_path / "first"
+    arguments = ["--levers", "compiled", "--repeats", "2", "--no-warm-up", "--stop-after-s", "450", "--out", str(first)]
+    assert ablation.main(arguments) == 0
+    # 150 s of prepare, then 100 s a run: a fourth would end at 550 s
+    assert ran == ["prepare", "fast_r0", "fast_eager_r0", "fast_eager_r1"]
+    assert "3 of the 4 measured runs finished" in (first / "ablation.md").read_text()
+    ran.clear()
+    assert ablation.main(["--resume", str(first / "ablation.json"), "--out", str(tmp_path / "second")]) == 0
+    assert ran == ["prepare", "fast_r1"]
+
+
+def test_the_time_left_is_judged_by_the_longest_run_after_the_prepare_run():
+    prepare, run = {"role": "prepare", "process_wall_s": 150.0}, {"role": "measured", "process_wall_s": 90.0}
+    assert ablation.room_for_another([prepare], 300.0, 450.0)
+    assert not ablation.room_for_another([prepare], 301.0, 450.0)
+    assert ablation.room_for_another([prepare, run], 360.0, 450.0)  # the prepare run also built the model
+    assert ablation.room_for_another([prepare, run], 10_000.0, None)
