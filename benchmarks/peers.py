@@ -121,6 +121,13 @@ def parse_args(argv=None):
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default /tmp/peers[_tiny])")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--reuse-model", action="store_true", help="use the model in --model-dir, do not build one")
+    parser.add_argument(
+        "--stop-after-s",
+        type=float,
+        default=None,
+        help="start no run that would end past this many seconds, going by the longest run so far (a lent GPU's "
+        "call limit)",
+    )
     parser.add_argument("--one", choices=tuple(ENGINES), help=argparse.SUPPRESS)  # a child: one engine, one budget
     parser.add_argument("--budget", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -252,6 +259,7 @@ def save(result: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
     if args.one:
         return child_main(args)
@@ -286,6 +294,12 @@ def main(argv=None) -> int:
     }
     save(result, out)  # the set-up and what cannot run here, even if no run follows
     for repeat, name, budget in run_order([n for n in requested if n not in skipped], budgets, repeats):
+        longest = max((run["process_s"] for run in result["runs"]), default=0.0)
+        if args.stop_after_s is not None and time.monotonic() - started + longest > args.stop_after_s:
+            result["stopped_early"] = f"before {name} at {budget_label(budget)} GiB, repeat {repeat} (--stop-after-s)"
+            print(f"[peers] stopped {result['stopped_early']}", flush=True)
+            save(result, out)
+            break
         run = {"repeat": repeat, "engine": name, "budget_gib": budget, **run_child(name, budget, args, repeat)}
         result["runs"].append(run)
         print(f"[peers] {name} at {budget_label(budget)} GiB, repeat {repeat}: "
@@ -655,6 +669,8 @@ def markdown(result: dict) -> str:
         f"that compiled nothing; {settings['repeats']} repeat(s), each engine and budget in a fresh process.",
         "",
     ]
+    if "stopped_early" in result:
+        lines += [f"**Stopped early, {result['stopped_early']}: {len(result['runs'])} runs finished.**", ""]
     for stage, title in (("sft", "SFT (non-padding tokens/s)"), ("dpo", "DPO (chosen + rejected tokens/s)")):
         groups: dict[tuple[str, float | None], list[dict]] = {}
         for run in result["runs"]:

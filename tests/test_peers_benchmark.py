@@ -165,3 +165,29 @@ def test_the_warmup_profile_covers_the_first_steps_or_all_of_a_shorter_run(tmp_p
     assert train(2, 5, tmp_path / "long.txt").startswith("cProfile of optimizer steps 1-2")
     short = train(4, 3, tmp_path / "short.txt")
     assert short.startswith("cProfile of optimizer steps 1-3") and "<lambda>" in short
+
+
+def test_a_call_with_a_time_limit_starts_no_run_the_longest_so_far_says_would_end_past_it(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import peers
+
+    clock, ran = [0.0], []
+
+    def run_child(name, budget, args, repeat):
+        ran.append((repeat, name))
+        clock[0] += 100.0
+        return {"error": "OOM at none GiB", "process_s": 100.0}  # a result the report takes without measurements
+
+    setup = {"model": {"shape": "tiny"}, "data": {"md5": {}}}
+    monkeypatch.setattr(peers, "prepare", lambda *arguments: setup)
+    monkeypatch.setattr(peers, "run_child", run_child)
+    monkeypatch.setattr(peers, "versions", dict)
+    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
+    out = tmp_path / "out"
+    arguments = ["--tiny", "--engines", "project,trl", "--repeats", "2", "--stop-after-s", "250", "--out", str(out),
+                 "--work", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model")]  # fmt: skip
+    assert peers.main(arguments) == 0
+    assert ran == [(0, "project"), (0, "trl")]  # a third run would end at 300 s
+    saved = json.loads((out / "peers.json").read_text())
+    assert saved["stopped_early"] == "before trl at none GiB, repeat 1 (--stop-after-s)"
+    assert "Stopped early" in (out / "peers.md").read_text()
