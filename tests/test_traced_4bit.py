@@ -287,6 +287,26 @@ def test_a_plan_with_traced_4_bit_weights_installs_them():
     assert [type(module) for module in model] == [Traced4bitLinear, torch.nn.GELU, Traced4bitLinear]
 
 
+def with_4_bit_projections(load_model, traced: bool):
+    """`load_model` whose decoder projections become NF4 layers (`traced`: bitsandbytes' 4-bit layers, for the plan
+    to trace), or plain layers holding the same 4-bit values as their weights (the reference)."""
+    from finetune.model.loading import decoder_layers
+
+    def load(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        for layer in decoder_layers(model):
+            for parent in list(layer.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        four_bit = four_bit_copy(child)
+                        if not traced:
+                            child.weight = torch.nn.Parameter(flat_blocks_weight(four_bit), requires_grad=False)
+                        setattr(parent, name, four_bit if traced else child)
+        return model
+
+    return load
+
+
 @pytest.mark.slow
 def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_project, tmp_path, monkeypatch):
     """The stage's order on a tiny model whose projections are 4-bit: the plan installed on the loaded model, then
@@ -298,7 +318,6 @@ def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
 
     from finetune.core.config import load_config
     from finetune.layout.speed import GIB, TRACED_4BIT, installer, model_shape, plan
-    from finetune.model.loading import decoder_layers
     from finetune.training import sft as sft_training
     from finetune.training.runs import trainer_args
 
@@ -306,21 +325,6 @@ def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
     cfg = load_config(tiny_project.params_path)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))  # exact arithmetic compared
     load_model = sft_training.load_model
-
-    def loaded_with_4_bit_projections(traced: bool):
-        def load(*args, **kwargs):
-            model = load_model(*args, **kwargs)
-            for layer in decoder_layers(model):
-                for parent in list(layer.modules()):
-                    for name, child in list(parent.named_children()):
-                        if isinstance(child, torch.nn.Linear):
-                            four_bit = four_bit_copy(child)
-                            if not traced:  # the same 4-bit values, as the plain layer's weight
-                                child.weight = torch.nn.Parameter(flat_blocks_weight(four_bit), requires_grad=False)
-                            setattr(parent, name, four_bit if traced else child)
-            return model
-
-        return load
 
     trainer = {**cfg.sft.trainer, "eval_strategy": "no", "max_steps": 3, "save_steps": 1000}
     trainer.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, activation_checkpointing=False)
@@ -330,7 +334,7 @@ def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
 
     def losses(traced: bool):
         name = "traced" if traced else "values"
-        monkeypatch.setattr(sft_training, "load_model", loaded_with_4_bit_projections(traced))
+        monkeypatch.setattr(sft_training, "load_model", with_4_bit_projections(load_model, traced))
         run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
         args = trainer_args(SFTConfig, "sft", fast, str(tmp_path / f"{name}-checkpoints"))
         plan_here = dataclasses.replace(on_cpu, base_weights=TRACED_4BIT if traced else "as loaded")
@@ -344,3 +348,48 @@ def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
     (expected, plain), (actual, traced) = losses(traced=False), losses(traced=True)
     assert plain == {torch.nn.Linear} and traced == {Traced4bitLinear}
     assert len(actual) == 3 and actual == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_dpo_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_project, tmp_path, monkeypatch):
+    """The dpo stage's order on 4-bit projections: the plan installed on the loaded model, then the SFT adapter
+    loaded onto it, TRL's frozen "ref" copy of it added, and the reference log-probs precomputed with the adapter
+    swapped. The reference run multiplies by the same 4-bit values held as plain weights."""
+    import dataclasses
+
+    from test_speed import dpo_config_from_a_moved_adapter, three_steps
+    from trl import DPOConfig
+
+    from finetune.layout.speed import GIB, TRACED_4BIT, installer, model_shape, plan
+    from finetune.training import dpo as dpo_training
+    from finetune.training.runs import trainer_args
+
+    monkeypatch.chdir(tmp_path)
+    cfg = dpo_config_from_a_moved_adapter(tiny_project, tmp_path)
+    load_model = dpo_training.load_model
+
+    shape = model_shape(cfg.model)
+    fast, chosen = plan("dpo", three_steps(cfg.dpo.trainer, batch=4, accumulation=1), "fast", shape, 80 * GIB,
+                        quantized=False)  # fmt: skip
+    assert fast["precompute_ref_log_probs"] is True and chosen.compiled
+    on_cpu = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
+
+    def run(traced: bool):
+        name = "traced" if traced else "values"
+        monkeypatch.setattr(dpo_training, "load_model", with_4_bit_projections(load_model, traced))
+        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, dpo_metrics=str(tmp_path / name)))
+        args = trainer_args(DPOConfig, "dpo", fast, str(tmp_path / f"{name}-checkpoints"))
+        plan_here = dataclasses.replace(on_cpu, base_weights=TRACED_4BIT if traced else "as loaded")
+        trainer = dpo_training.build_trainer(
+            run_cfg, args, resume=False, speed=plan_here, install=installer(plan_here, shape)
+        )
+        reference = list(trainer.train_dataset["ref_chosen_logps"])
+        trainer.train()
+        bases = {type(module.base_layer) for module in trainer.model.modules() if hasattr(module, "base_layer")}
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], reference, bases
+
+    (expected, expected_reference, plain), (actual, reference, traced) = run(traced=False), run(traced=True)
+    assert plain == {torch.nn.Linear} and traced == {Traced4bitLinear}
+    assert reference == pytest.approx(expected_reference, rel=1e-4)
+    assert len(actual) == 3 and actual == pytest.approx(expected, rel=1e-4)
+    assert expected[-1] != pytest.approx(expected[0], rel=1e-3)  # training moved the policy
