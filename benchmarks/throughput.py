@@ -41,7 +41,10 @@ for entry in (REPO, REPO / "benchmarks"):
 import idle_gaps  # noqa: E402
 from gpu_proof import MISTRAL_7B, TINY, build_random_model, default_model_dir, versions  # noqa: E402
 
+from finetune import overrides  # noqa: E402
 from finetune.layout.speed import TRACED_4BIT  # noqa: E402
+
+AOT_CACHE_DEFAULT = overrides.CACHE_CUSTOM_AUTOGRAD_FUNCTIONS  # what every variant runs with but one
 
 SEED_RECIPE = "seed000-mistral-dolly-dpo"
 H100_BF16_DENSE_FLOPS = 989.4e12  # the H100 SXM's published dense bf16 peak; MFU is measured against it
@@ -714,6 +717,8 @@ VARIANTS = {
     "fast_traced_4bit": {"plan": {"base_weights": TRACED_4BIT}},
     # A candidate for the warm-up: every compiled layer's input requires grad, so they trace 2 graphs, not 4.
     "fast_inputs_require_grad": {"inputs_require_grad": True},
+    # AOTAutograd's cache bypassed, as torch does by default, for graphs holding bitsandbytes' 4-bit product.
+    "fast_aot_cache_bypassed": {"cache_custom_autograd_functions": False},
     "fast_sdpa": {"plan": {"attention": "sdpa"}},
     # Planned as where no bf16 copy fits: the 4-bit weights, with the batch, checkpointing and offloading that go
     # with them (not only the weights changed on the copy's plan).
@@ -810,6 +815,7 @@ def run_variants(
             os.environ[PROFILE_ENV] = str(out / f"profile_{name}")
             os.environ[PROFILE_STACKS_ENV] = "1" if variant.get("python_frames") else "0"
             os.environ[PROFILE_STEPS_ENV] = f"{first_profiled}-{last_profiled}"
+        overrides.CACHE_CUSTOM_AUTOGRAD_FUNCTIONS = variant.get("cache_custom_autograd_functions", AOT_CACHE_DEFAULT)
         try:
             before = gpu_state()
             run = train_run(**arguments)

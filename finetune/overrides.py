@@ -12,8 +12,8 @@ or with a stale copy of the library's code. Every override calls its guard befor
 tests/test_overrides.py runs each guard on the installed libraries, and against a library object with the attribute
 removed. On a pin bump, read each override of that library against the new code, then update WRITTEN_AGAINST.
 
-Settings with process-wide effect are scoped to what needs them: dynamo's suppress_errors and recompile_limit hold
-only while a compiled decoder layer runs (compiler_settings).
+Settings with process-wide effect are scoped to what needs them: dynamo's suppress_errors and recompile_limit, and
+AOTAutograd's caching of custom autograd functions, hold only while a compiled decoder layer runs (compiler_settings).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from importlib.metadata import version
 from typing import Any
 
 import torch
+import torch._functorch.config  # AOTAutograd's settings, which `import torch` leaves unloaded
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 # The versions the overrides below were read against: pyproject.toml's pins (the GPU machine runs torch 2.11).
@@ -276,8 +277,8 @@ def check_studio_posts(live=None) -> None:
         _require(isinstance(skip, set), "dvclive", "Live._studio_events_to_skip", name)
 
 
-# --- torch 2.13.0: dynamo's settings, and the compiled call of a module (nn.Module._compiled_call_impl) -------------
-# Upstream: no upstream issue known (settings, not a bug).
+# --- torch 2.13.0: dynamo's and AOTAutograd's settings, and the compiled call of a module (_compiled_call_impl) ------
+# Upstream: no upstream issue known for dynamo's (settings, not a bug); AOTAutograd's: pytorch/pytorch#149751.
 
 # Training and evaluation mode, with and without checkpointing, static then dynamic shapes: a handful of graphs for the
 # one code object all decoder layers share; dynamo's default limit of 8 would silently send later ones to eager.
@@ -285,21 +286,31 @@ RECOMPILE_LIMIT = 64
 # A layer that fails to compile (an architecture or op the compiler cannot handle) runs eagerly, with the compiler's
 # warning in the log, instead of ending a training run: compiling is a speed-up, never a requirement.
 SUPPRESS_COMPILE_ERRORS = True
+# bitsandbytes' 4-bit product is a torch.autograd.Function, which dynamo captures as `autograd_function_apply`, and
+# AOTAutograd's cache bypasses every graph holding one unless torch._functorch.config's
+# autograd_cache_allow_custom_autograd_functions is on (off by default while PyTorch rolls it out,
+# pytorch/pytorch#149751; delete this when it defaults on). Bypassed, every process traces and partitions the
+# compiled layers again even with their kernels in the cache. benchmarks/README.md has the measurements.
+CACHE_CUSTOM_AUTOGRAD_FUNCTIONS = True
 
 
 @contextlib.contextmanager
 def compiler_settings() -> Iterator[None]:
-    """Dynamo's settings for the compiled decoder layers (RECOMPILE_LIMIT, SUPPRESS_COMPILE_ERRORS), the previous
-    values restored on exit, so the rest of the process compiles with its own. Entered at every call of a compiled
-    layer, so unguarded: in_compiler_settings runs the guard once, when it wraps a function."""
-    config = torch._dynamo.config
+    """Dynamo's settings for the compiled decoder layers (RECOMPILE_LIMIT, SUPPRESS_COMPILE_ERRORS) and AOTAutograd's
+    (CACHE_CUSTOM_AUTOGRAD_FUNCTIONS), the previous values restored on exit, so the rest of the process compiles with
+    its own. Entered at every call of a compiled layer, so unguarded: in_compiler_settings runs the guard once, when
+    it wraps a function."""
+    config, aot_config = torch._dynamo.config, torch._functorch.config
     previous = config.suppress_errors, config.recompile_limit
+    previous_cache = aot_config.autograd_cache_allow_custom_autograd_functions
     config.suppress_errors = SUPPRESS_COMPILE_ERRORS
     config.recompile_limit = max(previous[1], RECOMPILE_LIMIT)
+    aot_config.autograd_cache_allow_custom_autograd_functions = CACHE_CUSTOM_AUTOGRAD_FUNCTIONS
     try:
         yield
     finally:
         config.suppress_errors, config.recompile_limit = previous
+        aot_config.autograd_cache_allow_custom_autograd_functions = previous_cache
 
 
 def in_compiler_settings(compiled: Callable) -> Callable:
@@ -325,6 +336,9 @@ def check_compiler_settings() -> None:
     config = torch._dynamo.config
     for setting in ("suppress_errors", "recompile_limit"):
         _require(hasattr(config, setting), "torch", f"torch._dynamo.config.{setting}", "compiler_settings")
+    setting = "autograd_cache_allow_custom_autograd_functions"
+    has = hasattr(torch._functorch.config, setting)
+    _require(has, "torch", f"torch._functorch.config.{setting}", "compiler_settings")
 
 
 def check_module_compile() -> None:

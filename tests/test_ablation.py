@@ -204,3 +204,15 @@ def test_the_time_left_is_judged_by_the_longest_run_after_the_prepare_run():
     assert not ablation.room_for_another([prepare], 301.0, 450.0)
     assert ablation.room_for_another([prepare, run], 360.0, 450.0)  # the prepare run also built the model
     assert ablation.room_for_another([prepare, run], 10_000.0, None)
+
+
+def test_a_lever_for_the_warm_up_is_judged_on_the_rates_including_the_build():
+    def run(variant, steady, incl_build):
+        return {"variant": variant, "tokens_per_s": steady, "tokens_per_s_incl_build": incl_build}
+
+    on = [run("fast", 100.0, 60.0), run("fast", 101.0, 61.0), run("fast", 99.0, 59.0)]
+    off = [run("fast_aot_cache_bypassed", 100.0, 40.0) for _ in range(3)]
+    (summary,) = ablation.summarise(["aot_cache_custom_functions"], on + off)
+    assert summary["judged_on"] == "rates_incl_build" and summary["gain"] == pytest.approx(0.5)
+    assert summary["verdict"] == "keep"  # the steady rates alone, equal, would delete it
+    assert "(on the rates incl. build)" in ablation.lever_row(summary)

@@ -143,6 +143,12 @@ def test_the_compiler_settings_guard_fails_when_dynamo_drops_a_setting(monkeypat
         overrides.in_compiler_settings(lambda: None)
 
 
+def test_the_compiler_settings_guard_fails_when_aotautograd_drops_its_custom_function_setting(monkeypatch):
+    monkeypatch.delattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions")
+    with pytest.raises(RuntimeError, match=loudly("torch", "compiler_settings")):
+        overrides.check_compiler_settings()
+
+
 def test_the_model_guards_fail_on_a_changed_model(monkeypatch):
     from transformers.models.mistral import modeling_mistral
 
@@ -216,10 +222,47 @@ def test_dynamo_settings_hold_only_while_a_compiled_layer_runs():
         seen.append((config.suppress_errors, config.recompile_limit))
         raise ValueError("a failing step")
 
+    aot_config = torch._functorch.config
+    before_cache = aot_config.autograd_cache_allow_custom_autograd_functions
     with pytest.raises(ValueError, match="a failing step"):
         overrides.in_compiler_settings(compiled)()
     assert seen == [(overrides.SUPPRESS_COMPILE_ERRORS, max(before[1], overrides.RECOMPILE_LIMIT))]
     assert (config.suppress_errors, config.recompile_limit) == before
+    assert aot_config.autograd_cache_allow_custom_autograd_functions == before_cache
+
+
+# A compiled training step through bitsandbytes' 4-bit product (a torch.autograd.Function) on the CPU; prints how
+# AOTAutograd's cache answered. argv: the inductor cache folder, then 1 or 0 for CACHE_CUSTOM_AUTOGRAD_FUNCTIONS.
+AOT_CACHE_PROBE = """
+import os, sys
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = sys.argv[1]
+import bitsandbytes as bnb, torch
+from finetune import overrides
+overrides.CACHE_CUSTOM_AUTOGRAD_FUNCTIONS = sys.argv[2] == "1"
+torch.manual_seed(0)
+layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+layer = layer.to("cpu")
+step = overrides.in_compiler_settings(torch.compile(lambda x: torch.nn.functional.gelu(layer(x)).sum()))
+step(torch.randn(8, 64, requires_grad=True)).backward()
+print(dict(torch._dynamo.utils.counters["aot_autograd"]))
+"""
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["setting on", "setting off"])
+def test_a_second_process_finds_the_4_bit_products_graphs_in_aotautograds_cache(tmp_path, cached):
+    import subprocess
+    import sys
+
+    def probe() -> str:
+        command = [sys.executable, "-c", AOT_CACHE_PROBE, str(tmp_path / "inductor"), "1" if cached else "0"]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    first, second = probe(), probe()
+    if cached:
+        assert "autograd_cache_saved" in first and "autograd_cache_hit" in second
+    else:  # what the setting is for: without it every process traces and partitions the graph again
+        assert "autograd_cache_bypass" in first and "autograd_cache_bypass" in second
 
 
 def test_compiling_the_decoder_layers_leaves_the_process_settings_alone(monkeypatch):
