@@ -307,6 +307,32 @@ def with_4_bit_projections(load_model, traced: bool):
     return load
 
 
+def stage_trainer(stage: str, cfg, trainer_kwargs: dict, layout, load_model, traced: bool, tmp_path, monkeypatch):
+    """The sft or dpo stage's trainer, built as the stage builds it, on projections loaded by with_4_bit_projections
+    and `layout` installed, traced or with the weights as loaded."""
+    import dataclasses
+
+    from trl import DPOConfig, SFTConfig
+
+    from finetune.layout.speed import TRACED_4BIT, installer, model_shape
+    from finetune.training import dpo as dpo_training
+    from finetune.training import sft as sft_training
+    from finetune.training.runs import trainer_args
+
+    module, config_cls = (sft_training, SFTConfig) if stage == "sft" else (dpo_training, DPOConfig)
+    name = "traced" if traced else "values"
+    monkeypatch.setattr(module, "load_model", with_4_bit_projections(load_model, traced))
+    paths = dataclasses.replace(cfg.paths, **{f"{stage}_metrics": str(tmp_path / f"{stage}-{name}")})
+    args = trainer_args(config_cls, stage, trainer_kwargs, str(tmp_path / f"{stage}-{name}-checkpoints"))
+    layout = dataclasses.replace(layout, base_weights=TRACED_4BIT if traced else "as loaded")
+    install, cfg = installer(layout, model_shape(cfg.model)), dataclasses.replace(cfg, paths=paths)
+    return module.build_trainer(cfg, args, resume=False, speed=layout, install=install)
+
+
+def base_layer_types(model) -> set[type]:
+    return {type(module.base_layer) for module in model.modules() if hasattr(module, "base_layer")}
+
+
 @pytest.mark.slow
 def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_project, tmp_path, monkeypatch):
     """The stage's order on a tiny model whose projections are 4-bit: the plan installed on the loaded model, then
@@ -314,36 +340,22 @@ def test_the_sft_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
     model's 32-wide rows are where bitsandbytes' AVX-512 CPU kernels go wrong)."""
     import dataclasses
 
-    from trl import SFTConfig
-
     from finetune.core.config import load_config
-    from finetune.layout.speed import GIB, TRACED_4BIT, installer, model_shape, plan
+    from finetune.layout.speed import GIB, model_shape, plan
     from finetune.training import sft as sft_training
-    from finetune.training.runs import trainer_args
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(tiny_project.params_path)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))  # exact arithmetic compared
-    load_model = sft_training.load_model
-
     trainer = {**cfg.sft.trainer, "eval_strategy": "no", "max_steps": 3, "save_steps": 1000}
     trainer.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, activation_checkpointing=False)
-    shape = model_shape(cfg.model)
-    fast, chosen = plan("sft", trainer, "fast", shape, 80 * GIB, quantized=False)
+    fast, chosen = plan("sft", trainer, "fast", model_shape(cfg.model), 80 * GIB, quantized=False)
     on_cpu = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
 
     def losses(traced: bool):
-        name = "traced" if traced else "values"
-        monkeypatch.setattr(sft_training, "load_model", with_4_bit_projections(load_model, traced))
-        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, sft_metrics=str(tmp_path / name)))
-        args = trainer_args(SFTConfig, "sft", fast, str(tmp_path / f"{name}-checkpoints"))
-        plan_here = dataclasses.replace(on_cpu, base_weights=TRACED_4BIT if traced else "as loaded")
-        run = sft_training.build_trainer(
-            run_cfg, args, resume=False, speed=chosen, install=installer(plan_here, shape)
-        )
+        run = stage_trainer("sft", cfg, fast, on_cpu, sft_training.load_model, traced, tmp_path, monkeypatch)
         run.train()
-        bases = {type(module.base_layer) for module in run.model.modules() if hasattr(module, "base_layer")}
-        return [entry["loss"] for entry in run.state.log_history if "loss" in entry], bases
+        return [entry["loss"] for entry in run.state.log_history if "loss" in entry], base_layer_types(run.model)
 
     (expected, plain), (actual, traced) = losses(traced=False), losses(traced=True)
     assert plain == {torch.nn.Linear} and traced == {Traced4bitLinear}
@@ -358,35 +370,23 @@ def test_the_dpo_stage_trains_on_traced_4_bit_weights_as_on_their_values(tiny_pr
     import dataclasses
 
     from test_speed import dpo_config_from_a_moved_adapter, three_steps
-    from trl import DPOConfig
 
-    from finetune.layout.speed import GIB, TRACED_4BIT, installer, model_shape, plan
+    from finetune.layout.speed import GIB, model_shape, plan
     from finetune.training import dpo as dpo_training
-    from finetune.training.runs import trainer_args
 
     monkeypatch.chdir(tmp_path)
     cfg = dpo_config_from_a_moved_adapter(tiny_project, tmp_path)
-    load_model = dpo_training.load_model
-
-    shape = model_shape(cfg.model)
-    fast, chosen = plan("dpo", three_steps(cfg.dpo.trainer, batch=4, accumulation=1), "fast", shape, 80 * GIB,
-                        quantized=False)  # fmt: skip
+    fast, chosen = plan("dpo", three_steps(cfg.dpo.trainer, batch=4, accumulation=1), "fast", model_shape(cfg.model),
+                        80 * GIB, quantized=False)  # fmt: skip
     assert fast["precompute_ref_log_probs"] is True and chosen.compiled
     on_cpu = dataclasses.replace(chosen, attention="sdpa")  # PyTorch's flex attention has no backward on a CPU
 
     def run(traced: bool):
-        name = "traced" if traced else "values"
-        monkeypatch.setattr(dpo_training, "load_model", with_4_bit_projections(load_model, traced))
-        run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, dpo_metrics=str(tmp_path / name)))
-        args = trainer_args(DPOConfig, "dpo", fast, str(tmp_path / f"{name}-checkpoints"))
-        plan_here = dataclasses.replace(on_cpu, base_weights=TRACED_4BIT if traced else "as loaded")
-        trainer = dpo_training.build_trainer(
-            run_cfg, args, resume=False, speed=plan_here, install=installer(plan_here, shape)
-        )
+        trainer = stage_trainer("dpo", cfg, fast, on_cpu, dpo_training.load_model, traced, tmp_path, monkeypatch)
         reference = list(trainer.train_dataset["ref_chosen_logps"])
         trainer.train()
-        bases = {type(module.base_layer) for module in trainer.model.modules() if hasattr(module, "base_layer")}
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], reference, bases
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return losses, reference, base_layer_types(trainer.model)
 
     (expected, expected_reference, plain), (actual, reference, traced) = run(traced=False), run(traced=True)
     assert plain == {torch.nn.Linear} and traced == {Traced4bitLinear}
