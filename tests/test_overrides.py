@@ -177,7 +177,9 @@ def test_the_trl_guards_fail_when_trl_drops_the_code_they_route_around(monkeypat
         overrides.check_reference_adapter()
     monkeypatch.setattr(SFTTrainer, "__init__", init_without_the_check)
     with pytest.raises(RuntimeError, match=loudly("trl", "padding_free_sft_trainer")):
-        overrides.padding_free_sft_trainer(lambda: None, types.SimpleNamespace(padding_free=True, packing=False, max_length=8))
+        overrides.padding_free_sft_trainer(
+            lambda: None, types.SimpleNamespace(padding_free=True, packing=False, max_length=8)
+        )
 
 
 def test_trainers_outside_the_refused_combination_are_built_unchanged():
