@@ -475,9 +475,9 @@ def main(argv=None) -> int:
         message = f"ablation: --resume: the saved runs ran on {earlier.get('gpu')}, this is {versions.get('gpu')}"
         print(message, file=sys.stderr)
         return 2
-    this_call = [prepare]
 
     def out_of_time(label: str) -> bool:
+        this_call = [run for run in result["runs"] if run.get("call") == result["calls"]]
         if room_for_another(this_call, time.monotonic() - started, args.stop_after_s):
             return False
         print(f"ablation: {label} would end past --stop-after-s {args.stop_after_s:g}; finish with --resume")
@@ -488,15 +488,13 @@ def main(argv=None) -> int:
             if out_of_time(f"warm_up_{variant}"):
                 return finish(result, out)
             warm_up = run_process(settings, variant, f"warm_up_{variant}")
-            this_call.append({**warm_up, "role": "cache warm-up", **call})
-            result["runs"].append(this_call[-1])
+            result["runs"].append({**warm_up, "role": "cache warm-up", **call})
             save()
     for position, (variant, repeat) in to_run:
         if out_of_time(f"{variant}_r{repeat}"):
             break
         run = run_process(settings, variant, f"{variant}_r{repeat}")
-        this_call.append({**run, "role": "measured", "repeat": repeat, "position": position, **call})
-        result["runs"].append(this_call[-1])
+        result["runs"].append({**run, "role": "measured", "repeat": repeat, "position": position, **call})
         save()
     return finish(result, out)
 
