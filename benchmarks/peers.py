@@ -52,6 +52,7 @@ from throughput import (  # noqa: E402
     CachedModel,
     TINY_RUN_STEPS,
     benchmark_params,
+    compile_cache_state,
     config_of,
     corpus_words,
     min_median_max,
@@ -346,6 +347,7 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
     from finetune.layout.speed import GIB, gpu_memory_bytes, memory_budget
 
     allowed = memory_budget(gpu_memory_bytes(), budget_gib)  # before loading: the model counts against the budget
+    caches = compile_cache_state()
     reset_memory()
     layout = None
     if engine.library == "project":
@@ -378,6 +380,7 @@ def measure(name: str, engine: Engine, recipe: dict, budget_gib: float | None) -
         "tokens_total": sum(step_tokens),
         "trainer_tokens_total": meter.marks[-1][1],  # the trainer's own count (0 in Unsloth's SFT trainer)
         "step_tokens": step_tokens,
+        "compile_caches_before": caches,
         "setup_s": round(setup_s, 2),
         "train_wall_s": round(train_s, 2),
         "tokens_per_s_incl_setup": round(sum(step_tokens) / (setup_s + train_s), 1),

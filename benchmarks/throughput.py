@@ -284,10 +284,10 @@ def step_meter():
     return StepMeter()
 
 
-def warmup_profiler(steps: int, path: Path):
+def warmup_profiler(steps: int, path: Path, caches: dict | None = None):
     """cProfile over training's first `steps` optimizer steps (compiling or loading the compiled graphs, first
     allocations), or all of a shorter run, written to `path` as the functions with the most time in and under
-    them, then in themselves."""
+    them, then in themselves; headed by what the compile caches held at the start (`caches`)."""
     import cProfile
     import io
     import pstats
@@ -317,9 +317,32 @@ def warmup_profiler(steps: int, path: Path):
             for order in ("cumulative", "tottime"):
                 pstats.Stats(self.profile, stream=report).sort_stats(order).print_stats(60)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"cProfile of optimizer steps 1-{last_step}, main thread\n" + report.getvalue())
+            header = f"cProfile of optimizer steps 1-{last_step}, main thread"
+            if caches is not None:
+                header += f"; {describe_compile_caches(caches)}"
+            path.write_text(header + "\n" + report.getvalue())
 
     return WarmupProfile()
+
+
+COMPILE_CACHES = ("fxgraph", "aotautograd")  # inductor's compiled graphs, AOTAutograd's joint graphs
+
+
+def compile_cache_state() -> dict:
+    """How many graphs torch's on-disk compile caches hold now (in TORCHINDUCTOR_CACHE_DIR): a run that starts with
+    none compiles every graph, so its warm-up is a first run's, not a later `dvc repro`'s."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root = Path(cache_dir())
+    counts = {name: sum(1 for entry in (root / name).rglob("*") if entry.is_file()) for name in COMPILE_CACHES}
+    return {"dir": str(root), **counts}
+
+
+def describe_compile_caches(caches: dict) -> str:
+    held = ", ".join(f"{caches[name]} {name}" for name in COMPILE_CACHES)
+    return f"compile caches at the start: {held} entries in {caches['dir']}" + (
+        " (cold: every graph compiles)" if not caches["fxgraph"] else ""
+    )
 
 
 def allocator_retries() -> int:
@@ -469,6 +492,7 @@ def train_run(
     args = trainer_args(config_cls, stage, trainer_kwargs, output_dir)
     module = sft_training if stage == "sft" else dpo_training
     meter = step_meter()
+    caches_before = compile_cache_state()
     started = time.perf_counter()
     trainer = module.build_trainer(cfg, args, resume=False, speed=speed_plan, install=install)
     build = time.perf_counter() - started  # for fast DPO this includes TRL's reference log-prob precompute
@@ -477,7 +501,7 @@ def train_run(
     trainer.add_callback(meter)
     meter.trainer = trainer
     if warmup_profile is not None:
-        trainer.add_callback(warmup_profiler(warmup, warmup_profile))
+        trainer.add_callback(warmup_profiler(warmup, warmup_profile, caches_before))
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
@@ -488,6 +512,7 @@ def train_run(
     result = {
         "name": name,
         "stage": stage,
+        "compile_caches_before": caches_before,
         "layout": dataclasses.asdict(speed_plan) if speed_plan else None,
         "trainer": {
             k: trainer_kwargs.get(k)
@@ -831,6 +856,7 @@ def run_variants(
                     "compiling_seconds_after_warmup",
                     "step_seconds",  # after the warm-up: a slow step shows here, not only in the rate
                     "warmup_step_seconds",
+                    "compile_caches_before",
                     "step_tokens",
                     "allocator_retries_per_step",
                     "pinned_blocks_per_step",
@@ -1074,8 +1100,10 @@ def markdown(result: dict) -> str:
             if run.get("reference_pass"):
                 parts = (f" (training steps {run['tokens_per_s_training_only']:,.0f}, reference pass "
                          f"{run['reference_pass']['tokens_per_s']:,.0f})")  # fmt: skip
+            caches = run.get("compile_caches_before")
             lines.append(
                 f"- variant {key}: {run['tokens_per_s']:,.0f} tokens/s{parts}, peak {run['peak_memory_gib']} GiB"
+                + (f"; {describe_compile_caches(caches)}" if caches else "")
             )
     if result.get("carried_over"):
         lines.append(f"- {result['carried_over']}")

@@ -167,6 +167,28 @@ def test_the_warmup_profile_covers_the_first_steps_or_all_of_a_shorter_run(tmp_p
     assert short.startswith("cProfile of optimizer steps 1-3") and "<lambda>" in short
 
 
+def test_runs_record_what_the_compile_caches_held_and_a_profile_of_a_cold_start_says_so(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    cold = throughput.compile_cache_state()
+    assert cold == {"dir": str(tmp_path / "cache"), "fxgraph": 0, "aotautograd": 0}
+    assert "(cold: every graph compiles)" in throughput.describe_compile_caches(cold)
+    for entry in ("fxgraph/ab/key1/graph", "fxgraph/cd/key2/graph", "aotautograd/ef/key3/entry"):
+        (tmp_path / "cache" / entry).parent.mkdir(parents=True)
+        (tmp_path / "cache" / entry).write_text("x")
+    warm = throughput.compile_cache_state()
+    assert (warm["fxgraph"], warm["aotautograd"]) == (2, 1)
+    assert "cold" not in throughput.describe_compile_caches(warm)
+
+    profiler = throughput.warmup_profiler(1, tmp_path / "profile.txt", cold)
+    profiler.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    profiler.on_step_end(None, SimpleNamespace(global_step=1), None)
+    first_line = (tmp_path / "profile.txt").read_text().splitlines()[0]
+    assert first_line.startswith("cProfile of optimizer steps 1-1") and first_line.endswith("every graph compiles)")
+
+
 def test_a_call_with_a_time_limit_starts_no_run_the_longest_so_far_says_would_end_past_it(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import peers
