@@ -213,3 +213,53 @@ def test_a_call_with_a_time_limit_starts_no_run_the_longest_so_far_says_would_en
     saved = json.loads((out / "peers.json").read_text())
     assert saved["stopped_early"] == "before trl at none GiB, repeat 1 (--stop-after-s)"
     assert "Stopped early" in (out / "peers.md").read_text()
+
+
+def test_the_speed_chart_sets_the_project_beside_its_best_peer_of_the_same_call(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import speed_chart
+
+    def run(engine, library, stage, budget, rate=None, error=None):
+        return {
+            "engine": engine, "settings": {"library": library, "stage": stage}, "budget_gib": budget,
+            "tokens_per_s": rate, **({"error": error} if error else {}),
+        }  # fmt: skip
+
+    result = {
+        "what": "peer engines on benchmarks/throughput.py's rows, model and recipe; one process per run",
+        "date": "2026-12-06",
+        "versions": {"gpu": "NVIDIA H100 80GB HBM3"},
+        "runs": [
+            run("project", "project", "sft", 6.0, 4500.0),
+            run("unsloth_d0_ckpt", "unsloth", "sft", 6.0, 3000.0),
+            run("trl_liger", "trl", "sft", 6.0, 2000.0),
+            run("project", "project", "sft", 6.0, 4100.0),
+            run("unsloth_d0_ckpt", "unsloth", "sft", 6.0, error="OutOfMemoryError: ..."),  # counts as no rate
+            run("project", "project", "sft", 24.0, 9000.0),  # no peer at 24 GiB: no pair
+            run("project_dpo", "project", "dpo", 10.0, 6000.0),
+            run("unsloth_d0_ckpt_dpo", "unsloth", "dpo", 10.0, 4000.0),
+        ],
+    }
+    pairs = speed_chart.pairs_of(result, "benchmarks/results/loan/peers.json")
+    assert [(pair.stage, pair.budget_gib, pair.peer) for pair in pairs] == [
+        ("sft", 6.0, "unsloth_d0_ckpt"),
+        ("dpo", 10.0, "unsloth_d0_ckpt_dpo"),
+    ]
+    sft, dpo = pairs
+    assert sft.project == (4500.0, 4100.0) and sft.peer_rates == (3000.0,)
+    assert sft.ratio == pytest.approx(4300 / 3000) and dpo.ratio == pytest.approx(1.5)
+    assert sft.label == "SFT at 6 GiB, H100, 2026-12-06" and sft.call == "results/loan"
+
+    saved = tmp_path / "results" / "call" / "peers.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(json.dumps(result))
+    (tmp_path / "results" / "other.json").write_text(json.dumps({"what": "not a peers result"}))
+    assert speed_chart.peers_results(tmp_path) == [saved]
+    out = tmp_path / "chart.svg"
+    assert speed_chart.main([str(saved), "--out", str(out)]) == 0
+    svg = out.read_text()
+    assert svg.startswith("<svg") and "1.43x" in svg and "1.50x" in svg and "vs unsloth_d0_ckpt_dpo" in svg
+    assert "SFT at 24 GiB" not in svg
+    assert "2 pairs from 1 files" in capsys.readouterr().out
+    (tmp_path / "broken.json").write_text("{")
+    assert speed_chart.main([str(tmp_path / "broken.json"), "--out", str(out)]) == 2
