@@ -644,8 +644,8 @@ def against_peers(runs: list[dict], rate: str = "tokens_per_s") -> list[dict]:
         }
         best = max(peers, key=peers.get) if peers else None
         ratio = project / peers[best] if best else None
-        rows.append({"stage": stage, "budget_gib": budget, "project": project, "best_peer": best,
-                     "best_peer_rate": peers.get(best), "ratio": ratio})  # fmt: skip
+        rows.append({"stage": stage, "budget_gib": budget, "project_engine": name, "project": project,
+                     "best_peer": best, "best_peer_rate": peers.get(best), "ratio": ratio})  # fmt: skip
     return rows
 
 

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+for entry in (REPO, REPO / "benchmarks"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from peers import against_peers  # the best peer and the ratio, as peers.md reports them
 
 from finetune.results.charts import VARIANT_COLORS, to_svg
 
@@ -42,10 +46,7 @@ class Pair:
     project: tuple[float, ...]
     peer: str
     peer_rates: tuple[float, ...]
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.project) / statistics.median(self.peer_rates)
+    ratio: float
 
     @property
     def label(self) -> str:
@@ -61,27 +62,33 @@ class Pair:
 
 
 def pairs_of(result: dict, source: str) -> list[Pair]:
-    """The measured pairs of one saved peers.py result; a stage and budget without a finished run on both sides has
-    none."""
-    rates: dict[tuple[str, float | None], dict[str, list[float]]] = {}
-    libraries = {}
+    """The measured pairs of one saved peers.py result (peers.against_peers' rows with a peer), with every run's rate
+    for the whiskers; a failed run has no rate."""
+    rates: dict[tuple[str, float | None], tuple[float, ...]] = {}
     for run in result["runs"]:
-        if run.get("error") or not run.get("tokens_per_s"):
-            continue
-        key = (run["settings"]["stage"], run["budget_gib"])
-        rates.setdefault(key, {}).setdefault(run["engine"], []).append(run["tokens_per_s"])
-        libraries[run["engine"]] = run["settings"]["library"]
+        if run.get("tokens_per_s"):
+            key = (run["engine"], run["budget_gib"])
+            rates[key] = (*rates.get(key, ()), run["tokens_per_s"])
     gpu = result.get("versions", {}).get("gpu", "GPU")
     pairs = []
-    for (stage, budget), engines in rates.items():
-        projects = [engine for engine in engines if libraries[engine] == "project"]
-        peers = [engine for engine in engines if libraries[engine] != "project"]
-        if len(projects) != 1 or not peers:
-            continue
-        best = max(peers, key=lambda engine: statistics.median(engines[engine]))
-        project = tuple(engines[projects[0]])
-        gpu_name = GPU_NAMES.get(gpu, gpu)
-        pairs.append(Pair(source, stage, budget, gpu_name, result["date"], project, best, tuple(engines[best])))
+    for row in against_peers(result["runs"]):
+        if row["best_peer"]:
+            budget = row["budget_gib"]
+            project, peer = rates[row["project_engine"], budget], rates[row["best_peer"], budget]
+            gpu_name = GPU_NAMES.get(gpu, gpu)
+            pairs.append(
+                Pair(
+                    source,
+                    row["stage"],
+                    budget,
+                    gpu_name,
+                    result["date"],
+                    project,
+                    row["best_peer"],
+                    peer,
+                    row["ratio"],
+                )
+            )
     return pairs
 
 

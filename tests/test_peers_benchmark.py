@@ -126,8 +126,8 @@ def test_the_project_is_set_against_the_fastest_peer_that_ran_at_the_same_budget
         run("project_dpo", 10, 700),
     ]  # fmt: skip
     rows = {(row["stage"], row["budget_gib"]): row for row in peers.against_peers(runs)}
-    assert rows["sft", 6] == {"stage": "sft", "budget_gib": 6, "project": 1000, "best_peer": "unsloth_d0_ckpt",
-                              "best_peer_rate": 450, "ratio": 1000 / 450}  # fmt: skip
+    assert rows["sft", 6] == {"stage": "sft", "budget_gib": 6, "project_engine": "project", "project": 1000,
+                              "best_peer": "unsloth_d0_ckpt", "best_peer_rate": 450, "ratio": 1000 / 450}  # fmt: skip
     assert rows["sft", 24]["best_peer"] == "trl" and rows["sft", 24]["ratio"] == 1.5
     assert rows["dpo", 10]["best_peer"] is None and rows["dpo", 10]["ratio"] is None
     assert len(rows) == 3
